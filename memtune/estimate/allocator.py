@@ -1,0 +1,119 @@
+"""A model of PyTorch's CUDA caching allocator, replayed over the trace's allocations.
+
+It reproduces what ``max_memory_allocated`` and ``max_memory_reserved`` count, following
+``c10/cuda/CUDACachingAllocator.cpp`` with its default settings (no ``expandable_segments``, no
+``max_split_size_mb``, no ``roundup_power2_divisions``):
+
+* requests are rounded up to 512 bytes (``round_size``);
+* up to 1 MiB they come from the small pool, in 2 MiB segments; larger ones from the large pool, in 20 MiB segments
+  below 10 MiB and in segments rounded up to 2 MiB above (``get_allocation_size``);
+* a request takes the smallest free block of its pool and stream that fits (best fit); the block is split when
+  the rest is at least 512 bytes (small pool) or more than 1 MiB (large pool), otherwise the whole block is handed
+  out and counted as allocated (``should_split``);
+* freed blocks merge with free neighbours of the same segment; segments are never returned to the driver while the
+  step runs, so reserved memory only grows.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from dataclasses import dataclass
+
+from memtune.units import MiB
+
+BLOCK = 512
+SMALL_SIZE = 1 * MiB
+SMALL_BUFFER = 2 * MiB
+LARGE_BUFFER = 20 * MiB
+MIN_LARGE_ALLOC = 10 * MiB
+ROUND_LARGE = 2 * MiB
+
+
+def round_size(size: int) -> int:
+    return BLOCK if size < BLOCK else -(-size // BLOCK) * BLOCK
+
+
+def allocation_size(size: int) -> int:
+    if size <= SMALL_SIZE:
+        return SMALL_BUFFER
+    if size < MIN_LARGE_ALLOC:
+        return LARGE_BUFFER
+    return -(-size // ROUND_LARGE) * ROUND_LARGE
+
+
+@dataclass(slots=True, eq=False)
+class Block:
+    size: int
+    addr: int
+    segment: int
+    pool: tuple[str, bool]
+    allocated: bool = False
+    prev: "Block | None" = None
+    next: "Block | None" = None
+
+    def key(self) -> tuple[int, int, int]:
+        return (self.size, self.segment, self.addr)
+
+
+class CachingAllocatorModel:
+    def __init__(self) -> None:
+        self.allocated = 0
+        self.reserved = 0
+        self.peak_allocated = 0
+        self.peak_reserved = 0
+        self._free: dict[tuple[str, bool], list[tuple[tuple[int, int, int], Block]]] = {}
+        self._segments = itertools.count()
+
+    def malloc(self, nbytes: int, stream: str = "default") -> Block:
+        size = round_size(nbytes)
+        small = size <= SMALL_SIZE
+        pool = (stream, small)
+        free = self._free.setdefault(pool, [])
+        i = bisect.bisect_left(free, (size, -1, -1), key=lambda e: e[0])
+        if i < len(free):
+            block = free.pop(i)[1]
+        else:
+            seg_size = allocation_size(size)
+            block = Block(size=seg_size, addr=0, segment=next(self._segments), pool=pool)
+            self.reserved += seg_size
+            self.peak_reserved = max(self.peak_reserved, self.reserved)
+        remaining = block.size - size
+        if (small and remaining >= BLOCK) or (not small and remaining > SMALL_SIZE):
+            rest = Block(size=remaining, addr=block.addr + size, segment=block.segment, pool=pool,
+                         prev=block, next=block.next)
+            if block.next is not None:
+                block.next.prev = rest
+            block.next = rest
+            block.size = size
+            self._insert(rest)
+        block.allocated = True
+        self.allocated += block.size
+        self.peak_allocated = max(self.peak_allocated, self.allocated)
+        return block
+
+    def free(self, block: Block) -> None:
+        block.allocated = False
+        self.allocated -= block.size
+        for neighbour in (block.prev, block.next):
+            if neighbour is not None and not neighbour.allocated:
+                self._remove(neighbour)
+                if neighbour is block.prev:
+                    block.addr, block.prev = neighbour.addr, neighbour.prev
+                    if neighbour.prev is not None:
+                        neighbour.prev.next = block
+                else:
+                    block.next = neighbour.next
+                    if neighbour.next is not None:
+                        neighbour.next.prev = block
+                block.size += neighbour.size
+        self._insert(block)
+
+    def _insert(self, block: Block) -> None:
+        bisect.insort(self._free.setdefault(block.pool, []), (block.key(), block), key=lambda e: e[0])
+
+    def _remove(self, block: Block) -> None:
+        free = self._free[block.pool]
+        i = bisect.bisect_left(free, block.key(), key=lambda e: e[0])
+        assert free[i][1] is block, "free list out of order"
+        free.pop(i)

@@ -1,0 +1,76 @@
+"""MemoryBreakdown: the estimate of one plan on one GPU, per rank, by category and phase."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from memtune.estimate.categories import MemCategory, Phase
+from memtune.plan import Plan
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MemoryBreakdown:
+    model: str
+    gpu: str
+    plan: Plan
+    phases: dict[Phase, dict[MemCategory, int]]
+    """Allocated bytes by category at each phase's peak (PyTorch's pool, cuBLAS workspaces included)."""
+    peak_reserved_bytes: int
+    """What the caching allocator holds from the driver at the peak (allocated plus its cache)."""
+    runtime_overhead_bytes: int
+    """Memory outside PyTorch's pool: CUDA context, kernels, NCCL."""
+    device_usable_bytes: int
+    """The GPU's memory as the driver reports it."""
+    margin_bytes: int
+    """Safety margin kept free for the ``fits`` verdict."""
+
+    def phase_peak(self, phase: Phase) -> int:
+        return sum(self.phases[phase].values())
+
+    @property
+    def peak_phase(self) -> Phase:
+        return max(self.phases, key=self.phase_peak)
+
+    @property
+    def peak_allocated_bytes(self) -> int:
+        return self.phase_peak(self.peak_phase)
+
+    @property
+    def components(self) -> dict[MemCategory, int]:
+        """Categories at the overall peak, plus the allocator cache and the runtime overhead."""
+        at_peak = dict(self.phases[self.peak_phase])
+        at_peak[MemCategory.ALLOCATOR_CACHE] = self.peak_reserved_bytes - self.peak_allocated_bytes
+        at_peak[MemCategory.RUNTIME] = self.runtime_overhead_bytes
+        return at_peak
+
+    @property
+    def required_bytes(self) -> int:
+        """Device memory the process needs: reserved pool plus runtime overhead."""
+        return self.peak_reserved_bytes + self.runtime_overhead_bytes
+
+    @property
+    def headroom_bytes(self) -> int:
+        return self.device_usable_bytes - self.margin_bytes - self.required_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.headroom_bytes >= 0
+
+    def to_json(self) -> dict:
+        return {
+            "model": self.model,
+            "gpu": self.gpu,
+            "plan": self.plan.to_dict(),
+            "peak_allocated_bytes": self.peak_allocated_bytes,
+            "peak_reserved_bytes": self.peak_reserved_bytes,
+            "runtime_overhead_bytes": self.runtime_overhead_bytes,
+            "required_bytes": self.required_bytes,
+            "device_usable_bytes": self.device_usable_bytes,
+            "margin_bytes": self.margin_bytes,
+            "headroom_bytes": self.headroom_bytes,
+            "fits": self.fits,
+            "peak_phase": self.peak_phase.value,
+            "components": {c.value: v for c, v in self.components.items()},
+            "phases": {p.value: self.phase_peak(p) for p in self.phases},
+            "phase_components": {p.value: {c.value: v for c, v in cats.items()} for p, cats in self.phases.items()},
+        }

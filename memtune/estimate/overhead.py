@@ -1,0 +1,28 @@
+"""Memory that the training step does not allocate itself but that still counts against the GPU.
+
+* cuBLAS workspaces: PyTorch allocates one per (handle, stream) inside its caching allocator, so they show in
+  ``max_memory_allocated``. A training step uses two handles (the forward runs on the main thread, autograd's
+  backward on its device thread). Size per handle (``aten/src/ATen/cuda/CublasHandlePool.cpp``,
+  ``getChosenWorkspaceSize``): 32 MiB on compute capability 9.x (``:4096:8``), 8 MiB + 128 KiB elsewhere
+  (``:4096:2:16:8``). Measured on an H200: 64 MiB after one forward/backward (``bench/results/accuracy.jsonl``,
+  ``workspace_bytes_before``).
+* Outside PyTorch's pool (CUDA context, loaded kernels, NCCL buffers): measured on an H200 as nvidia-smi used minus
+  ``memory_reserved``: about 1.33 GiB for one process, about 2.2 GiB per rank with NCCL (FSDP, 2 GPUs).
+"""
+
+from __future__ import annotations
+
+from memtune.units import GiB, KiB, MiB
+
+CUBLAS_HANDLES_PER_STEP = 2
+CONTEXT_BYTES = int(1.33 * GiB)
+CONTEXT_WITH_NCCL_BYTES = int(2.2 * GiB)
+
+
+def cublas_workspace_bytes(compute_capability: tuple[int, int]) -> int:
+    per_handle = 32 * MiB if compute_capability[0] >= 9 else 2 * 4096 * KiB + 8 * 16 * KiB
+    return CUBLAS_HANDLES_PER_STEP * per_handle
+
+
+def runtime_overhead_bytes(world_size: int) -> int:
+    return CONTEXT_WITH_NCCL_BYTES if world_size > 1 else CONTEXT_BYTES

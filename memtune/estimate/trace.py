@@ -1,0 +1,350 @@
+"""Trace one training step of the real model code on fake tensors and record what it allocates.
+
+The model is built from its config with a reduced number of decoder layers, materialized under
+``FakeTensorMode`` on the CPU (no weights, no GPU), and run for two steps of ``memtune.train.recipe.train_step``
+(the first creates the optimizer states). A ``TorchDispatchMode`` sees every tensor an op creates; a weak
+reference to its storage tells when it is freed. Sizes are replayed through a model of the CUDA caching allocator (``memtune.estimate.allocator``), which also
+gives the reserved bytes. FSDP2 plans run with the ``fake`` process group of the plan's world size; FSDP2 allocates and frees
+unsharded parameters by resizing storages, which the tracer follows by wrapping ``alloc_storage``/``free_storage``.
+
+At the end each storage gets a category (``MemCategory``) and the peak of each phase of the second step is split
+into categories.
+
+Known limitations: the trace runs CPU kernels, so device-specific choices are modelled explicitly (the foreach
+AdamW that CUDA picks by default; autocast follows the CPU policy, which casts matmuls like the CUDA one);
+temporaries created inside DTensor's own dispatch are not seen; bitsandbytes is replaced by the memory-equivalent
+stand-ins of ``memtune.train.quant``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from memtune.estimate.allocator import Block, CachingAllocatorModel
+from memtune.estimate.categories import MemCategory, Phase
+from memtune.plan import Plan
+from memtune.specs.model import ModelSpec
+from memtune.train import recipe
+
+
+@dataclass(slots=True, eq=False)
+class _Storage:
+    block: Block | None
+    phase: str
+    category: MemCategory | None = None
+    freed_in: str | None = None
+
+    @property
+    def size(self) -> int:
+        return self.block.size if self.block is not None else 0
+
+
+@dataclass(frozen=True, slots=True)
+class PhasePeak:
+    total: int
+    by_category: dict[MemCategory, int]
+
+
+@dataclass(frozen=True, slots=True)
+class TraceResult:
+    num_layers: int
+    peak_reserved: int
+    """Peak of the caching allocator model's reserved bytes over the whole trace."""
+    landmarks: dict[tuple[Phase, str], PhasePeak]
+    """Peak of each (phase, segment): segments are ``pre`` (embeddings), ``first``/``mid``/``last`` decoder
+    layer (by layer index) and ``post`` (final norm, lm_head, loss). Each is linear in the number of layers."""
+
+    def phase_peak(self, phase: Phase) -> int:
+        return max((v.total for (p, _), v in self.landmarks.items() if p == phase), default=0)
+
+
+class _Tracker(TorchDispatchMode):
+    def __init__(self, vocab_size: int, logits_numel: int):
+        super().__init__()
+        self.vocab_size, self.logits_numel = vocab_size, logits_numel
+        self.live: dict[int, _Storage] = {}
+        self._refs: dict[int, weakref.ref] = {}
+        self.allocator = CachingAllocatorModel()
+        self.phase = "setup"
+        self.stream = "default"
+        self.segment = "pre"
+        self.recording = False
+        self.peaks: dict[tuple[str, str], int] = {}
+        self.snapshots: dict[tuple[str, str], list[tuple[_Storage, int]]] = {}
+        self.forward_records: list[_Storage] = []
+
+    # --- bookkeeping -------------------------------------------------------------------------------------
+    def track(self, t: torch.Tensor, category: MemCategory | None = None) -> None:
+        if not isinstance(t, torch.Tensor):
+            return
+        local = getattr(t, "_local_tensor", None)
+        if local is not None:
+            t = local
+        st = t.untyped_storage()
+        key = id(st)
+        rec = self.live.get(key)
+        if rec is not None:
+            if category is not None and rec.category is None:
+                rec.category = category
+            return
+        if category is None and t.dim() >= 2 and t.shape[-1] == self.vocab_size and t.numel() >= self.logits_numel:
+            category = MemCategory.LOGITS
+        rec = _Storage(block=self._malloc(st.nbytes(), category), phase=self.phase, category=category)
+        self.live[key] = rec
+        self._refs[key] = weakref.ref(st, lambda _r, k=key: self._free(k))
+        self._add()
+        if self.phase == Phase.FORWARD:
+            self.forward_records.append(rec)
+
+    def resized(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        rec = self.live.get(id(st))
+        if rec is None:
+            self.track(t, MemCategory.FSDP_BUFFERS)
+            return
+        rec.category = rec.category or MemCategory.FSDP_BUFFERS
+        if rec.block is not None:
+            self.allocator.free(rec.block)
+        rec.block = self._malloc(st.nbytes(), rec.category)
+        self._add()
+
+    def _malloc(self, nbytes: int, category: MemCategory | None) -> Block | None:
+        if nbytes == 0:
+            return None
+        return self.allocator.malloc(nbytes, self.stream)
+
+    def _free(self, key: int) -> None:
+        rec = self.live.pop(key, None)
+        self._refs.pop(key, None)
+        if rec is not None:
+            if rec.block is not None:
+                self.allocator.free(rec.block)
+            rec.freed_in = self.phase
+
+    def _add(self) -> None:
+        total = self.allocator.allocated
+        key = (self.phase, self.segment)
+        if self.recording and total > self.peaks.get(key, -1):
+            self.peaks[key] = total
+            self.snapshots[key] = [(r, r.size) for r in self.live.values()]
+
+    def set_segment(self, segment: str) -> None:
+        self.segment = segment
+        self._add()
+
+    def set_phase(self, phase: str) -> None:
+        if phase == Phase.BACKWARD:
+            # Everything the forward made and still holds is saved for backward.
+            for rec in self.forward_records:
+                if rec.freed_in is None and rec.category is None:
+                    rec.category = MemCategory.ACTIVATIONS
+            self.forward_records = []
+        self.phase = phase
+        # The loss is computed at the end of the forward; the backward starts there too.
+        self.segment = "post" if phase == Phase.BACKWARD else "pre"
+        if phase != "end":
+            self._add()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        category = MemCategory.FSDP_BUFFERS if func.namespace in ("fsdp", "c10d", "_c10d_functional") else None
+        for t in tree_flatten(out)[0]:
+            self.track(t, category)
+        return out
+
+    # --- result ------------------------------------------------------------------------------------------
+    def result(self, num_layers: int) -> TraceResult:
+        landmarks = {}
+        for (phase, segment), total in self.peaks.items():
+            if phase not in tuple(Phase):
+                continue
+            by_cat = {c: 0 for c in MemCategory}
+            for rec, size in self.snapshots[(phase, segment)]:
+                by_cat[rec.category or MemCategory.TEMPORARIES] += size
+            landmarks[(Phase(phase), segment)] = PhasePeak(total=total, by_category=by_cat)
+        return TraceResult(num_layers=num_layers, peak_reserved=self.allocator.peak_reserved, landmarks=landmarks)
+
+
+def _segment_hooks(tracker: _Tracker, model) -> None:
+    """Mark where each decoder layer's forward and backward start, so peaks are kept per layer position."""
+    from memtune.specs.model import _decoder_layers
+
+    layers = _decoder_layers(model)
+    last = len(layers) - 1
+
+    def name(i: int) -> str:
+        return "first" if i == 0 else "last" if i == last else "mid"
+
+    for i, layer in enumerate(layers):
+        def pre(module, args, kwargs, i=i):
+            if tracker.phase != Phase.FORWARD:
+                return
+            tracker.set_segment(name(i))
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            if i == 0 and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+                hidden.register_hook(lambda g: tracker.set_segment("pre"))
+
+        def post(module, args, kwargs, output, i=i):
+            if tracker.phase != Phase.FORWARD:
+                return
+            tracker.set_segment("post" if i == last else name(i + 1))
+            out = output[0] if isinstance(output, tuple) else output
+            if isinstance(out, torch.Tensor) and out.requires_grad:
+                out.register_hook(lambda g: tracker.set_segment(name(i)))
+
+        layer.register_forward_pre_hook(pre, with_kwargs=True)
+        layer.register_forward_hook(post, with_kwargs=True)
+
+
+@contextlib.contextmanager
+def _fsdp_storage_hooks(tracker: _Tracker):
+    from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
+
+    orig_alloc, orig_free = _fsdp_param.alloc_storage, _fsdp_param.free_storage
+
+    def alloc(t):
+        orig_alloc(t)
+        tracker.resized(t)
+
+    def free(t):
+        orig_free(t)
+        tracker.resized(t)
+
+    # FSDP2 runs all-gathers and reduce-scatters under ``device_handle.stream(s)`` on their own CUDA streams, and
+    # the caching allocator pools each stream's blocks apart. On the CPU that context is a no-op; the tracer uses it
+    # to know which stream an allocation belongs to.
+    streams: dict[int, str] = {}
+
+    @contextlib.contextmanager
+    def stream(s):
+        previous = tracker.stream
+        tracker.stream = streams.setdefault(id(s), f"stream{len(streams)}")
+        try:
+            yield
+        finally:
+            tracker.stream = previous
+
+    patched = [(_fsdp_param, "alloc_storage", alloc), (_fsdp_param, "free_storage", free),
+               (_fsdp_param_group, "alloc_storage", alloc), (torch.cpu, "stream", stream)]
+    saved = [(m, n, getattr(m, n)) for m, n, _ in patched if hasattr(m, n)]
+    for m, n, f in patched:
+        if hasattr(m, n):
+            setattr(m, n, f)
+    try:
+        yield
+    finally:
+        for m, n, f in saved:
+            setattr(m, n, f)
+
+
+@contextlib.contextmanager
+def _fake_process_group(plan: Plan):
+    """A ``fake`` process group of the plan's world size (rank 0) and the FSDP mesh, or nothing without FSDP."""
+    if plan.sharding == "none":
+        yield None
+        return
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("a process group is already initialized; trace FSDP plans in a separate process")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=plan.world_size)
+    try:
+        if plan.sharding == "hsdp":
+            mesh = init_device_mesh("cpu", (plan.nodes, plan.num_gpus), mesh_dim_names=("replicate", "shard"))
+        else:
+            mesh = init_device_mesh("cpu", (plan.world_size,))
+        yield mesh
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _cuda_kernel_choices(sdpa_backend: str):
+    """Make CPU kernels allocate what the CUDA kernels of the real step allocate.
+
+    * Dropout: CUDA runs the fused ``native_dropout`` and saves a 1-byte mask; the CPU path saves a noise tensor
+      in the input's dtype. The trace calls ``native_dropout`` (same autograd formula as on CUDA).
+    * SDPA: the CPU flash kernel saves what CUDA's flash and memory-efficient kernels save (output and
+      log-sum-exp). Where CUDA falls back to the math kernel (see ``sdpa_backend``), the trace does too.
+    * Packed-sequence detection: transformers looks at the position ids to tell whether a batch is packed; on fake
+      tensors it cannot read them and assumes it is, building a full attention mask (and repeating K/V for grouped
+      attention). The trace's batches are plain padded sequences, so the detection answers "not packed".
+    """
+    from torch.nn import functional
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers import masking_utils
+
+    original = functional.dropout
+    original_packed = masking_utils.find_packed_sequence_indices
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None
+
+    def fused_dropout(input, p=0.5, training=True, inplace=False):
+        if not training or p == 0.0:
+            return input
+        return torch.ops.aten.native_dropout(input, p, True)[0]
+
+    functional.dropout = fused_dropout
+    try:
+        with sdpa_kernel(SDPBackend.MATH) if sdpa_backend == "math" else contextlib.nullcontext():
+            yield
+    finally:
+        functional.dropout = original
+        masking_utils.find_packed_sequence_indices = original_packed
+
+
+def trace_step(spec: ModelSpec, plan: Plan, num_layers: int, *, sdpa_backend: str = "flash") -> TraceResult:
+    """Per-phase peak bytes (allocator-rounded) of one steady-state training step of a ``num_layers`` model.
+
+    ``sdpa_backend`` is the kernel CUDA would pick for this GPU and plan (``flash``, ``efficient`` or ``math``).
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    tokens = plan.batch_size * plan.seq_len
+    tracker = _Tracker(spec.vocab_size, logits_numel=tokens * spec.vocab_size // 2)
+    with _fake_process_group(plan) as mesh:
+        model = recipe.build_model(spec, plan, device="meta", num_layers=num_layers, mesh=mesh, emulate_quant=True)
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            model.to_empty(device="cpu")
+            _retie(model)
+            with tracker, _fsdp_storage_hooks(tracker), _cuda_kernel_choices(sdpa_backend):
+                for t in [*model.parameters(), *model.buffers()]:
+                    tracker.track(t, MemCategory.PARAMETERS)
+                optimizer = recipe.build_optimizer(model, plan, foreach=True, emulate_8bit=True)
+                batch = recipe.make_batch(spec, plan, "cpu")
+                mark = _phase_marker(tracker, model, optimizer)
+                _segment_hooks(tracker, model)
+                for step in range(2):
+                    tracker.recording = step == 1
+                    recipe.train_step(model, optimizer, batch, plan, on_phase=mark)
+    return tracker.result(num_layers)
+
+
+def _phase_marker(tracker: _Tracker, model, optimizer):
+    def mark(phase: str) -> None:
+        if phase == Phase.OPTIMIZER_STEP:
+            for p in model.parameters():
+                if p.grad is not None:
+                    tracker.track(p.grad, MemCategory.GRADIENTS)
+        if phase == "end":
+            for state in optimizer.state.values():
+                for v in state.values():
+                    if isinstance(v, torch.Tensor):
+                        tracker.track(v, MemCategory.OPTIMIZER_STATES)
+        tracker.set_phase(phase)
+
+    return mark
+
+
+def _retie(model) -> None:
+    """``to_empty`` materializes each module's parameters separately, which unties shared weights."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "tie_word_embeddings", False):
+        base.tie_weights()

@@ -1,0 +1,133 @@
+"""Plan: one frozen value of every knob of a fine-tune, and the rules that say which plans can run."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+from memtune.errors import InvalidPlanError
+
+Precision = Literal["fp32", "bf16", "fp16", "amp-bf16", "amp-fp16"]
+Sharding = Literal["none", "fsdp", "fsdp-grad-op", "hsdp"]
+Checkpointing = Literal["none", "full"]
+Peft = Literal["none", "lora"]
+Quantization = Literal["none", "8bit", "4bit"]
+Optimizer = Literal["adamw", "adamw-8bit", "sgd"]
+Attention = Literal["sdpa", "eager"]
+
+DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Plan:
+    precision: Precision = "bf16"
+    """fp32/bf16/fp16: weights, grads and optimizer states in that dtype. amp-*: fp32 weights, autocast compute
+    (with FSDP: MixedPrecisionPolicy(param_dtype=bf16/fp16, reduce_dtype=fp32))."""
+    sharding: Sharding = "none"
+    """fsdp: fully_shard per decoder layer and the root, reshard after forward. fsdp-grad-op: keep parameters
+    unsharded between forward and backward. hsdp: shard within a node, replicate across nodes."""
+    num_gpus: int = 1
+    """GPUs per node."""
+    nodes: int = 1
+    checkpointing: Checkpointing = "none"
+    """full: recompute every decoder layer in backward (transformers gradient checkpointing, non-reentrant)."""
+    peft: Peft = "none"
+    lora_rank: int = 8
+    lora_alpha: int = 32
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    lora_dropout: float = 0.05
+    quantization: Quantization = "none"
+    """8bit (LLM.int8) or 4bit (NF4, double quantization) frozen base weights; needs LoRA."""
+    optimizer: Optimizer = "adamw"
+    """adamw: torch.optim.AdamW (foreach on CUDA). adamw-8bit: bitsandbytes AdamW8bit. sgd: plain SGD, no momentum."""
+    batch_size: int = 1
+    """Micro-batch per GPU, in sequences."""
+    seq_len: int = 2048
+    attention: Attention = "sdpa"
+
+    def __post_init__(self) -> None:
+        errors = []
+        for f in dataclasses.fields(self):
+            allowed = get_args(_LITERALS.get(f.type, object))
+            if allowed and getattr(self, f.name) not in allowed:
+                errors.append(f"{f.name.replace('_', '-')} must be one of {', '.join(allowed)}, not {getattr(self, f.name)!r}")
+        for name in ("num_gpus", "nodes", "batch_size", "seq_len", "lora_rank"):
+            if getattr(self, name) < 1:
+                errors.append(f"{name.replace('_', '-')} must be at least 1")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            errors.append("lora-dropout must be in [0, 1)")
+        if self.sharding == "none" and self.world_size > 1:
+            errors.append(f"{self.world_size} GPUs need --sharding fsdp, fsdp-grad-op or hsdp")
+        if self.sharding == "hsdp" and self.nodes < 2:
+            errors.append("hsdp replicates across nodes: use --nodes 2 or more, or --sharding fsdp")
+        if self.quantization != "none" and self.peft == "none":
+            errors.append(f"{self.quantization} base weights are frozen: add --peft lora (QLoRA) or use --quantization none")
+        if self.quantization != "none" and self.sharding != "none":
+            errors.append(f"{self.quantization} quantized weights cannot be sharded with FSDP2 here: use --sharding none")
+        if self.peft == "lora" and not self.lora_targets:
+            errors.append("lora-targets is empty")
+        if errors:
+            raise InvalidPlanError(errors)
+
+    @property
+    def world_size(self) -> int:
+        return self.num_gpus * self.nodes
+
+    @property
+    def shard_degree(self) -> int:
+        """Ranks a parameter is sharded over (hsdp shards within a node only)."""
+        if self.sharding == "none":
+            return 1
+        return self.num_gpus if self.sharding == "hsdp" else self.world_size
+
+    @property
+    def is_amp(self) -> bool:
+        return self.precision.startswith("amp-")
+
+    @property
+    def low_precision(self) -> str:
+        """The compute dtype's name: 'float32', 'bfloat16' or 'float16'."""
+        return {"fp32": "float32", "bf16": "bfloat16", "amp-bf16": "bfloat16"}.get(self.precision, "float16")
+
+    def check_model(self, model) -> None:
+        """Errors that depend on the model: sequence length and LoRA targets."""
+        errors = []
+        if model.max_position_embeddings and self.seq_len > model.max_position_embeddings:
+            errors.append(f"seq-len {self.seq_len} is longer than {model.name}'s context "
+                          f"({model.max_position_embeddings}); use --seq-len {model.max_position_embeddings} or less")
+        if self.peft == "lora":
+            unknown = [t for t in self.lora_targets if t not in model.linear_names]
+            if unknown:
+                errors.append(f"lora-targets {', '.join(unknown)} not in {model.name}; "
+                              f"its linear layers are {', '.join(model.linear_names)}")
+        if errors:
+            raise InvalidPlanError(errors)
+
+    def check_gpu(self, gpu) -> None:
+        """Errors that depend on the GPU: bf16 needs compute capability 8.0 or newer."""
+        if "bf16" in self.precision and not gpu.bf16:
+            raise InvalidPlanError([f"{gpu.name} (compute capability {'.'.join(map(str, gpu.compute_capability))}) "
+                                    f"has no bf16: use --precision fp16, amp-fp16 or fp32"])
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["lora_targets"] = list(self.lora_targets)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        """Build from a mapping (a TOML table or JSON object); unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise InvalidPlanError([f"unknown plan field(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}"])
+        d = dict(d)
+        if "lora_targets" in d:
+            targets = d["lora_targets"]
+            d["lora_targets"] = tuple(targets.split(",") if isinstance(targets, str) else targets)
+        return cls(**d)
+
+
+_LITERALS = {"Precision": Precision, "Sharding": Sharding, "Checkpointing": Checkpointing, "Peft": Peft,
+             "Quantization": Quantization, "Optimizer": Optimizer, "Attention": Attention}

@@ -1,0 +1,150 @@
+"""ModelSpec: the architecture facts memtune needs, from any Hugging Face ``config.json``.
+
+Nothing is downloaded: the model is instantiated on the meta device to count parameters exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from memtune.errors import ConfigError, UnknownModelError
+from memtune.profiles import profiles_dir
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelSpec:
+    name: str
+    """Profile name, path or cache id the user gave."""
+    config_json: str
+    """The config as canonical JSON (sorted keys): the identity of the architecture."""
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    num_params: int
+    """Exact parameter count of the causal-LM model (tied weights counted once), from the meta device."""
+    linear_names: tuple[str, ...]
+    """Leaf names of the ``nn.Linear`` modules inside a decoder layer (what LoRA can target)."""
+
+    @property
+    def config(self) -> dict:
+        return json.loads(self.config_json)
+
+    def hf_config(self, num_layers: int | None = None):
+        """A transformers ``PretrainedConfig``; ``num_layers`` truncates the decoder stack (and ``layer_types``)."""
+        from transformers import AutoConfig
+
+        cfg = self.config
+        if num_layers is not None:
+            cfg["num_hidden_layers"] = num_layers
+            if isinstance(cfg.get("layer_types"), list):
+                cfg["layer_types"] = cfg["layer_types"][:num_layers]
+        model_type = cfg.pop("model_type")
+        return AutoConfig.for_model(model_type, **cfg)
+
+
+def known_models() -> list[str]:
+    """Names of the model profiles shipped in ``profiles/models``."""
+    root = profiles_dir() / "models"
+    return sorted(p.parent.name for p in root.glob("*/config.json"))
+
+
+def _find_config(model: str) -> Path:
+    profile = profiles_dir() / "models" / model.lower() / "config.json"
+    if profile.is_file():
+        return profile
+    path = Path(model).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return path / "config.json"
+        raise UnknownModelError(f"model folder {model} has no config.json; pass the folder of a Hugging Face model")
+    if model.count("/") == 1:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model, "config.json")
+        if isinstance(cached, str):
+            return Path(cached)
+    raise UnknownModelError(
+        f"unknown model {model!r}: not a profile, a config.json path, a model folder or a local Hugging Face cache "
+        f"entry; known profiles: {', '.join(known_models())}"
+    )
+
+
+def resolve_model(model: str) -> ModelSpec:
+    """Build the ``ModelSpec`` for a profile name, a ``config.json`` path, a model folder or a cached Hub id.
+
+    Raises:
+        UnknownModelError: nothing found under that name.
+        ConfigError: the config is not valid JSON or is not a causal language model transformers can build.
+    """
+    path = _find_config(model)
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {e}; pass a valid Hugging Face config.json") from None
+    if not isinstance(cfg, dict) or "model_type" not in cfg:
+        raise ConfigError(f"{path} has no 'model_type'; pass a Hugging Face config.json")
+    return _spec_from_config(model, json.dumps(cfg, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=64)
+def _spec_from_config(name: str, config_json: str) -> ModelSpec:
+    import torch
+    from torch import nn
+    from transformers import AutoModelForCausalLM
+
+    cfg = json.loads(config_json)
+    probe = ModelSpec(name=name, config_json=config_json, model_type=cfg["model_type"], num_layers=0, hidden_size=0,
+                      intermediate_size=0, num_attention_heads=0, num_key_value_heads=0, head_dim=0, vocab_size=0,
+                      tie_word_embeddings=False, max_position_embeddings=0, num_params=0, linear_names=())
+    try:
+        hf = probe.hf_config()
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ConfigError(f"transformers cannot build a causal LM from {name}: {e}") from None
+    layers = _decoder_layers(model)
+    linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in layers[0].named_modules() if isinstance(m, nn.Linear)})
+    text = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
+    heads = text.num_attention_heads
+    return ModelSpec(
+        name=name,
+        config_json=config_json,
+        model_type=cfg["model_type"],
+        num_layers=len(layers),
+        hidden_size=text.hidden_size,
+        intermediate_size=getattr(text, "intermediate_size", 4 * text.hidden_size),
+        num_attention_heads=heads,
+        num_key_value_heads=getattr(text, "num_key_value_heads", None) or heads,
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+        vocab_size=text.vocab_size,
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        max_position_embeddings=getattr(text, "max_position_embeddings", 0) or 0,
+        num_params=sum(p.numel() for p in model.parameters()),
+        linear_names=tuple(linear_names),
+    )
+
+
+def _decoder_layers(model):
+    """The ``nn.ModuleList`` of decoder layers (the model's ``_no_split_modules`` blocks)."""
+    from torch import nn
+
+    block_names = set(getattr(model, "_no_split_modules", None) or [])
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) and type(module[0]).__name__ in block_names:
+            return module
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module):
+            return module
+    raise ConfigError(f"cannot find the decoder layers of {type(model).__name__}")

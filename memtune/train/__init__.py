@@ -1,0 +1,1 @@
+"""The training recipe shared by the estimator's trace, ``validate`` and ``launch``."""

@@ -1,0 +1,132 @@
+"""k-bit base weights and 8-bit optimizer states.
+
+On a GPU these are bitsandbytes' ``Linear4bit`` (NF4, double quantization), ``Linear8bitLt`` (LLM.int8) and
+``AdamW8bit``. Under fake tensors (the estimator's trace, where bitsandbytes' kernels cannot run) memtune uses
+memory-equivalent stand-ins that allocate what bitsandbytes allocates (bitsandbytes 0.4x ``MatMul4Bit`` and
+``MatMul8bitLt`` autograd functions, ``Optimizer2State.init_state``):
+
+* NF4: 0.5 B/param packed weight + one uint8 absmax per 64 weights + one fp32 absmax per 256 of those (double
+  quantization). Forward and backward each dequantize the weight into a temporary in the compute dtype; nothing but
+  the quantized weight is saved for backward.
+* LLM.int8: 1 B/param + one fp32 scale per output row. Forward quantizes the input to int8 and multiplies into an
+  int32 buffer; backward dequantizes the weight into a temporary.
+* AdamW8bit: two uint8 states per parameter plus one fp32 absmax per 256-value block, for tensors of at least
+  4096 elements (smaller ones keep fp32 states); the update is one fused kernel without temporaries.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+NF4_BLOCK = 64
+NF4_DOUBLE_QUANT_BLOCK = 256
+ADAM8BIT_BLOCK = 256
+ADAM8BIT_MIN_SIZE = 4096
+
+
+class _DequantMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, packed, out_features, in_features, int8):
+        ctx.shape = (out_features, in_features)
+        if int8:
+            x_int8 = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+            acc = torch.empty((*x.shape[:-1], out_features), dtype=torch.int32, device=x.device)
+            del x_int8
+            out = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype, device=x.device)
+            del acc
+            return out
+        weight = torch.empty(ctx.shape, dtype=x.dtype, device=x.device)
+        return nn.functional.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device)
+        return grad @ weight, None, None, None, None
+
+
+class EmulatedKbitLinear(nn.Linear):
+    """A frozen k-bit linear layer with bitsandbytes' memory footprint (see the module docstring)."""
+
+    def __init__(self, linear: nn.Linear, bits: int):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features, self.bits = linear.in_features, linear.out_features, bits
+        numel = self.in_features * self.out_features
+        device = linear.weight.device
+        self.weight = nn.Parameter(torch.empty((numel * bits // 8, 1), dtype=torch.uint8, device=device),
+                                   requires_grad=False)
+        if bits == 4:
+            blocks = math.ceil(numel / NF4_BLOCK)
+            self.register_buffer("absmax", torch.empty(blocks, dtype=torch.uint8, device=device))
+            self.register_buffer("absmax2", torch.empty(math.ceil(blocks / NF4_DOUBLE_QUANT_BLOCK),
+                                                        dtype=torch.float32, device=device))
+        else:
+            self.register_buffer("scale", torch.empty(self.out_features, dtype=torch.float32, device=device))
+        self.bias = linear.bias
+
+    def forward(self, x):
+        out = _DequantMatmul.apply(x, self.weight, self.out_features, self.in_features, self.bits == 8)
+        return out if self.bias is None else out + self.bias
+
+
+def quantize_decoder_linears(model: nn.Module, plan, *, emulate: bool) -> None:
+    """Replace every ``nn.Linear`` of the decoder layers (not the lm_head) by its k-bit version, in place."""
+    from memtune.specs.model import _decoder_layers
+
+    bits = 4 if plan.quantization == "4bit" else 8
+    for layer in _decoder_layers(model):
+        for parent in list(layer.modules()):
+            for child_name, child in list(parent.named_children()):
+                if type(child) is nn.Linear:
+                    new = EmulatedKbitLinear(child, bits) if emulate else _bnb_linear(child, bits, plan)
+                    setattr(parent, child_name, new)
+
+
+def _bnb_linear(linear: nn.Linear, bits: int, plan) -> nn.Module:
+    import bitsandbytes as bnb
+
+    device = linear.weight.device
+    data = linear.weight.data
+    if bits == 4:
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                  compute_dtype=getattr(torch, plan.low_precision), compress_statistics=True,
+                                  quant_type="nf4", device="meta")
+        layer.weight = bnb.nn.Params4bit(data.to("cpu") if device.type == "meta" else data, requires_grad=False,
+                                         quant_type="nf4", compress_statistics=True).to(device)
+    else:
+        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                    has_fp16_weights=False, threshold=6.0, device="meta")
+        layer.weight = bnb.nn.Int8Params(data, requires_grad=False, has_fp16_weights=False).to(device)
+    if linear.bias is not None:
+        layer.bias = linear.bias
+    return layer
+
+
+class EmulatedAdamW8bit(torch.optim.Optimizer):
+    """bitsandbytes ``AdamW8bit``'s state layout, with an in-place update and no temporaries (fused kernel)."""
+
+    def __init__(self, params, lr: float = 1e-4):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    if p.numel() >= ADAM8BIT_MIN_SIZE:
+                        blocks = math.ceil(p.numel() / ADAM8BIT_BLOCK)
+                        state["state1"] = torch.zeros_like(p, dtype=torch.uint8)
+                        state["state2"] = torch.zeros_like(p, dtype=torch.uint8)
+                        state["absmax1"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+                        state["absmax2"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+                    else:
+                        state["state1"] = torch.zeros_like(p, dtype=torch.float32)
+                        state["state2"] = torch.zeros_like(p, dtype=torch.float32)
+                p.add_(p.grad, alpha=-group["lr"])
+        return None

@@ -1,0 +1,1 @@
+"""Check plans against reality: a few instrumented training steps on the GPU."""
