@@ -1,0 +1,182 @@
+"""The ``memtune`` command line: thin wrappers that parse options, call one library function and render it."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from memtune.errors import MemtuneError
+
+app = typer.Typer(rich_markup_mode="rich", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
+                  help="Will this LLM fine-tune fit in GPU memory, and what is the cheapest way to run it?")
+console = Console()
+err_console = Console(stderr=True)
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Profile name (see `memtune models`), a config.json "
+                                                               "path, a model folder or a cached Hub id.")]
+GpuOpt = Annotated[str, typer.Option("--gpu", "-g", help="GPU profile name (see `memtune gpus`), case-insensitive.")]
+NumGpus = Annotated[int, typer.Option(help="GPUs per node.")]
+Nodes = Annotated[int, typer.Option(help="Nodes.")]
+Precision = Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16 | amp-bf16 | amp-fp16 "
+                                             "(auto: bf16 where the GPU has it, else amp-fp16).")]
+Sharding = Annotated[str, typer.Option(help="auto | none | fsdp | fsdp-grad-op | hsdp (auto: fsdp on >1 GPU).")]
+Checkpointing = Annotated[str, typer.Option(help="none | full (activation checkpointing of every decoder layer).")]
+PeftOpt = Annotated[str, typer.Option("--peft", help="none | lora")]
+LoraRank = Annotated[int, typer.Option(help="LoRA rank r.")]
+LoraTargets = Annotated[str, typer.Option(help="Comma-separated linear layers LoRA adapts.")]
+LoraDropout = Annotated[float, typer.Option(help="LoRA dropout.")]
+Quantization = Annotated[str, typer.Option(help="none | 8bit | 4bit (frozen base weights; needs --peft lora).")]
+OptimizerOpt = Annotated[str, typer.Option("--optimizer", help="adamw | adamw-8bit | sgd")]
+BatchSize = Annotated[int, typer.Option(help="Micro-batch per GPU, in sequences.")]
+SeqLen = Annotated[int, typer.Option(help="Tokens per sequence.")]
+Attention = Annotated[str, typer.Option(help="sdpa | eager")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
+
+
+def _user_errors(command: Callable) -> Callable:
+    """Turn a MemtuneError into one line on stderr and exit code 2 (bad input), never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except MemtuneError as e:
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=2) from None
+
+    return wrapper
+
+
+def _plan_from_options(gpu, *, num_gpus, nodes, precision, sharding, checkpointing, peft, lora_rank, lora_targets,
+                       lora_dropout, quantization, optimizer, batch_size, seq_len, attention):
+    from memtune.plan import Plan
+
+    if precision == "auto":
+        precision = "bf16" if gpu.bf16 else "amp-fp16"
+    if sharding == "auto":
+        sharding = "none" if num_gpus * nodes == 1 else ("hsdp" if nodes > 1 else "fsdp")
+    targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
+    return Plan(precision=precision, sharding=sharding, num_gpus=num_gpus, nodes=nodes, checkpointing=checkpointing,
+                peft=peft, lora_rank=lora_rank, lora_targets=targets, lora_dropout=lora_dropout,
+                quantization=quantization, optimizer=optimizer, batch_size=batch_size, seq_len=seq_len,
+                attention=attention)
+
+
+@app.command()
+@_user_errors
+def estimate(
+    *,
+    model: ModelOpt,
+    gpu: GpuOpt,
+    num_gpus: NumGpus = 1,
+    nodes: Nodes = 1,
+    precision: Precision = "auto",
+    sharding: Sharding = "auto",
+    checkpointing: Checkpointing = "none",
+    peft: PeftOpt = "none",
+    lora_rank: LoraRank = 8,
+    lora_targets: LoraTargets = "q_proj,v_proj",
+    lora_dropout: LoraDropout = 0.05,
+    quantization: Quantization = "none",
+    optimizer: OptimizerOpt = "adamw",
+    batch_size: BatchSize = 1,
+    seq_len: SeqLen = 2048,
+    attention: Attention = "sdpa",
+    as_json: JsonOut = False,
+) -> None:
+    """Per-GPU peak memory of one training step, by category and phase, and whether it fits."""
+    from memtune.estimate import estimate as run_estimate
+    from memtune.specs import resolve_gpu, resolve_model
+
+    gpu_spec = resolve_gpu(gpu)
+    spec = resolve_model(model)
+    plan = _plan_from_options(gpu_spec, num_gpus=num_gpus, nodes=nodes, precision=precision, sharding=sharding,
+                              checkpointing=checkpointing, peft=peft, lora_rank=lora_rank, lora_targets=lora_targets,
+                              lora_dropout=lora_dropout, quantization=quantization, optimizer=optimizer,
+                              batch_size=batch_size, seq_len=seq_len, attention=attention)
+    breakdown = run_estimate(spec, plan, gpu_spec)
+    if as_json:
+        print(json.dumps(breakdown.to_json(), indent=2))
+        return
+    from memtune.render import render_breakdown
+
+    render_breakdown(console, spec, breakdown)
+
+
+@app.command()
+@_user_errors
+def plan(
+    *,
+    model: ModelOpt,
+    gpu: GpuOpt,
+    num_gpus: NumGpus = 1,
+    nodes: Nodes = 1,
+    batch_size: BatchSize = 1,
+    seq_len: SeqLen = 2048,
+    as_json: JsonOut = False,
+) -> None:
+    """Estimate the usual ways to fine-tune MODEL on GPU and pick the first that fits.
+
+    Candidates, in order of preference: full fine-tune, then with activation checkpointing, then LoRA, LoRA with
+    checkpointing, and 4-bit QLoRA (single GPU) - each at the GPU's best precision.
+    """
+    from memtune.planner import plan_candidates
+    from memtune.specs import resolve_gpu, resolve_model
+
+    gpu_spec = resolve_gpu(gpu)
+    spec = resolve_model(model)
+    result = plan_candidates(spec, gpu_spec, num_gpus=num_gpus, nodes=nodes, batch_size=batch_size, seq_len=seq_len)
+    if as_json:
+        print(json.dumps(result.to_json(), indent=2))
+        return
+    from memtune.render import render_plan
+
+    render_plan(console, spec, gpu_spec, result)
+
+
+@app.command()
+@_user_errors
+def gpus(as_json: JsonOut = False) -> None:
+    """List the known GPU profiles, and the GPUs on this machine (through NVML)."""
+    from memtune.render import render_gpus
+    from memtune.specs import detect_gpus, known_gpus
+
+    known, found = known_gpus(), detect_gpus()
+    if as_json:
+        print(json.dumps({
+            "known": [{"name": g.name, "memory_bytes": g.memory_bytes, "compute_capability": ".".join(map(str, g.compute_capability)),
+                       "bf16": g.bf16, "tflops": g.tflops, "bandwidth_gbs": g.bandwidth_gbs,
+                       "interconnect": g.interconnect, "source": g.source} for g in known],
+            "detected": [{"index": d.index, "name": d.name, "memory_bytes": d.memory_bytes,
+                          "profile": d.profile.name if d.profile else None} for d in found]}, indent=2))
+        return
+    render_gpus(console, known, found)
+
+
+@app.command()
+@_user_errors
+def models(as_json: JsonOut = False) -> None:
+    """List the model profiles shipped with memtune."""
+    from memtune.render import render_models
+    from memtune.specs import known_models, resolve_model
+
+    specs = [resolve_model(name) for name in known_models()]
+    if as_json:
+        print(json.dumps([{"name": s.name, "model_type": s.model_type, "num_params": s.num_params,
+                           "num_layers": s.num_layers, "hidden_size": s.hidden_size, "vocab_size": s.vocab_size,
+                           "tie_word_embeddings": s.tie_word_embeddings,
+                           "max_position_embeddings": s.max_position_embeddings} for s in specs], indent=2))
+        return
+    render_models(console, specs)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,98 @@
+"""Rich tables for the terminal. Pure presentation: every number comes from the library."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from memtune.estimate import MemCategory, MemoryBreakdown, Phase
+from memtune.units import fmt_gib, gib
+
+
+def _plan_summary(plan) -> str:
+    parts = [plan.precision, f"batch {plan.batch_size} x {plan.seq_len} tokens"]
+    if plan.sharding != "none":
+        parts.append(f"{plan.sharding} over {plan.world_size} GPUs")
+    if plan.checkpointing != "none":
+        parts.append("activation checkpointing")
+    if plan.peft == "lora":
+        parts.append(f"LoRA r={plan.lora_rank} on {','.join(plan.lora_targets)}")
+    if plan.quantization != "none":
+        parts.append(f"{plan.quantization} base weights")
+    parts.append(plan.optimizer)
+    if plan.attention != "sdpa":
+        parts.append(f"{plan.attention} attention")
+    return ", ".join(parts)
+
+
+def render_breakdown(console: Console, spec, b: MemoryBreakdown) -> None:
+    console.print(f"[bold]{escape(spec.name)}[/] ({spec.num_params / 1e9:.2f} B parameters) on [bold]{b.gpu}[/]: "
+                  f"{escape(_plan_summary(b.plan))}")
+    table = Table(title="Peak memory per GPU (GiB)", title_justify="left")
+    table.add_column("category")
+    for phase in Phase:
+        style = "bold" if phase == b.peak_phase else ""
+        table.add_column(phase.value.replace("_", " "), justify="right", style=style)
+    for cat in MemCategory:
+        if cat in (MemCategory.ALLOCATOR_CACHE, MemCategory.RUNTIME):
+            continue
+        values = [b.phases[p].get(cat, 0) for p in Phase]
+        if any(values):
+            table.add_row(cat.value.replace("_", " "), *(f"{gib(v):.2f}" for v in values))
+    table.add_row("[bold]allocated[/]", *(f"[bold]{gib(b.phase_peak(p)):.2f}[/]" for p in Phase), end_section=True)
+    console.print(table)
+    usable = b.device_usable_bytes - b.margin_bytes
+    console.print(f"peak allocated {fmt_gib(b.peak_allocated_bytes)} ({b.peak_phase.value.replace('_', ' ')})"
+                  f" + allocator cache {fmt_gib(b.peak_reserved_bytes - b.peak_allocated_bytes)}"
+                  f" = reserved {fmt_gib(b.peak_reserved_bytes)}; + CUDA context/NCCL {fmt_gib(b.runtime_overhead_bytes)}"
+                  f" = [bold]{fmt_gib(b.required_bytes)}[/] needed of {fmt_gib(usable)} usable"
+                  f" ({fmt_gib(b.device_usable_bytes)} minus a {fmt_gib(b.margin_bytes)} margin)")
+    if b.fits:
+        console.print(f"[bold green]fits[/] with {fmt_gib(b.headroom_bytes)} to spare")
+    else:
+        console.print(f"[bold red]does not fit[/]: {fmt_gib(-b.headroom_bytes)} over")
+
+
+def render_plan(console: Console, spec, gpu, result) -> None:
+    table = Table(title=f"{escape(spec.name)} on {gpu.name}", title_justify="left")
+    for col, just in (("candidate", "left"), ("plan", "left"), ("needs (GiB)", "right"), ("verdict", "left")):
+        table.add_column(col, justify=just)
+    for c in result.candidates:
+        needs = f"{gib(c.breakdown.required_bytes):.2f}" if c.breakdown else "-"
+        verdict = "[green]fits[/]" if c.fits else f"[red]{escape(c.reason)}[/]"
+        mark = "[bold]> [/]" if c is result.chosen else "  "
+        table.add_row(mark + c.label, escape(_plan_summary(c.plan)), needs, verdict)
+    console.print(table)
+    if result.chosen is None:
+        console.print("[bold red]no candidate fits[/]: try a shorter --seq-len, a smaller --batch-size or more GPUs")
+        return
+    console.print(f"chosen: [bold]{result.chosen.label}[/]")
+    render_breakdown(console, spec, result.chosen.breakdown)
+
+
+def render_gpus(console: Console, known, detected) -> None:
+    table = Table(title="Known GPUs", title_justify="left")
+    for col in ("name", "memory", "CC", "bf16", "bf16/fp16 TFLOP/s", "bandwidth", "interconnect"):
+        table.add_column(col, no_wrap=col == "name")
+    for g in known:
+        dense = g.tflops.get("bf16") or g.tflops.get("fp16", 0)
+        table.add_row(g.name, fmt_gib(g.memory_bytes, 1), ".".join(map(str, g.compute_capability)),
+                      "yes" if g.bf16 else "no", f"{dense:g}", f"{g.bandwidth_gbs:g} GB/s",
+                      f"{g.interconnect} ({g.interconnect_gbs:g} GB/s)")
+    console.print(table)
+    if not detected:
+        console.print("No NVIDIA GPU detected on this machine (NVML not available).")
+    for d in detected:
+        profile = d.profile.name if d.profile else "[yellow]not in the table: only its memory is known[/]"
+        console.print(f"GPU {d.index}: {escape(d.name)}, {fmt_gib(d.memory_bytes)} -> {profile}")
+
+
+def render_models(console: Console, specs) -> None:
+    table = Table(title="Model profiles", title_justify="left")
+    for col in ("name", "type", "parameters", "layers", "hidden", "vocab", "tied", "context"):
+        table.add_column(col, no_wrap=col == "name")
+    for s in specs:
+        table.add_row(s.name, s.model_type, f"{s.num_params:,}", str(s.num_layers), str(s.hidden_size),
+                      str(s.vocab_size), "yes" if s.tie_word_embeddings else "no", str(s.max_position_embeddings))
+    console.print(table)

@@ -1,0 +1,26 @@
+"""Estimate against measurement on a real GPU (skipped without CUDA; the full grid lives in bench/)."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; see bench/results/")]
+
+TOLERANCE = 0.03  # the accuracy target for peak allocated bytes
+
+
+@pytest.mark.parametrize("fields", [{}, {"checkpointing": "full"}, {"peft": "lora"}, {"precision": "amp-bf16"}])
+def test_estimate_matches_measured_peak(fields):
+    from memtune.estimate import estimate
+    from memtune.plan import Plan
+    from memtune.specs import resolve_gpu, resolve_model
+    from memtune.validate.probe import measure_plan
+
+    spec = resolve_model("qwen2.5-0.5b")
+    plan = Plan(batch_size=2, seq_len=1024, **fields)
+    measured = measure_plan(spec, plan)
+    gpu = resolve_gpu(torch.cuda.get_device_name())
+    est = estimate(spec, plan, gpu)
+    ratio = est.peak_allocated_bytes / measured["measured_peak_allocated_bytes"]
+    assert ratio == pytest.approx(1.0, abs=TOLERANCE)

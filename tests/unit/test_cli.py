@@ -1,0 +1,81 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from memtune.cli import app
+from tests.conftest import TINY
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, list(args))
+
+
+def test_estimate_json_has_the_documented_fields():
+    r = run("estimate", "--model", str(TINY), "--gpu", "h200", "--seq-len", "128", "--batch-size", "2", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    for key in ("peak_allocated_bytes", "peak_reserved_bytes", "device_usable_bytes", "fits", "components", "phases"):
+        assert key in out
+    assert set(out["phases"]) == {"forward", "backward", "optimizer_step"}
+    assert out["fits"] is True
+    assert out["peak_allocated_bytes"] == max(out["phases"].values())
+    assert out["plan"]["precision"] == "bf16"  # auto on a GPU with bf16
+
+
+def test_estimate_table_and_auto_precision_on_v100():
+    r = run("estimate", "--model", str(TINY), "--gpu", "V100-32GB", "--seq-len", "128")
+    assert r.exit_code == 0, r.output
+    assert "amp-fp16" in r.stdout and "fits" in r.stdout
+
+
+def test_plan_picks_the_full_finetune_for_a_tiny_model():
+    r = run("plan", "--model", str(TINY), "--gpu", "T4-16GB", "--seq-len", "128", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["chosen"]["peft"] == "none" and out["chosen"]["checkpointing"] == "none"
+    assert out["estimate"]["fits"] and len(out["candidates"]) == 6
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--gpu", "GTX-480"], "unknown GPU"),
+    (["--model", "no-such-model"], "unknown model"),
+    (["--quantization", "4bit"], "add --peft lora"),
+    (["--precision", "bf16", "--gpu", "V100-32GB"], "has no bf16"),
+    (["--seq-len", "100000"], "longer than"),
+    (["--peft", "lora", "--lora-targets", "c_attn"], "lora-targets"),
+    (["--num-gpus", "2", "--sharding", "none"], "need --sharding"),
+    (["--optimizer", "lion"], "optimizer must be one of"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message):
+    base = {"--model": str(TINY), "--gpu": "H200", "--seq-len": "128"}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = value
+    r = run("estimate", *[x for kv in base.items() for x in kv])
+    assert r.exit_code == 2
+    assert message in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in r.output
+
+
+def test_malformed_config_exit_2(tmp_path):
+    bad = tmp_path / "config.json"
+    bad.write_text("{oops")
+    r = run("estimate", "--model", str(bad), "--gpu", "H200")
+    assert r.exit_code == 2 and "cannot read" in r.stderr
+
+
+def test_missing_option_is_a_usage_error():
+    r = run("estimate", "--gpu", "H200")
+    assert r.exit_code == 2
+
+
+def test_gpus_and_models_list_the_profiles():
+    r = run("gpus", "--json")
+    assert r.exit_code == 0
+    names = [g["name"] for g in json.loads(r.stdout)["known"]]
+    assert "L4-24GB" in names and "V100-32GB" in names
+    r = run("models")
+    assert r.exit_code == 0 and "llama-guard-3-1b" in r.stdout

@@ -1,0 +1,52 @@
+import pytest
+
+from memtune.errors import InvalidPlanError
+from memtune.plan import Plan
+from memtune.specs import resolve_gpu
+
+
+def test_defaults_are_valid():
+    assert Plan().world_size == 1
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"precision": "fp8"}, "precision must be one of"),
+    ({"quantization": "4bit"}, "add --peft lora"),
+    ({"num_gpus": 2}, "need --sharding"),
+    ({"sharding": "hsdp", "num_gpus": 2}, "--nodes 2"),
+    ({"batch_size": 0}, "batch-size must be at least 1"),
+    ({"peft": "lora", "lora_dropout": 1.5}, "lora-dropout"),
+    ({"quantization": "8bit", "peft": "lora", "sharding": "fsdp", "num_gpus": 2}, "cannot be sharded"),
+])
+def test_invalid_plans_say_why(fields, message):
+    with pytest.raises(InvalidPlanError, match=message):
+        Plan(**fields)
+
+
+def test_all_errors_are_reported_at_once():
+    with pytest.raises(InvalidPlanError) as e:
+        Plan(precision="x", optimizer="lion")
+    assert len(e.value.reasons) == 2
+
+
+def test_bf16_needs_ampere():
+    with pytest.raises(InvalidPlanError, match="has no bf16"):
+        Plan(precision="bf16").check_gpu(resolve_gpu("V100-32GB"))
+    Plan(precision="amp-fp16").check_gpu(resolve_gpu("V100-32GB"))
+
+
+def test_sequence_longer_than_context(tiny):
+    with pytest.raises(InvalidPlanError, match="longer than"):
+        Plan(seq_len=4096).check_model(tiny)
+
+
+def test_unknown_lora_target(tiny):
+    with pytest.raises(InvalidPlanError, match="c_attn"):
+        Plan(peft="lora", lora_targets=("c_attn",)).check_model(tiny)
+
+
+def test_dict_round_trip_and_unknown_keys():
+    plan = Plan(peft="lora", lora_targets=("q_proj", "k_proj"), seq_len=512)
+    assert Plan.from_dict(plan.to_dict()) == plan
+    with pytest.raises(InvalidPlanError, match="unknown plan field"):
+        Plan.from_dict({"seq_length": 512})

@@ -1,0 +1,96 @@
+import json
+
+import pytest
+
+from memtune.errors import ConfigError, UnknownGpuError, UnknownModelError
+from memtune.specs import known_gpus, known_models, resolve_gpu, resolve_model
+from memtune.units import MiB
+
+# Published totals of the models (tied embeddings counted once).
+EXACT_PARAMS = {
+    "llama-3.2-1b": 1_235_814_400,
+    "llama-guard-3-1b": 1_498_482_688,  # Llama-3.2-1B + an untied 128256 x 2048 lm_head
+    "llama-3.2-3b": 3_212_749_824,
+    "llama-3.1-8b": 8_030_261_248,
+    "llama-guard-3-8b": 8_030_261_248,
+    "mistral-7b": 7_248_023_552,
+    "qwen2.5-0.5b": 494_032_768,
+    "qwen2.5-7b": 7_615_616_512,
+    "gemma-2-2b": 2_614_341_888,
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXACT_PARAMS))
+def test_profile_parameter_counts_are_exact(name):
+    assert resolve_model(name).num_params == EXACT_PARAMS[name]
+
+
+def test_every_shipped_model_profile_is_listed_and_loads():
+    assert sorted(EXACT_PARAMS) == known_models()
+
+
+def test_guard_lm_head_is_untied_and_llama_is_tied():
+    assert not resolve_model("llama-guard-3-1b").tie_word_embeddings
+    assert resolve_model("llama-3.2-1b").tie_word_embeddings
+
+
+def test_tiny_config_closed_form_count(tiny):
+    # embed 256*64 + lm_head 64*256 + final norm 64
+    # per layer: q 64*64, k 64*32, v 64*32, o 64*64, gate/up 64*128 each, down 128*64, 2 norms of 64
+    per_layer = 64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128 + 2 * 64
+    assert tiny.num_params == 256 * 64 * 2 + 64 + 2 * per_layer
+    assert tiny.linear_names == ("down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj")
+
+
+def test_model_from_folder_and_case_insensitive_profile(tmp_path, tiny):
+    (tmp_path / "config.json").write_text(json.dumps(tiny.config))
+    assert resolve_model(str(tmp_path)).num_params == tiny.num_params
+    assert resolve_model("Llama-Guard-3-1B").num_params == EXACT_PARAMS["llama-guard-3-1b"]
+
+
+def test_model_from_local_hub_cache(tmp_path, monkeypatch, tiny):
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "models--acme--tiny" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps(tiny.config))
+    (tmp_path / "models--acme--tiny" / "refs").mkdir()
+    (tmp_path / "models--acme--tiny" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    assert resolve_model("acme/tiny").num_params == tiny.num_params
+
+
+def test_unknown_model_lists_profiles():
+    with pytest.raises(UnknownModelError, match="llama-guard-3-1b"):
+        resolve_model("no-such-model")
+
+
+def test_malformed_config_is_a_config_error(tmp_path):
+    bad = tmp_path / "config.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="cannot read"):
+        resolve_model(str(bad))
+    bad.write_text(json.dumps({"hidden_size": 8}))
+    with pytest.raises(ConfigError, match="model_type"):
+        resolve_model(str(bad))
+
+
+def test_gpu_names_are_case_insensitive_and_aliases_work():
+    assert resolve_gpu("l4-24gb").name == "L4-24GB"
+    assert resolve_gpu("NVIDIA H200").name == "H200-141GB"
+    assert resolve_gpu("v100-32gb").memory_bytes == 32510 * MiB
+
+
+def test_unknown_gpu_lists_known_names():
+    with pytest.raises(UnknownGpuError, match="V100-32GB"):
+        resolve_gpu("GTX-480")
+
+
+def test_gpu_table_is_complete_and_sourced():
+    required = {"V100-16GB", "V100-32GB", "T4-16GB", "L4-24GB", "A10G-24GB", "A100-40GB", "A100-80GB", "H100-80GB",
+                "H200-141GB", "RTX-3090", "RTX-4090"}
+    table = {g.name: g for g in known_gpus()}
+    assert required <= set(table)
+    for g in table.values():
+        assert g.source and g.memory_bytes > 0 and g.bandwidth_gbs > 0
+        assert g.bf16 == (g.compute_capability >= (8, 0))
