@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -12,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from memtune.errors import MemtuneError
+from memtune.errors import MemtuneError, UnknownGpuError
 
 app = typer.Typer(rich_markup_mode="rich", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]},
@@ -109,6 +110,72 @@ def estimate(
     from memtune.render import render_breakdown
 
     render_breakdown(console, spec, breakdown)
+
+
+@app.command()
+@_user_errors
+def validate(
+    *,
+    model: ModelOpt,
+    gpu: Annotated[str | None, typer.Option("--gpu", "-g", help="GPU the plan is for (default: the local one).")] = None,
+    emulate_gpu: Annotated[str | None, typer.Option(help="Check a plan for this (smaller) GPU on the local one: "
+                                                         "PyTorch's pool is capped at its memory less the CUDA "
+                                                         "context.")] = None,
+    num_gpus: NumGpus = 1,
+    nodes: Nodes = 1,
+    precision: Precision = "auto",
+    sharding: Sharding = "auto",
+    checkpointing: Checkpointing = "none",
+    peft: PeftOpt = "none",
+    lora_rank: LoraRank = 8,
+    lora_targets: LoraTargets = "q_proj,v_proj",
+    lora_dropout: LoraDropout = 0.05,
+    quantization: Quantization = "none",
+    optimizer: OptimizerOpt = "adamw",
+    batch_size: BatchSize = 1,
+    seq_len: SeqLen = 2048,
+    attention: Attention = "sdpa",
+    steps: Annotated[int, typer.Option(help="Measured steps (after one warm-up step).")] = 5,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Fake tensors on the CPU, fake process group for N "
+                                                            "ranks (automatic without a CUDA GPU).")] = False,
+    tolerance: Annotated[float, typer.Option(help="Largest |estimate/measured - 1| of peak allocated that "
+                                                  "agrees.")] = 0.03,
+    out: Annotated[str | None, typer.Option(help="Folder for validation.json (and the snapshot).")] = None,
+    snapshot: Annotated[bool, typer.Option("--snapshot", help="Record a CUDA memory snapshot of the steps.")] = False,
+    as_json: JsonOut = False,
+) -> None:
+    """Run a few real training steps and compare measured memory with the estimate.
+
+    Exit code 0: the estimate agrees (or a dry run passed); 1: it does not fit or the estimate disagrees.
+    """
+    from memtune.specs import detect_gpus, resolve_gpu, resolve_model
+    from memtune.validate.run import validate_plan
+
+    if emulate_gpu:
+        gpu_spec = resolve_gpu(emulate_gpu)
+    elif gpu:
+        gpu_spec = resolve_gpu(gpu)
+    else:
+        local = [d.profile for d in detect_gpus() if d.profile is not None]
+        if not local:
+            raise UnknownGpuError("no known GPU detected here: pass --gpu (or --emulate-gpu)")
+        gpu_spec = local[0]
+    spec = resolve_model(model)
+    plan_ = _plan_from_options(gpu_spec, num_gpus=num_gpus, nodes=nodes, precision=precision, sharding=sharding,
+                               checkpointing=checkpointing, peft=peft, lora_rank=lora_rank, lora_targets=lora_targets,
+                               lora_dropout=lora_dropout, quantization=quantization, optimizer=optimizer,
+                               batch_size=batch_size, seq_len=seq_len, attention=attention)
+    record = validate_plan(spec, plan_, gpu_spec, steps=steps, emulate=emulate_gpu is not None,
+                           dry_run=True if dry_run else None, tolerance=tolerance,
+                           out_dir=Path(out) if out else None, snapshot=snapshot)
+    if as_json:
+        print(json.dumps(record.to_json(), indent=2))
+    else:
+        from memtune.render import render_validation
+
+        render_validation(console, spec, record)
+    if not record.agrees:
+        raise typer.Exit(code=1)
 
 
 @app.command()

@@ -96,3 +96,42 @@ def render_models(console: Console, specs) -> None:
         table.add_row(s.name, s.model_type, f"{s.num_params:,}", str(s.num_layers), str(s.hidden_size),
                       str(s.vocab_size), "yes" if s.tie_word_embeddings else "no", str(s.max_position_embeddings))
     console.print(table)
+
+
+def render_validation(console: Console, spec, record) -> None:
+    est = record.estimate
+    console.print(f"[bold]{escape(spec.name)}[/] for [bold]{record.gpu}[/] ({record.mode}, on "
+                  f"{escape(record.device_name)}): {escape(_plan_summary(record.plan))}")
+    if record.mode == "dry-run":
+        rank = record.ranks[0]
+        table = Table(title="Traced on fake tensors (GiB per rank)", title_justify="left")
+        for col in ("phase", "traced peak"):
+            table.add_column(col, justify="right" if col != "phase" else "left")
+        for phase, value in rank["traced_phases"].items():
+            table.add_row(phase.replace("_", " "), f"{gib(value):.2f}")
+        console.print(table)
+    elif not record.oom:
+        table = Table(title="Estimated vs measured, peak allocated per rank (GiB)", title_justify="left")
+        for col in ("phase", "estimated", "measured", "error"):
+            table.add_column(col, justify="right" if col != "phase" else "left")
+        for phase in Phase:
+            measured = max(r["measured_phases"][phase.value] for r in record.ranks)
+            e = est.phase_peak(phase)
+            table.add_row(phase.value.replace("_", " "), f"{gib(e):.2f}", f"{gib(measured):.2f}",
+                          f"{100 * (e / measured - 1):+.2f} %" if measured else "-")
+        table.add_row("reserved", f"{gib(est.peak_reserved_bytes):.2f}", f"{gib(record.measured_peak_reserved_bytes):.2f}",
+                      f"{100 * (est.peak_reserved_bytes / record.measured_peak_reserved_bytes - 1):+.2f} %")
+        console.print(table)
+        cats = Table(title="At the optimizer step, by category (GiB per rank)", title_justify="left")
+        for col in ("category", "estimated", "measured"):
+            cats.add_column(col, justify="right" if col != "category" else "left")
+        measured_cats = record.ranks[0]["measured_categories"]["optimizer_step"]
+        for cat in (MemCategory.PARAMETERS, MemCategory.GRADIENTS, MemCategory.OPTIMIZER_STATES):
+            cats.add_row(cat.value.replace("_", " "), f"{gib(est.phases[Phase.OPTIMIZER_STEP][cat]):.2f}",
+                         f"{gib(measured_cats.get(cat.value, 0)):.2f}")
+        console.print(cats)
+        r0 = record.ranks[0]
+        console.print(f"{r0['step_time_s'] * 1000:.0f} ms/step, {r0['tokens_per_s']:,.0f} tokens/s per rank; "
+                      f"{r0['num_alloc_retries']} allocator retries")
+    color = "green" if record.agrees else "red"
+    console.print(f"[bold {color}]{escape(record.verdict)}[/]")

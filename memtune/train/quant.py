@@ -93,12 +93,13 @@ def _bnb_linear(linear: nn.Linear, bits: int, plan) -> nn.Module:
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                   compute_dtype=getattr(torch, plan.low_precision), compress_statistics=True,
                                   quant_type="nf4", device="meta")
-        layer.weight = bnb.nn.Params4bit(data.to("cpu") if device.type == "meta" else data, requires_grad=False,
-                                         quant_type="nf4", compress_statistics=True).to(device)
+        layer.weight = bnb.nn.Params4bit(data.cpu(), requires_grad=False, quant_type="nf4",
+                                         compress_statistics=True).to(device)
     else:
         layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                     has_fp16_weights=False, threshold=6.0, device="meta")
-        layer.weight = bnb.nn.Int8Params(data, requires_grad=False, has_fp16_weights=False).to(device)
+        # Int8Params quantizes when moved from the CPU to the GPU.
+        layer.weight = bnb.nn.Int8Params(data.cpu(), requires_grad=False, has_fp16_weights=False).to(device)
     if linear.bias is not None:
         layer.bias = linear.bias
     return layer

@@ -49,7 +49,12 @@ def build_model(spec: ModelSpec, plan: Plan, *, device: str | torch.device, num_
         model = AutoModelForCausalLM.from_config(hf_config, dtype=param_dtype(plan) if plan.quantization == "none"
                                                  else compute_dtype(plan), attn_implementation=plan.attention)
     if plan.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
         quant.quantize_decoder_linears(model, plan, emulate=emulate_quant or device.type == "meta")
+        # The usual QLoRA preparation: freeze the base and upcast its remaining bf16/fp16 weights (embeddings,
+        # norms, lm_head) to fp32; checkpointing stays the plan's own knob.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if plan.peft == "lora":
         model = _add_lora(model, plan)
     layers = _decoder_layers(model)

@@ -1,98 +1,145 @@
-"""Run a few real training steps of a plan on the local GPU and measure its memory, per phase.
+"""Run a few real training steps of a plan on the local device and measure its memory, per phase.
 
 Follows PyTorch's own tracker tests: warm up (step 0 creates the optimizer states), ``gc.collect()``, reset the
-peak statistics, then record peak allocated/reserved per phase over the next steps, plus allocation retries and
-OOMs (as torchtitan's ``DeviceMemoryMonitor`` does).
+peak statistics, then record peak allocated/reserved/active bytes per phase over the next steps, plus allocation
+retries and OOMs (as torchtitan's ``DeviceMemoryMonitor`` does). On a CPU device the steps run (for structure and
+time) but there is no allocator to read: memory fields are None.
 """
 
 from __future__ import annotations
 
 import gc
 import time
+from pathlib import Path
 
 import torch
 
-from memtune.estimate.categories import Phase
+from memtune.estimate.categories import MemCategory, Phase
 from memtune.plan import Plan
 from memtune.specs.model import ModelSpec
 from memtune.train import recipe
 
 
-def measure_plan(spec: ModelSpec, plan: Plan, *, steps: int = 2, mesh=None,
-                 device: torch.device | None = None) -> dict:
-    """Peak memory and time of ``steps`` steady-state training steps of ``plan`` (after one warm-up step).
+def measure_plan(spec: ModelSpec, plan: Plan, *, steps: int = 2, mesh=None, device: torch.device | None = None,
+                 memory_cap_bytes: int | None = None, snapshot_path: Path | None = None) -> dict:
+    """Memory and time of ``steps`` steady-state training steps of ``plan`` (after one warm-up step).
 
-    Returns a dict with ``measured_peak_allocated_bytes``, ``measured_peak_reserved_bytes``, per-phase peaks
-    (``measured_phases``), the bytes held between steps (``measured_steady_bytes``), ``num_alloc_retries``,
-    ``num_ooms``, ``step_time_s`` and ``tokens_per_s``; or ``{"error": "oom", ...}`` on a CUDA OOM.
+    Args:
+        memory_cap_bytes: cap PyTorch's pool at this many bytes (``set_per_process_memory_fraction``), to stand in
+            for a smaller card.
+        snapshot_path: dump a CUDA memory snapshot of the measured steps there (``torch.cuda.memory``).
+
+    Returns:
+        ``measured_peak_allocated_bytes``, ``measured_peak_reserved_bytes``, ``measured_peak_active_bytes``,
+        ``measured_phases`` (peak allocated per phase), ``measured_categories`` (parameters, gradients, optimizer
+        states, per phase), ``num_alloc_retries``, ``num_ooms``, ``step_time_s``, ``tokens_per_s``, ``losses``;
+        or ``error: "oom"`` with the high-water marks when the plan ran out of memory.
     """
     device = device or torch.device("cuda", torch.cuda.current_device())
+    cuda = device.type == "cuda"
+    if cuda and memory_cap_bytes is not None:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, memory_cap_bytes / total), device)
     model = optimizer = batch = None
     try:
         model = recipe.build_model(spec, plan, device=device, mesh=mesh)
         optimizer = recipe.build_optimizer(model, plan)
-        scaler = torch.amp.GradScaler(device.type) if plan.precision == "amp-fp16" else None
+        scaler = torch.amp.GradScaler(device.type) if plan.precision == "amp-fp16" and cuda else None
         batch = recipe.make_batch(spec, plan, device)
         recipe.train_step(model, optimizer, batch, plan, scaler=scaler)
-        torch.cuda.synchronize(device)
+        _sync(device)
         gc.collect()
-        torch.cuda.reset_peak_memory_stats(device)
-        steady = torch.cuda.memory_allocated(device)
-        categories = {"parameters": _tensor_bytes([*model.parameters(), *model.buffers()]),
-                      "optimizer_states": _tensor_bytes([v for st in optimizer.state.values() for v in st.values()])}
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        params = _tensor_bytes([*model.parameters(), *model.buffers()], device)
         phases = {p.value: 0 for p in Phase}
-        state = {"phase": None, "reserved": 0}
+        categories = {p.value: {} for p in Phase}
+        state = {"phase": None, "reserved": 0, "active": 0}
 
         def mark(phase: str) -> None:
-            torch.cuda.synchronize(device)
-            if state["phase"] is not None:
+            _sync(device)
+            if cuda and state["phase"] is not None:
                 phases[state["phase"]] = max(phases[state["phase"]], torch.cuda.max_memory_allocated(device))
-            state["reserved"] = max(state["reserved"], torch.cuda.max_memory_reserved(device))
+                stats = torch.cuda.memory_stats(device)
+                state["active"] = max(state["active"], stats.get("active_bytes.all.peak", 0))
+                state["reserved"] = max(state["reserved"], torch.cuda.max_memory_reserved(device))
+            if phase in categories:
+                categories[phase] = {
+                    MemCategory.PARAMETERS.value: params,
+                    MemCategory.GRADIENTS.value: _tensor_bytes([p.grad for p in model.parameters()], device),
+                    MemCategory.OPTIMIZER_STATES.value: _tensor_bytes(
+                        [v for st in optimizer.state.values() for v in st.values()], device),
+                }
             state["phase"] = None if phase == "end" else phase
-            torch.cuda.reset_peak_memory_stats(device)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
 
+        if cuda and snapshot_path is not None:
+            torch.cuda.memory._record_memory_history(max_entries=200_000)
+        losses = []
         start = time.perf_counter()
         for _ in range(steps):
-            recipe.train_step(model, optimizer, batch, plan, scaler=scaler, on_phase=mark)
-        torch.cuda.synchronize(device)
+            losses.append(float(recipe.train_step(model, optimizer, batch, plan, scaler=scaler, on_phase=mark)))
+        _sync(device)
         elapsed = (time.perf_counter() - start) / steps
-        stats = torch.cuda.memory_stats(device)
-        nvml_used = _nvml_used_bytes(device)
-        return {
+        if cuda and snapshot_path is not None:
+            torch.cuda.memory._dump_snapshot(str(snapshot_path))
+            torch.cuda.memory._record_memory_history(enabled=None)
+        result = {
+            "device": str(device),
+            "steps": steps,
             "measured_categories": categories,
-            "nvml_used_bytes": nvml_used,
-            "reserved_at_nvml_read_bytes": torch.cuda.memory_reserved(device),
-            "measured_peak_allocated_bytes": max(phases.values()),
-            "measured_peak_reserved_bytes": state["reserved"],
-            "measured_phases": phases,
-            "measured_steady_bytes": steady,
-            "num_alloc_retries": stats.get("num_alloc_retries", 0),
-            "num_ooms": stats.get("num_ooms", 0),
             "step_time_s": elapsed,
             "tokens_per_s": plan.batch_size * plan.seq_len / elapsed,
+            "losses": losses,
         }
+        if cuda:
+            stats = torch.cuda.memory_stats(device)
+            result.update({
+                "measured_peak_allocated_bytes": max(phases.values()),
+                "measured_peak_reserved_bytes": state["reserved"],
+                "measured_peak_active_bytes": state["active"],
+                "measured_phases": phases,
+                "measured_steady_bytes": params + categories["forward"].get(MemCategory.OPTIMIZER_STATES.value, 0),
+                "num_alloc_retries": stats.get("num_alloc_retries", 0),
+                "num_ooms": stats.get("num_ooms", 0),
+                "nvml_used_bytes": _nvml_used_bytes(device),
+                "reserved_at_nvml_read_bytes": torch.cuda.memory_reserved(device),
+            })
+        return result
     except torch.OutOfMemoryError as e:
-        return {"error": "oom", "message": str(e).splitlines()[0],
-                "measured_peak_allocated_bytes": torch.cuda.max_memory_allocated(device),
-                "measured_peak_reserved_bytes": torch.cuda.max_memory_reserved(device)}
+        return {"error": "oom", "message": (str(e).splitlines() or ["out of memory"])[0],
+                "measured_peak_allocated_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
+                "measured_peak_reserved_bytes": torch.cuda.max_memory_reserved(device) if cuda else None}
     finally:
         del model, optimizer, batch
         gc.collect()
-        torch.cuda.empty_cache()
+        if cuda:
+            if snapshot_path is not None:
+                torch.cuda.memory._record_memory_history(enabled=None)
+            torch.cuda.empty_cache()
+            if memory_cap_bytes is not None:
+                torch.cuda.set_per_process_memory_fraction(1.0, device)
 
 
-def _tensor_bytes(tensors) -> int:
-    """Bytes of the distinct storages on the GPU behind ``tensors`` (local shards for DTensors)."""
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _tensor_bytes(tensors, device: torch.device) -> int:
+    """Bytes of the distinct storages on ``device`` behind ``tensors`` (local shards for DTensors)."""
     seen, total = set(), 0
     for t in tensors:
         if not isinstance(t, torch.Tensor):
             continue
         t = getattr(t, "_local_tensor", t)
-        if t.device.type != "cuda":
+        if t.device.type != device.type:
             continue
         st = t.untyped_storage()
-        if st.data_ptr() not in seen:
-            seen.add(st.data_ptr())
+        key = (st.data_ptr(), st.nbytes()) if device.type == "cuda" else id(st)
+        if key not in seen:
+            seen.add(key)
             total += st.nbytes()
     return total
 

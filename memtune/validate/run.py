@@ -1,0 +1,181 @@
+"""``validate``: a few instrumented steps of the real training code, compared with the estimate.
+
+Three ways to run, each cheaper than launching the fine-tune:
+
+* on the local GPU(s): ``measure_plan`` in this process, or under ``torchrun`` (one process per GPU, NCCL) for
+  FSDP plans, each rank writing its measurement;
+* with ``emulate`` (a smaller GPU's profile): PyTorch's pool is capped at that card's memory less the CUDA
+  context, so an OOM means "does not fit there";
+* ``dry_run`` (automatic without CUDA): the same step on fake tensors on the CPU with a fake process group of the
+  plan's world size (the estimator's trace) - it checks that the plan builds and runs for N ranks, and shows the
+  memory the trace sees. No GPU memory is measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from memtune.errors import ConfigError
+from memtune.estimate import MemCategory, MemoryBreakdown, Phase, estimate
+from memtune.estimate import overhead
+from memtune.plan import Plan
+from memtune.specs.gpu import GpuSpec
+from memtune.specs.model import ModelSpec
+
+TORCHRUN_TIMEOUT_S = 900
+DEFAULT_TOLERANCE = 0.03
+"""Largest |estimated / measured - 1| of peak allocated bytes that counts as agreement."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ValidationRecord:
+    model: str
+    gpu: str
+    """The GPU the plan is for (the emulated one, under ``emulate``)."""
+    mode: str
+    """``gpu``, ``emulated`` (capped on a larger GPU) or ``dry-run`` (fake tensors on the CPU)."""
+    plan: Plan
+    estimate: MemoryBreakdown
+    ranks: list[dict]
+    """One measurement per rank (``measure_plan``'s dict)."""
+    tolerance: float
+    device_name: str = ""
+    memory_cap_bytes: int | None = None
+    snapshot: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def oom(self) -> bool:
+        return any(r.get("error") == "oom" for r in self.ranks)
+
+    @property
+    def measured_peak_allocated_bytes(self) -> int | None:
+        values = [r.get("measured_peak_allocated_bytes") for r in self.ranks]
+        return max(v for v in values if v is not None) if all(v is not None for v in values) and values else None
+
+    @property
+    def measured_peak_reserved_bytes(self) -> int | None:
+        values = [r.get("measured_peak_reserved_bytes") for r in self.ranks]
+        return max(v for v in values if v is not None) if all(v is not None for v in values) and values else None
+
+    @property
+    def error(self) -> float | None:
+        """estimated / measured - 1 of peak allocated bytes (None for a dry run or an OOM)."""
+        m = self.measured_peak_allocated_bytes
+        if self.oom or m is None or self.mode == "dry-run":
+            return None
+        return self.estimate.peak_allocated_bytes / m - 1
+
+    @property
+    def verdict(self) -> str:
+        if self.mode == "dry-run":
+            return "dry run: the plan builds and runs; no GPU memory was measured"
+        if self.oom:
+            high = self.measured_peak_reserved_bytes or 0
+            agree = "as estimated" if not self.estimate.fits else "although the estimate said it fits"
+            return f"does not fit on {self.gpu}: out of memory at {high / 2**30:.2f} GiB reserved ({agree})"
+        ok = abs(self.error) <= self.tolerance
+        fit = "fits" if self.estimate.fits else "fits here, though the estimate said it does not"
+        return (f"{fit} on {self.gpu}; estimate {'agrees' if ok else 'DISAGREES'}: "
+                f"{100 * self.error:+.2f} % of peak allocated (tolerance {100 * self.tolerance:.0f} %)")
+
+    @property
+    def agrees(self) -> bool:
+        if self.mode == "dry-run":
+            return True
+        if self.oom:
+            return not self.estimate.fits
+        return abs(self.error) <= self.tolerance and (self.estimate.fits or self.mode != "emulated")
+
+    def to_json(self) -> dict:
+        return {
+            "model": self.model, "gpu": self.gpu, "mode": self.mode, "device_name": self.device_name,
+            "plan": self.plan.to_dict(), "tolerance": self.tolerance, "memory_cap_bytes": self.memory_cap_bytes,
+            "verdict": self.verdict, "agrees": self.agrees, "oom": self.oom, "error": self.error,
+            "estimated_peak_allocated_bytes": self.estimate.peak_allocated_bytes,
+            "estimated_peak_reserved_bytes": self.estimate.peak_reserved_bytes,
+            "measured_peak_allocated_bytes": self.measured_peak_allocated_bytes,
+            "measured_peak_reserved_bytes": self.measured_peak_reserved_bytes,
+            "estimate": self.estimate.to_json(), "ranks": self.ranks, "snapshot": self.snapshot, "notes": self.notes,
+        }
+
+
+def validate_plan(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, steps: int = 5, emulate: bool = False,
+                  dry_run: bool | None = None, tolerance: float = DEFAULT_TOLERANCE, out_dir: Path | None = None,
+                  snapshot: bool = False) -> ValidationRecord:
+    """Run ``steps`` measured steps of ``plan`` (after a warm-up step) and compare with the estimate for ``gpu``.
+
+    ``emulate=True`` runs on the local (larger) GPU with its pool capped to ``gpu``'s memory less the CUDA context.
+    ``dry_run=None`` means "dry run when there is no CUDA GPU".
+    """
+    import torch
+
+    est = estimate(spec, plan, gpu)
+    if dry_run is None:
+        dry_run = not torch.cuda.is_available()
+    out_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="memtune-validate-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if dry_run:
+        return _dry_run(spec, plan, gpu, est, tolerance)
+    if plan.nodes > 1:
+        raise ConfigError("validate runs on one node; validate a multi-node plan with --nodes 1 and the same "
+                          "--num-gpus, or use --dry-run")
+    available = torch.cuda.device_count()
+    if plan.num_gpus > available:
+        raise ConfigError(f"the plan needs {plan.num_gpus} GPUs and {available} are visible; use --dry-run or "
+                          f"run on a machine with {plan.num_gpus} GPUs")
+    cap = gpu.memory_bytes - overhead.runtime_overhead_bytes(plan.world_size) if emulate else None
+    snapshot_path = out_dir / "snapshot.pickle" if snapshot else None
+    if plan.world_size == 1:
+        from memtune.validate.probe import measure_plan
+
+        ranks = [measure_plan(spec, plan, steps=steps, memory_cap_bytes=cap, snapshot_path=snapshot_path)]
+    else:
+        ranks = _torchrun(spec, plan, steps=steps, cap=cap, out_dir=out_dir, snapshot=snapshot)
+    record = ValidationRecord(model=spec.name, gpu=gpu.name, mode="emulated" if emulate else "gpu", plan=plan,
+                              estimate=est, ranks=ranks, tolerance=tolerance,
+                              device_name=torch.cuda.get_device_name(), memory_cap_bytes=cap,
+                              snapshot=str(snapshot_path) if snapshot_path and snapshot_path.exists() else None)
+    (out_dir / "validation.json").write_text(json.dumps(record.to_json(), indent=2))
+    return record
+
+
+def _dry_run(spec, plan, gpu, est, tolerance) -> ValidationRecord:
+    from memtune.estimate.compose import cached_trace, sdpa_backend
+
+    trace = cached_trace(spec, plan, spec.num_layers, sdpa_backend(spec, plan, gpu))
+    rank = {"device": "fake tensors on the CPU",
+            "traced_phases": {p.value: trace.phase_peak(p) for p in Phase},
+            "traced_peak_reserved_bytes": trace.peak_reserved,
+            "world_size": plan.world_size}
+    return ValidationRecord(model=spec.name, gpu=gpu.name, mode="dry-run", plan=plan, estimate=est, ranks=[rank],
+                            tolerance=tolerance, device_name="cpu (fake tensors)",
+                            notes=[f"traced {plan.world_size} rank(s) with a fake process group"])
+
+
+def _torchrun(spec: ModelSpec, plan: Plan, *, steps: int, cap: int | None, out_dir: Path, snapshot: bool) -> list[dict]:
+    job = out_dir / "job.json"
+    job.write_text(json.dumps({"model_config": spec.config_json, "model_name": spec.name, "plan": plan.to_dict(),
+                               "steps": steps, "memory_cap_bytes": cap, "snapshot": snapshot}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={plan.num_gpus}",
+           "-m", "memtune.validate.worker", str(job)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT_S,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    except subprocess.TimeoutExpired:
+        raise ConfigError(f"the {plan.num_gpus}-GPU validation did not finish in {TORCHRUN_TIMEOUT_S} s "
+                          "(a rank may have run out of memory while the others waited)") from None
+    ranks = []
+    for r in range(plan.world_size):
+        path = out_dir / f"rank{r}.json"
+        if not path.exists():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+            raise ConfigError(f"rank {r} wrote no result (torchrun exit {proc.returncode}): {' | '.join(tail)}")
+        ranks.append(json.loads(path.read_text()))
+    return ranks

@@ -1,0 +1,72 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from memtune.cli import app
+from memtune.estimate import estimate
+from memtune.plan import Plan
+from memtune.train import recipe
+from memtune.validate.probe import measure_plan
+from memtune.validate.run import ValidationRecord, validate_plan
+from tests.conftest import TINY
+
+
+def test_dry_run_traces_every_rank_of_an_fsdp_plan(tiny, h200):
+    record = validate_plan(tiny, Plan(sharding="fsdp", num_gpus=8, seq_len=64), h200, dry_run=True)
+    assert record.mode == "dry-run" and record.agrees
+    rank = record.ranks[0]
+    assert rank["world_size"] == 8
+    assert max(rank["traced_phases"].values()) > 0
+
+
+def test_validate_cli_falls_back_to_dry_run_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: validate measures instead")
+    r = CliRunner().invoke(app, ["validate", "--model", str(TINY), "--gpu", "L4-24GB", "--seq-len", "64", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["mode"] == "dry-run"
+
+
+def test_measure_plan_runs_real_steps_on_cpu(tiny):
+    result = measure_plan(tiny, Plan(peft="lora", seq_len=32, batch_size=2), steps=2, device=torch.device("cpu"))
+    assert len(result["losses"]) == 2 and result["tokens_per_s"] > 0
+    cats = result["measured_categories"]["optimizer_step"]
+    assert cats["gradients"] > 0 and cats["optimizer_states"] > 0
+    assert "measured_peak_allocated_bytes" not in result  # no allocator to read on a CPU
+
+
+def test_out_of_memory_is_a_verdict_not_a_crash(tiny, h200, monkeypatch):
+    plan = Plan(seq_len=32)
+    planned = estimate(tiny, plan, h200)
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(recipe, "train_step", oom)
+    result = measure_plan(tiny, plan, device=torch.device("cpu"))
+    assert result["error"] == "oom" and "Tried to allocate" in result["message"]
+    record = ValidationRecord(model="tiny", gpu=h200.name, mode="emulated", plan=plan,
+                              estimate=planned, ranks=[result], tolerance=0.03)
+    assert record.oom and record.verdict.startswith(f"does not fit on {h200.name}")
+    assert not record.agrees  # the estimate said it fits
+
+
+def test_fsdp_validation_worker_runs_two_gloo_ranks_on_cpu(tiny, tmp_path):
+    job = tmp_path / "job.json"
+    plan = Plan(sharding="fsdp", num_gpus=2, seq_len=32, batch_size=2)
+    job.write_text(json.dumps({"model_config": tiny.config_json, "model_name": tiny.name, "plan": plan.to_dict(),
+                               "steps": 2, "memory_cap_bytes": None, "snapshot": False}))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                           "-m", "memtune.validate.worker", str(job)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    # each rank holds its shard: about half of the bf16 parameters
+    full = sum(p.numel() * 2 for p in recipe.build_model(tiny, Plan(), device="meta").parameters())
+    for r in ranks:
+        assert len(r["losses"]) == 2
+        assert r["measured_categories"]["forward"]["parameters"] < 0.75 * full
