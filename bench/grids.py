@@ -58,4 +58,19 @@ def fsdp_2gpu() -> list[dict]:
     ]
 
 
-GRIDS = {"single": single_gpu, "fsdp2": fsdp_2gpu}
+def quantized() -> list[dict]:
+    """bitsandbytes 4-bit (NF4) and 8-bit base weights with LoRA, and 8-bit AdamW, on one GPU."""
+    return [
+        _cfg("llama-guard-3-1b", precision="bf16", peft="lora", quantization="4bit", batch_size=2, seq_len=1024),
+        _cfg("llama-guard-3-1b", precision="bf16", peft="lora", quantization="4bit", checkpointing="full",
+             batch_size=4, seq_len=2048),
+        _cfg("llama-guard-3-1b", precision="bf16", peft="lora", quantization="8bit", batch_size=2, seq_len=1024),
+        _cfg("llama-guard-3-1b", precision="bf16", optimizer="adamw-8bit", batch_size=2, seq_len=1024),
+        _cfg("qwen2.5-0.5b", precision="bf16", peft="lora", quantization="4bit", batch_size=4, seq_len=1024),
+        _cfg("mistral-7b", precision="bf16", peft="lora", quantization="4bit", batch_size=2, seq_len=2048),
+        _cfg("llama-3.1-8b", precision="bf16", peft="lora", quantization="4bit", checkpointing="full",
+             batch_size=4, seq_len=2048),
+    ]
+
+
+GRIDS = {"single": single_gpu, "fsdp2": fsdp_2gpu, "quant": quantized}

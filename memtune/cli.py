@@ -91,6 +91,8 @@ def estimate(
     batch_size: BatchSize = 1,
     seq_len: SeqLen = 2048,
     attention: Attention = "sdpa",
+    calibrated: Annotated[bool, typer.Option("--calibrated", help="Scale by the measured/estimated ratios in "
+                                                                  "profiles/calibration for this architecture.")] = False,
     as_json: JsonOut = False,
 ) -> None:
     """Per-GPU peak memory of one training step, by category and phase, and whether it fits."""
@@ -103,7 +105,7 @@ def estimate(
                               checkpointing=checkpointing, peft=peft, lora_rank=lora_rank, lora_targets=lora_targets,
                               lora_dropout=lora_dropout, quantization=quantization, optimizer=optimizer,
                               batch_size=batch_size, seq_len=seq_len, attention=attention)
-    breakdown = run_estimate(spec, plan, gpu_spec)
+    breakdown = run_estimate(spec, plan, gpu_spec, calibrated=calibrated)
     if as_json:
         print(json.dumps(breakdown.to_json(), indent=2))
         return

@@ -43,13 +43,19 @@ def render_breakdown(console: Console, spec, b: MemoryBreakdown) -> None:
     table.add_row("[bold]allocated[/]", *(f"[bold]{gib(b.phase_peak(p)):.2f}[/]" for p in Phase), end_section=True)
     console.print(table)
     usable = b.device_usable_bytes - b.margin_bytes
+    pool = b.gpu_reserved_bytes if b.gpu_reserved_bytes is not None else b.peak_reserved_bytes
+    squeezed = (f" (the allocator releases its cache under pressure: {fmt_gib(b.peak_reserved_bytes)} without a limit)"
+                if pool != b.peak_reserved_bytes else "")
     console.print(f"peak allocated {fmt_gib(b.peak_allocated_bytes)} ({b.peak_phase.value.replace('_', ' ')})"
-                  f" + allocator cache {fmt_gib(b.peak_reserved_bytes - b.peak_allocated_bytes)}"
-                  f" = reserved {fmt_gib(b.peak_reserved_bytes)}; + CUDA context/NCCL {fmt_gib(b.runtime_overhead_bytes)}"
+                  f" + allocator cache {fmt_gib(pool - b.peak_allocated_bytes)}"
+                  f" = reserved {fmt_gib(pool)}{squeezed}; + CUDA context/NCCL {fmt_gib(b.runtime_overhead_bytes)}"
                   f" = [bold]{fmt_gib(b.required_bytes)}[/] needed of {fmt_gib(usable)} usable"
                   f" ({fmt_gib(b.device_usable_bytes)} minus a {fmt_gib(b.margin_bytes)} margin)")
     if b.fits:
         console.print(f"[bold green]fits[/] with {fmt_gib(b.headroom_bytes)} to spare")
+    elif b.fits_without_margin:
+        console.print(f"[bold yellow]borderline[/]: fits only without the {fmt_gib(b.margin_bytes)} safety margin; "
+                      f"validate it on the card (`memtune validate --emulate-gpu {b.gpu}`)")
     else:
         console.print(f"[bold red]does not fit[/]: {fmt_gib(-b.headroom_bytes)} over")
 

@@ -11,7 +11,10 @@ It reproduces what ``max_memory_allocated`` and ``max_memory_reserved`` count, f
   the rest is at least 512 bytes (small pool) or more than 1 MiB (large pool), otherwise the whole block is handed
   out and counted as allocated (``should_split``);
 * freed blocks merge with free neighbours of the same segment; segments are never returned to the driver while the
-  step runs, so reserved memory only grows.
+  step runs, so reserved memory only grows;
+* with a ``capacity`` (the memory a smaller card leaves to PyTorch), a segment that does not fit makes the allocator
+  release every cached segment that is entirely free and try again (``release_cached_blocks``, counted in
+  ``num_alloc_retries``); if it still does not fit, the step runs out of memory.
 """
 
 from __future__ import annotations
@@ -56,12 +59,18 @@ class Block:
         return (self.size, self.segment, self.addr)
 
 
+class AllocatorOutOfMemory(Exception):
+    """The request does not fit under the capacity even after releasing the cache."""
+
+
 class CachingAllocatorModel:
-    def __init__(self) -> None:
+    def __init__(self, capacity: int | None = None) -> None:
+        self.capacity = capacity
         self.allocated = 0
         self.reserved = 0
         self.peak_allocated = 0
         self.peak_reserved = 0
+        self.num_alloc_retries = 0
         self._free: dict[tuple[str, bool], list[tuple[tuple[int, int, int], Block]]] = {}
         self._segments = itertools.count()
 
@@ -75,6 +84,11 @@ class CachingAllocatorModel:
             block = free.pop(i)[1]
         else:
             seg_size = allocation_size(size)
+            if self.capacity is not None and self.reserved + seg_size > self.capacity:
+                self.num_alloc_retries += 1
+                self._release_cached()
+                if self.reserved + seg_size > self.capacity:
+                    raise AllocatorOutOfMemory(f"{seg_size} bytes more than the {self.capacity} bytes capacity")
             block = Block(size=seg_size, addr=0, segment=next(self._segments), pool=pool)
             self.reserved += seg_size
             self.peak_reserved = max(self.peak_reserved, self.reserved)
@@ -109,6 +123,13 @@ class CachingAllocatorModel:
                 block.size += neighbour.size
         self._insert(block)
 
+    def _release_cached(self) -> None:
+        for pool, free in self._free.items():
+            whole = [e for e in free if e[1].prev is None and e[1].next is None]
+            for entry in whole:
+                self.reserved -= entry[1].size
+            self._free[pool] = [e for e in free if not (e[1].prev is None and e[1].next is None)]
+
     def _insert(self, block: Block) -> None:
         bisect.insort(self._free.setdefault(block.pool, []), (block.key(), block), key=lambda e: e[0])
 
@@ -117,3 +138,26 @@ class CachingAllocatorModel:
         i = bisect.bisect_left(free, block.key(), key=lambda e: e[0])
         assert free[i][1] is block, "free list out of order"
         free.pop(i)
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    fits: bool
+    peak_allocated: int
+    peak_reserved: int
+    num_alloc_retries: int
+
+
+def replay(events: list[tuple[int, int, int, str]], capacity: int | None = None) -> Replay:
+    """Run a recorded sequence of ``(op, id, bytes, stream)`` events (op 1 = malloc, 0 = free) through the model."""
+    model = CachingAllocatorModel(capacity)
+    blocks: dict[int, Block] = {}
+    try:
+        for op, uid, nbytes, stream in events:
+            if op:
+                blocks[uid] = model.malloc(nbytes, stream)
+            else:
+                model.free(blocks.pop(uid))
+    except AllocatorOutOfMemory:
+        return Replay(False, model.peak_allocated, model.peak_reserved, model.num_alloc_retries)
+    return Replay(True, model.peak_allocated, model.peak_reserved, model.num_alloc_retries)

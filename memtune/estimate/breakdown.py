@@ -16,13 +16,21 @@ class MemoryBreakdown:
     phases: dict[Phase, dict[MemCategory, int]]
     """Allocated bytes by category at each phase's peak (PyTorch's pool, cuBLAS workspaces included)."""
     peak_reserved_bytes: int
-    """What the caching allocator holds from the driver at the peak (allocated plus its cache)."""
+    """What the caching allocator holds from the driver at the peak (allocated plus its cache), with no memory
+    limit: what ``max_memory_reserved`` shows on a large GPU."""
+    gpu_reserved_bytes: int | None
+    """Peak reserved on the target GPU, where the allocator releases its cache and retries when a new segment would
+    not fit; None when the step runs out of memory there even so."""
     runtime_overhead_bytes: int
     """Memory outside PyTorch's pool: CUDA context, kernels, NCCL."""
     device_usable_bytes: int
     """The GPU's memory as the driver reports it."""
     margin_bytes: int
     """Safety margin kept free for the ``fits`` verdict."""
+    fits_without_margin: bool
+    """Whether the step fits when the whole card is used (no safety margin)."""
+    calibration: str | None = None
+    """The calibration file applied (``profiles/calibration``), if any."""
 
     def phase_peak(self, phase: Phase) -> int:
         return sum(self.phases[phase].values())
@@ -44,17 +52,26 @@ class MemoryBreakdown:
         return at_peak
 
     @property
+    def fits(self) -> bool:
+        return self.gpu_reserved_bytes is not None
+
+    @property
+    def verdict(self) -> str:
+        """``fits``, ``borderline`` (fits only without the safety margin) or ``does not fit``."""
+        if self.fits:
+            return "fits"
+        return "borderline" if self.fits_without_margin else "does not fit"
+
+    @property
     def required_bytes(self) -> int:
-        """Device memory the process needs: reserved pool plus runtime overhead."""
-        return self.peak_reserved_bytes + self.runtime_overhead_bytes
+        """Device memory the process needs: its pool on the target GPU (unconstrained when it does not fit there)
+        plus the runtime overhead."""
+        pool = self.gpu_reserved_bytes if self.gpu_reserved_bytes is not None else self.peak_reserved_bytes
+        return pool + self.runtime_overhead_bytes
 
     @property
     def headroom_bytes(self) -> int:
         return self.device_usable_bytes - self.margin_bytes - self.required_bytes
-
-    @property
-    def fits(self) -> bool:
-        return self.headroom_bytes >= 0
 
     def to_json(self) -> dict:
         return {
@@ -63,13 +80,16 @@ class MemoryBreakdown:
             "plan": self.plan.to_dict(),
             "peak_allocated_bytes": self.peak_allocated_bytes,
             "peak_reserved_bytes": self.peak_reserved_bytes,
+            "gpu_reserved_bytes": self.gpu_reserved_bytes,
             "runtime_overhead_bytes": self.runtime_overhead_bytes,
             "required_bytes": self.required_bytes,
             "device_usable_bytes": self.device_usable_bytes,
             "margin_bytes": self.margin_bytes,
             "headroom_bytes": self.headroom_bytes,
             "fits": self.fits,
+            "verdict": self.verdict,
             "peak_phase": self.peak_phase.value,
+            "calibration": self.calibration,
             "components": {c.value: v for c, v in self.components.items()},
             "phases": {p.value: self.phase_peak(p) for p in self.phases},
             "phase_components": {p.value: {c.value: v for c, v in cats.items()} for p, cats in self.phases.items()},

@@ -31,7 +31,7 @@ from memtune.specs.model import ModelSpec
 DEFAULT_MARGIN = 0.02
 """Share of the GPU's memory kept free for the ``fits`` verdict."""
 
-TRACE_FORMAT = 1
+TRACE_FORMAT = 2
 
 
 def sdpa_backend(spec: ModelSpec, plan: Plan, gpu: GpuSpec) -> str:
@@ -39,11 +39,13 @@ def sdpa_backend(spec: ModelSpec, plan: Plan, gpu: GpuSpec) -> str:
 
     Flash attention needs fp16/bf16, compute capability 8.0+ and head_dim <= 256. Memory-efficient attention takes
     any dtype but not grouped-query attention (``enable_gqa``). Otherwise SDPA runs the math kernel, which
-    materializes the s x s attention matrix.
+    materializes the s x s attention matrix. k-bit plans run their activations in fp32: the usual QLoRA preparation
+    (peft's ``prepare_model_for_kbit_training``) upcasts the norms, and bitsandbytes' layers return their input's
+    dtype, so attention sees fp32 queries.
     """
     if plan.attention != "sdpa":
         return "eager"
-    low_precision = plan.precision != "fp32"
+    low_precision = plan.precision != "fp32" and plan.quantization == "none"
     if low_precision and gpu.compute_capability >= (8, 0) and spec.head_dim <= 256:
         return "flash"
     if spec.num_key_value_heads == spec.num_attention_heads:
@@ -61,9 +63,26 @@ def trace_depths(spec: ModelSpec) -> tuple[int, int]:
     return (a, 2 * a) if 2 * a <= spec.num_layers else (spec.num_layers, spec.num_layers)
 
 
+def calibration_factors(spec: ModelSpec, gpu: GpuSpec) -> tuple[float, float, str] | None:
+    """(allocated, reserved, source) from ``profiles/calibration``: the largest measured/estimated ratio of the
+    model's architecture family, never below 1 (calibration only ever adds). The GPU's own file is preferred;
+    otherwise another GPU's (the estimator's errors come from the software stack more than from the card)."""
+    from memtune.profiles import profiles_dir
+
+    files = sorted((profiles_dir() / "calibration").glob("*.json"), key=lambda p: p.stem != gpu.name)
+    for path in files:
+        family = json.loads(path.read_text())["families"].get(spec.model_type)
+        if family:
+            return (max(1.0, family["allocated"]["max"]), max(1.0, family["reserved"]["max"]), path.name)
+    return None
+
+
 def estimate(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, margin: float = DEFAULT_MARGIN,
-             fast: bool = False) -> MemoryBreakdown:
+             fast: bool = False, calibrated: bool = False) -> MemoryBreakdown:
     """Per-rank peak memory of one steady-state training step of ``plan`` for ``spec`` on ``gpu``.
+
+    ``calibrated=True`` scales the result by the measured/estimated ratios of ``calibration_factors`` (when the
+    model's family has been measured).
 
     Raises:
         InvalidPlanError: the plan cannot run for this model or on this GPU.
@@ -73,14 +92,43 @@ def estimate(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, margin: float = DEFAU
     backend = sdpa_backend(spec, plan, gpu)
     workspace = overhead.cublas_workspace_bytes(gpu.compute_capability)
     depths = trace_depths(spec) if fast else (spec.num_layers, spec.num_layers)
-    phases, reserved = _compose([cached_trace(spec, plan, d, backend) for d in sorted(set(depths))], spec.num_layers)
+    traces = [cached_trace(spec, plan, d, backend) for d in sorted(set(depths))]
+    phases, reserved = _compose(traces, spec.num_layers)
+    factors = calibration_factors(spec, gpu) if calibrated else None
+    scale_alloc, scale_res = factors[:2] if factors else (1.0, 1.0)
+    if factors:
+        phases = {p: {c: round(v * scale_alloc) for c, v in cats.items()} for p, cats in phases.items()}
+        reserved = max(round(reserved * scale_res), max(sum(c.values()) for c in phases.values()))
     for cats in phases.values():
         cats[MemCategory.WORKSPACE] = workspace
+    runtime = overhead.runtime_overhead_bytes(plan.world_size)
+    margin_bytes = int(margin * gpu.memory_bytes)
+    capacity = gpu.memory_bytes - runtime - workspace
+
+    def pool_on_gpu(limit: int) -> int | None:
+        if reserved <= limit:
+            return reserved + workspace
+        if fast:
+            return None  # no full-depth allocation sequence to replay: judged by the unconstrained pool
+        outcome = _replay(traces[-1], int(limit / scale_res))
+        return round(outcome.peak_reserved * scale_res) + workspace if outcome.fits else None
+
+    gpu_reserved = pool_on_gpu(capacity - margin_bytes)
     return MemoryBreakdown(
         model=spec.name, gpu=gpu.name, plan=plan, phases=phases, peak_reserved_bytes=reserved + workspace,
-        runtime_overhead_bytes=overhead.runtime_overhead_bytes(plan.world_size),
-        device_usable_bytes=gpu.memory_bytes, margin_bytes=int(margin * gpu.memory_bytes),
+        gpu_reserved_bytes=gpu_reserved, runtime_overhead_bytes=runtime, device_usable_bytes=gpu.memory_bytes,
+        margin_bytes=margin_bytes,
+        fits_without_margin=gpu_reserved is not None or pool_on_gpu(capacity) is not None,
+        calibration=factors[2] if factors else None,
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _replay(trace: TraceResult, capacity: int):
+    """The step's allocations replayed under the memory a smaller card leaves to PyTorch's pool."""
+    from memtune.estimate.allocator import replay
+
+    return replay(list(trace.events), capacity)
 
 
 def _compose(traces: list[TraceResult], depth: int) -> tuple[dict[Phase, dict[MemCategory, int]], int]:
@@ -148,12 +196,17 @@ def cached_trace(spec: ModelSpec, plan: Plan, depth: int, backend: str) -> Trace
 
 
 def _to_json(r: TraceResult) -> dict:
+    streams = sorted({e[3] for e in r.events})
     return {"num_layers": r.num_layers, "peak_reserved": r.peak_reserved,
             "landmarks": [[p.value, seg, v.total, {c.value: n for c, n in v.by_category.items()}]
-                          for (p, seg), v in r.landmarks.items()]}
+                          for (p, seg), v in r.landmarks.items()],
+            "streams": streams,
+            "events": [x for op, uid, n, st in r.events for x in (op, uid, n, streams.index(st))]}
 
 
 def _from_json(d: dict) -> TraceResult:
-    return TraceResult(num_layers=d["num_layers"], peak_reserved=d["peak_reserved"], landmarks={
+    flat, streams = d["events"], d["streams"]
+    events = tuple((flat[i], flat[i + 1], flat[i + 2], streams[flat[i + 3]]) for i in range(0, len(flat), 4))
+    return TraceResult(num_layers=d["num_layers"], peak_reserved=d["peak_reserved"], events=events, landmarks={
         (Phase(p), seg): PhasePeak(total=total, by_category={MemCategory(c): n for c, n in cats.items()})
         for p, seg, total, cats in d["landmarks"]})

@@ -19,6 +19,7 @@ stand-ins of ``memtune.train.quant``.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import weakref
 from dataclasses import dataclass, field
 
@@ -36,6 +37,7 @@ from memtune.train import recipe
 @dataclass(slots=True, eq=False)
 class _Storage:
     block: Block | None
+    uid: int
     phase: str
     category: MemCategory | None = None
     freed_in: str | None = None
@@ -51,7 +53,7 @@ class PhasePeak:
     by_category: dict[MemCategory, int]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class TraceResult:
     num_layers: int
     peak_reserved: int
@@ -59,6 +61,8 @@ class TraceResult:
     landmarks: dict[tuple[Phase, str], PhasePeak]
     """Peak of each (phase, segment): segments are ``pre`` (embeddings), ``first``/``mid``/``last`` decoder
     layer (by layer index) and ``post`` (final norm, lm_head, loss). Each is linear in the number of layers."""
+    events: tuple[tuple[int, int, int, str], ...] = ()
+    """Every allocation (1) and free (0) as ``(op, id, bytes, stream)``, to replay under a smaller card's capacity."""
 
     def phase_peak(self, phase: Phase) -> int:
         return max((v.total for (p, _), v in self.landmarks.items() if p == phase), default=0)
@@ -71,6 +75,8 @@ class _Tracker(TorchDispatchMode):
         self.live: dict[int, _Storage] = {}
         self._refs: dict[int, weakref.ref] = {}
         self.allocator = CachingAllocatorModel()
+        self.events: list[tuple[int, int, int, str]] = []
+        self._uids = itertools.count()
         self.phase = "setup"
         self.stream = "default"
         self.segment = "pre"
@@ -95,7 +101,8 @@ class _Tracker(TorchDispatchMode):
             return
         if category is None and t.dim() >= 2 and t.shape[-1] == self.vocab_size and t.numel() >= self.logits_numel:
             category = MemCategory.LOGITS
-        rec = _Storage(block=self._malloc(st.nbytes(), category), phase=self.phase, category=category)
+        uid = next(self._uids)
+        rec = _Storage(block=self._malloc(st.nbytes(), uid), uid=uid, phase=self.phase, category=category)
         self.live[key] = rec
         self._refs[key] = weakref.ref(st, lambda _r, k=key: self._free(k))
         self._add()
@@ -109,22 +116,27 @@ class _Tracker(TorchDispatchMode):
             self.track(t, MemCategory.FSDP_BUFFERS)
             return
         rec.category = rec.category or MemCategory.FSDP_BUFFERS
-        if rec.block is not None:
-            self.allocator.free(rec.block)
-        rec.block = self._malloc(st.nbytes(), rec.category)
+        self._release(rec)
+        rec.block = self._malloc(st.nbytes(), rec.uid)
         self._add()
 
-    def _malloc(self, nbytes: int, category: MemCategory | None) -> Block | None:
+    def _malloc(self, nbytes: int, uid: int) -> Block | None:
         if nbytes == 0:
             return None
+        self.events.append((1, uid, nbytes, self.stream))
         return self.allocator.malloc(nbytes, self.stream)
+
+    def _release(self, rec: _Storage) -> None:
+        if rec.block is not None:
+            self.events.append((0, rec.uid, 0, ""))
+            self.allocator.free(rec.block)
+            rec.block = None
 
     def _free(self, key: int) -> None:
         rec = self.live.pop(key, None)
         self._refs.pop(key, None)
         if rec is not None:
-            if rec.block is not None:
-                self.allocator.free(rec.block)
+            self._release(rec)
             rec.freed_in = self.phase
 
     def _add(self) -> None:
@@ -168,7 +180,8 @@ class _Tracker(TorchDispatchMode):
             for rec, size in self.snapshots[(phase, segment)]:
                 by_cat[rec.category or MemCategory.TEMPORARIES] += size
             landmarks[(Phase(phase), segment)] = PhasePeak(total=total, by_category=by_cat)
-        return TraceResult(num_layers=num_layers, peak_reserved=self.allocator.peak_reserved, landmarks=landmarks)
+        return TraceResult(num_layers=num_layers, peak_reserved=self.allocator.peak_reserved, landmarks=landmarks,
+                           events=tuple(self.events))
 
 
 def _segment_hooks(tracker: _Tracker, model) -> None:

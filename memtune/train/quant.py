@@ -6,10 +6,10 @@ memory-equivalent stand-ins that allocate what bitsandbytes allocates (bitsandby
 ``MatMul8bitLt`` autograd functions, ``Optimizer2State.init_state``):
 
 * NF4: 0.5 B/param packed weight + one uint8 absmax per 64 weights + one fp32 absmax per 256 of those (double
-  quantization). Forward and backward each dequantize the weight into a temporary in the compute dtype; nothing but
-  the quantized weight is saved for backward.
-* LLM.int8: 1 B/param + one fp32 scale per output row. Forward quantizes the input to int8 and multiplies into an
-  int32 buffer; backward dequantizes the weight into a temporary.
+  quantization). ``Linear4bit`` casts its input to the compute dtype and its output back to the input's dtype;
+  forward and backward each dequantize the weight into a temporary; nothing but the packed weight is saved.
+* LLM.int8: 1 B/param + one fp32 scale per output row. Forward quantizes an fp16 copy of the input to int8 and
+  returns the input's dtype; the input is saved for backward, which dequantizes the weight in that dtype.
 * AdamW8bit: two uint8 states per parameter plus one fp32 absmax per 256-value block, for tensors of at least
   4096 elements (smaller ones keep fp32 states); the update is one fused kernel without temporaries.
 """
@@ -27,32 +27,43 @@ ADAM8BIT_BLOCK = 256
 ADAM8BIT_MIN_SIZE = 4096
 
 
-class _DequantMatmul(torch.autograd.Function):
+class _KbitMatmul(torch.autograd.Function):
+    """The allocations of bitsandbytes' ``MatMul4Bit`` (via ``Linear4bit``) and ``MatMul8bitLt``."""
+
     @staticmethod
-    def forward(ctx, x, packed, out_features, in_features, int8):
-        ctx.shape = (out_features, in_features)
-        if int8:
-            x_int8 = torch.empty(x.shape, dtype=torch.int8, device=x.device)
-            acc = torch.empty((*x.shape[:-1], out_features), dtype=torch.int32, device=x.device)
-            del x_int8
-            out = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype, device=x.device)
-            del acc
-            return out
-        weight = torch.empty(ctx.shape, dtype=x.dtype, device=x.device)
-        return nn.functional.linear(x, weight)
+    def forward(ctx, x, packed, out_features, in_features, bits, compute_dtype):
+        ctx.shape, ctx.bits, ctx.compute_dtype, ctx.input_dtype = (out_features, in_features), bits, compute_dtype, x.dtype
+        rows = x.shape[:-1]
+        if bits == 4:
+            # Linear4bit casts the input to the compute dtype, gemm_4bit dequantizes the weight into a temporary,
+            # and the result is cast back to the input's dtype. Nothing is saved but the packed weight.
+            weight = torch.empty(ctx.shape, dtype=compute_dtype, device=x.device)
+            out = nn.functional.linear(x.to(compute_dtype), weight)
+            del weight
+            return out.to(x.dtype)
+        # LLM.int8: the input is quantized from an fp16 copy (int8 values, one scale per row), multiplied into the
+        # output in the input's dtype; the input itself is saved for backward.
+        ctx.save_for_backward(x)
+        half = x.to(torch.float16)
+        quantized = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+        scales = torch.empty(rows, dtype=torch.float32, device=x.device)
+        del half, quantized, scales
+        return torch.empty((*rows, out_features), dtype=x.dtype, device=x.device)
 
     @staticmethod
     def backward(ctx, grad):
-        weight = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device)
-        return grad @ weight, None, None, None, None
+        dtype = ctx.compute_dtype if ctx.bits == 4 else ctx.input_dtype
+        weight = torch.empty(ctx.shape, dtype=dtype, device=grad.device)
+        return (grad.to(dtype) @ weight).to(ctx.input_dtype), None, None, None, None, None
 
 
 class EmulatedKbitLinear(nn.Linear):
     """A frozen k-bit linear layer with bitsandbytes' memory footprint (see the module docstring)."""
 
-    def __init__(self, linear: nn.Linear, bits: int):
+    def __init__(self, linear: nn.Linear, bits: int, compute_dtype: torch.dtype):
         nn.Module.__init__(self)
         self.in_features, self.out_features, self.bits = linear.in_features, linear.out_features, bits
+        self.compute_dtype = compute_dtype
         numel = self.in_features * self.out_features
         device = linear.weight.device
         self.weight = nn.Parameter(torch.empty((numel * bits // 8, 1), dtype=torch.uint8, device=device),
@@ -67,7 +78,7 @@ class EmulatedKbitLinear(nn.Linear):
         self.bias = linear.bias
 
     def forward(self, x):
-        out = _DequantMatmul.apply(x, self.weight, self.out_features, self.in_features, self.bits == 8)
+        out = _KbitMatmul.apply(x, self.weight, self.out_features, self.in_features, self.bits, self.compute_dtype)
         return out if self.bias is None else out + self.bias
 
 
@@ -80,7 +91,8 @@ def quantize_decoder_linears(model: nn.Module, plan, *, emulate: bool) -> None:
         for parent in list(layer.modules()):
             for child_name, child in list(parent.named_children()):
                 if type(child) is nn.Linear:
-                    new = EmulatedKbitLinear(child, bits) if emulate else _bnb_linear(child, bits, plan)
+                    new = (EmulatedKbitLinear(child, bits, getattr(torch, plan.low_precision)) if emulate
+                           else _bnb_linear(child, bits, plan))
                     setattr(parent, child_name, new)
 
 

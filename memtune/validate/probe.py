@@ -21,13 +21,15 @@ from memtune.train import recipe
 
 
 def measure_plan(spec: ModelSpec, plan: Plan, *, steps: int = 2, mesh=None, device: torch.device | None = None,
-                 memory_cap_bytes: int | None = None, snapshot_path: Path | None = None) -> dict:
+                 memory_cap_bytes: int | None = None, snapshot_path: Path | None = None,
+                 sdpa_backend: str | None = None) -> dict:
     """Memory and time of ``steps`` steady-state training steps of ``plan`` (after one warm-up step).
 
     Args:
         memory_cap_bytes: cap PyTorch's pool at this many bytes (``set_per_process_memory_fraction``), to stand in
             for a smaller card.
         snapshot_path: dump a CUDA memory snapshot of the measured steps there (``torch.cuda.memory``).
+        sdpa_backend: force the SDPA kernel the emulated GPU would use (``flash``, ``efficient`` or ``math``).
 
     Returns:
         ``measured_peak_allocated_bytes``, ``measured_peak_reserved_bytes``, ``measured_peak_active_bytes``,
@@ -40,6 +42,21 @@ def measure_plan(spec: ModelSpec, plan: Plan, *, steps: int = 2, mesh=None, devi
     if cuda and memory_cap_bytes is not None:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, memory_cap_bytes / total), device)
+    with _sdpa_kernel(sdpa_backend):
+        return _measure(spec, plan, steps, mesh, device, cuda, memory_cap_bytes, snapshot_path)
+
+
+def _sdpa_kernel(backend: str | None):
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kernels = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "math": SDPBackend.MATH}
+    return sdpa_kernel(kernels[backend]) if backend in kernels else contextlib.nullcontext()
+
+
+def _measure(spec, plan, steps, mesh, device, cuda, memory_cap_bytes, snapshot_path) -> dict:
     model = optimizer = batch = None
     try:
         model = recipe.build_model(spec, plan, device=device, mesh=mesh)

@@ -131,13 +131,18 @@ def validate_plan(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, steps: int = 5, 
         raise ConfigError(f"the plan needs {plan.num_gpus} GPUs and {available} are visible; use --dry-run or "
                           f"run on a machine with {plan.num_gpus} GPUs")
     cap = gpu.memory_bytes - overhead.runtime_overhead_bytes(plan.world_size) if emulate else None
+    from memtune.estimate import sdpa_backend
+
+    # Under emulation, attention runs the kernel the emulated GPU would pick (e.g. no flash attention on a V100).
+    backend = sdpa_backend(spec, plan, gpu) if emulate else None
     snapshot_path = out_dir / "snapshot.pickle" if snapshot else None
     if plan.world_size == 1:
         from memtune.validate.probe import measure_plan
 
-        ranks = [measure_plan(spec, plan, steps=steps, memory_cap_bytes=cap, snapshot_path=snapshot_path)]
+        ranks = [measure_plan(spec, plan, steps=steps, memory_cap_bytes=cap, snapshot_path=snapshot_path,
+                              sdpa_backend=backend)]
     else:
-        ranks = _torchrun(spec, plan, steps=steps, cap=cap, out_dir=out_dir, snapshot=snapshot)
+        ranks = _torchrun(spec, plan, steps=steps, cap=cap, out_dir=out_dir, snapshot=snapshot, backend=backend)
     record = ValidationRecord(model=spec.name, gpu=gpu.name, mode="emulated" if emulate else "gpu", plan=plan,
                               estimate=est, ranks=ranks, tolerance=tolerance,
                               device_name=torch.cuda.get_device_name(), memory_cap_bytes=cap,
@@ -159,10 +164,12 @@ def _dry_run(spec, plan, gpu, est, tolerance) -> ValidationRecord:
                             notes=[f"traced {plan.world_size} rank(s) with a fake process group"])
 
 
-def _torchrun(spec: ModelSpec, plan: Plan, *, steps: int, cap: int | None, out_dir: Path, snapshot: bool) -> list[dict]:
+def _torchrun(spec: ModelSpec, plan: Plan, *, steps: int, cap: int | None, out_dir: Path, snapshot: bool,
+              backend: str | None) -> list[dict]:
     job = out_dir / "job.json"
     job.write_text(json.dumps({"model_config": spec.config_json, "model_name": spec.name, "plan": plan.to_dict(),
-                               "steps": steps, "memory_cap_bytes": cap, "snapshot": snapshot}))
+                               "steps": steps, "memory_cap_bytes": cap, "snapshot": snapshot,
+                               "sdpa_backend": backend}))
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={plan.num_gpus}",
            "-m", "memtune.validate.worker", str(job)]
     try:

@@ -35,7 +35,8 @@ def main(job_path: str) -> None:
         spec = _spec_from_config(job["model_name"], job["model_config"])
         snapshot = Path(job_path).parent / f"snapshot-rank{rank}.pickle" if job.get("snapshot") else None
         result = measure_plan(spec, plan, steps=job["steps"], mesh=mesh, device=device,
-                              memory_cap_bytes=job.get("memory_cap_bytes"), snapshot_path=snapshot)
+                              memory_cap_bytes=job.get("memory_cap_bytes"), snapshot_path=snapshot,
+                              sdpa_backend=job.get("sdpa_backend"))
         result["rank"] = rank
         (Path(job_path).parent / f"rank{rank}.json").write_text(json.dumps(result))
     finally:

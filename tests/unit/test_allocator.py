@@ -48,3 +48,15 @@ def test_best_fit_and_streams_are_separate_pools():
     a.malloc(50 * MiB, stream="comm")  # another stream cannot take the free 60 MiB block
     assert a.reserved == 40 * MiB + 60 * MiB + 50 * MiB
     assert a.peak_reserved == a.reserved
+
+
+def test_under_a_capacity_the_cache_is_released_before_running_out():
+    from memtune.estimate.allocator import replay
+
+    # 60 MiB allocated and freed, then 80 MiB: without a limit both segments stay reserved (140 MiB)
+    events = [(1, 0, 60 * MiB, "default"), (0, 0, 0, ""), (1, 1, 80 * MiB, "default")]
+    free = replay(events)
+    assert free.fits and free.peak_reserved == 140 * MiB and free.num_alloc_retries == 0
+    capped = replay(events, capacity=100 * MiB)  # the free 60 MiB segment is released, then 80 MiB fits
+    assert capped.fits and capped.num_alloc_retries == 1 and capped.peak_reserved == 80 * MiB
+    assert not replay(events, capacity=70 * MiB).fits

@@ -117,3 +117,32 @@ def test_fits_uses_reserved_runtime_and_margin(tiny):
 def test_bf16_on_v100_is_rejected(tiny):
     with pytest.raises(InvalidPlanError, match="no bf16"):
         estimate(tiny, Plan(precision="bf16", seq_len=64), resolve_gpu("V100-32GB"))
+
+
+def test_verdicts_fit_borderline_and_not(h200):
+    from dataclasses import replace
+
+    from memtune.specs import resolve_model
+
+    spec = resolve_model("llama-guard-3-1b")
+    plan = Plan(batch_size=1, seq_len=1024)
+    b = estimate(spec, plan, h200)
+    needed = b.required_bytes
+    roomy = replace(h200, name="roomy", memory_bytes=needed * 2)
+    exact = replace(h200, name="exact", memory_bytes=needed)  # fits with no margin at all
+    small = replace(h200, name="small", memory_bytes=needed // 2)
+    assert estimate(spec, plan, roomy).verdict == "fits"
+    assert estimate(spec, plan, exact, margin=0.0).verdict == "fits"
+    assert estimate(spec, plan, exact, margin=0.5).verdict == "borderline"  # fits only without the margin
+    assert estimate(spec, plan, small).verdict == "does not fit"
+
+
+def test_calibration_only_ever_adds(h200):
+    from memtune.specs import resolve_model
+
+    spec = resolve_model("qwen2.5-0.5b")
+    plan = Plan(batch_size=1, seq_len=256)
+    plain, calibrated = estimate(spec, plan, h200), estimate(spec, plan, h200, calibrated=True)
+    assert calibrated.calibration == "H200-141GB.json" and plain.calibration is None
+    assert calibrated.peak_allocated_bytes >= plain.peak_allocated_bytes
+    assert calibrated.peak_reserved_bytes >= plain.peak_reserved_bytes
