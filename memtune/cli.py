@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from memtune.errors import MemtuneError, UnknownGpuError
+from memtune.errors import ConfigError, MemtuneError, UnknownGpuError
 
 app = typer.Typer(rich_markup_mode="rich", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]},
@@ -118,7 +118,9 @@ def estimate(
 @_user_errors
 def validate(
     *,
-    model: ModelOpt,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="As for estimate (or from --plan-file).")] = None,
+    plan_file: Annotated[str | None, typer.Option(help="A plan file (TOML or JSON: model, gpu, [plan]); its "
+                                                       "values replace the plan options.")] = None,
     gpu: Annotated[str | None, typer.Option("--gpu", "-g", help="GPU the plan is for (default: the local one).")] = None,
     emulate_gpu: Annotated[str | None, typer.Option(help="Check a plan for this (smaller) GPU on the local one: "
                                                          "PyTorch's pool is capped at its memory less the CUDA "
@@ -153,6 +155,14 @@ def validate(
     from memtune.specs import detect_gpus, resolve_gpu, resolve_model
     from memtune.validate.run import validate_plan
 
+    from_file = None
+    if plan_file:
+        from memtune.planfile import read_plan_file
+
+        from_file = read_plan_file(plan_file)
+        model, gpu = model or from_file.model, gpu or from_file.gpu
+    if not model:
+        raise ConfigError("pass --model or --plan-file")
     if emulate_gpu:
         gpu_spec = resolve_gpu(emulate_gpu)
     elif gpu:
@@ -163,10 +173,10 @@ def validate(
             raise UnknownGpuError("no known GPU detected here: pass --gpu (or --emulate-gpu)")
         gpu_spec = local[0]
     spec = resolve_model(model)
-    plan_ = _plan_from_options(gpu_spec, num_gpus=num_gpus, nodes=nodes, precision=precision, sharding=sharding,
-                               checkpointing=checkpointing, peft=peft, lora_rank=lora_rank, lora_targets=lora_targets,
-                               lora_dropout=lora_dropout, quantization=quantization, optimizer=optimizer,
-                               batch_size=batch_size, seq_len=seq_len, attention=attention)
+    plan_ = from_file.plan if from_file else _plan_from_options(
+        gpu_spec, num_gpus=num_gpus, nodes=nodes, precision=precision, sharding=sharding, checkpointing=checkpointing,
+        peft=peft, lora_rank=lora_rank, lora_targets=lora_targets, lora_dropout=lora_dropout,
+        quantization=quantization, optimizer=optimizer, batch_size=batch_size, seq_len=seq_len, attention=attention)
     record = validate_plan(spec, plan_, gpu_spec, steps=steps, emulate=emulate_gpu is not None,
                            dry_run=True if dry_run else None, tolerance=tolerance,
                            out_dir=Path(out) if out else None, snapshot=snapshot)

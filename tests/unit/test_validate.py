@@ -70,3 +70,36 @@ def test_fsdp_validation_worker_runs_two_gloo_ranks_on_cpu(tiny, tmp_path):
     for r in ranks:
         assert len(r["losses"]) == 2
         assert r["measured_categories"]["forward"]["parameters"] < 0.75 * full
+
+
+def test_plan_file_round_trip_and_validate_reads_it(tmp_path):
+    from memtune.planfile import PlanFile, read_plan_file, write_plan_file
+
+    written = PlanFile(model=str(TINY), gpu="L4-24GB",
+                       plan=Plan(peft="lora", lora_targets=("q_proj", "k_proj"), seq_len=64, lora_dropout=0.1))
+    path = tmp_path / "plan.toml"
+    write_plan_file(path, written)
+    assert read_plan_file(path) == written
+    if torch.cuda.is_available():
+        return
+    r = CliRunner().invoke(app, ["validate", "--plan-file", str(path), "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["gpu"] == "L4-24GB" and out["plan"]["lora_targets"] == ["q_proj", "k_proj"]
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("model = 'x'\n", "lacks gpu, plan"),
+    ("model = 'x'\ngpu = 'L4'\n[plan]\nseq_length = 3\n", "unknown plan field"),
+    ("not toml at all [", "cannot read plan file"),
+])
+def test_bad_plan_files_exit_2(tmp_path, content, message):
+    path = tmp_path / "plan.toml"
+    path.write_text(content)
+    r = CliRunner().invoke(app, ["validate", "--plan-file", str(path)])
+    assert r.exit_code == 2 and message in r.stderr
+
+
+def test_validate_needs_a_model():
+    r = CliRunner().invoke(app, ["validate", "--gpu", "L4-24GB"])
+    assert r.exit_code == 2 and "--model or --plan-file" in r.stderr
