@@ -53,9 +53,8 @@ def render_breakdown(console: Console, spec, b: MemoryBreakdown) -> None:
                   f" ({fmt_gib(b.device_usable_bytes)} minus a {fmt_gib(b.margin_bytes)} margin)")
     if b.fits:
         console.print(f"[bold green]fits[/] with {fmt_gib(b.headroom_bytes)} to spare")
-    elif b.fits_without_margin:
-        console.print(f"[bold yellow]borderline[/]: fits only without the {fmt_gib(b.margin_bytes)} safety margin; "
-                      f"validate it on the card (`memtune validate --emulate-gpu {b.gpu}`)")
+    elif b.verdict == "borderline":
+        console.print(f"[bold yellow]borderline[/]: {b.verdict_reason} (`memtune validate --emulate-gpu {b.gpu}`)")
     else:
         console.print(f"[bold red]does not fit[/]: {fmt_gib(-b.headroom_bytes)} over")
 

@@ -19,16 +19,19 @@ class MemoryBreakdown:
     """What the caching allocator holds from the driver at the peak (allocated plus its cache), with no memory
     limit: what ``max_memory_reserved`` shows on a large GPU."""
     gpu_reserved_bytes: int | None
-    """Peak reserved on the target GPU, where the allocator releases its cache and retries when a new segment would
-    not fit; None when the step runs out of memory there even so."""
+    """Peak reserved on the target GPU (within the safety margin), where the allocator releases its cache and
+    retries when a new segment would not fit; None when the step runs out of memory there even so."""
     runtime_overhead_bytes: int
     """Memory outside PyTorch's pool: CUDA context, kernels, NCCL."""
     device_usable_bytes: int
     """The GPU's memory as the driver reports it."""
     margin_bytes: int
     """Safety margin kept free for the ``fits`` verdict."""
-    fits_without_margin: bool
-    """Whether the step fits when the whole card is used (no safety margin)."""
+    verdict: str
+    """``fits``: the pool fits the card with the safety margin to spare, with no pressure on the allocator.
+    ``borderline``: it fits only once the allocator releases its cache under pressure (where fragmentation is the
+    least predictable), or only without the margin - validate it. ``does not fit``: out of memory even so."""
+    verdict_reason: str
     calibration: str | None = None
     """The calibration file applied (``profiles/calibration``), if any."""
 
@@ -53,14 +56,7 @@ class MemoryBreakdown:
 
     @property
     def fits(self) -> bool:
-        return self.gpu_reserved_bytes is not None
-
-    @property
-    def verdict(self) -> str:
-        """``fits``, ``borderline`` (fits only without the safety margin) or ``does not fit``."""
-        if self.fits:
-            return "fits"
-        return "borderline" if self.fits_without_margin else "does not fit"
+        return self.verdict == "fits"
 
     @property
     def required_bytes(self) -> int:
@@ -88,6 +84,7 @@ class MemoryBreakdown:
             "headroom_bytes": self.headroom_bytes,
             "fits": self.fits,
             "verdict": self.verdict,
+            "verdict_reason": self.verdict_reason,
             "peak_phase": self.peak_phase.value,
             "calibration": self.calibration,
             "components": {c.value: v for c, v in self.components.items()},

@@ -104,23 +104,36 @@ def estimate(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, margin: float = DEFAU
     runtime = overhead.runtime_overhead_bytes(plan.world_size)
     margin_bytes = int(margin * gpu.memory_bytes)
     capacity = gpu.memory_bytes - runtime - workspace
-
-    def pool_on_gpu(limit: int) -> int | None:
-        if reserved <= limit:
-            return reserved + workspace
-        if fast:
-            return None  # no full-depth allocation sequence to replay: judged by the unconstrained pool
-        outcome = _replay(traces[-1], int(limit / scale_res))
-        return round(outcome.peak_reserved * scale_res) + workspace if outcome.fits else None
-
-    gpu_reserved = pool_on_gpu(capacity - margin_bytes)
+    verdict, reason, gpu_reserved = _verdict(traces[-1] if not fast else None, reserved, capacity, margin_bytes,
+                                             scale_res)
     return MemoryBreakdown(
         model=spec.name, gpu=gpu.name, plan=plan, phases=phases, peak_reserved_bytes=reserved + workspace,
-        gpu_reserved_bytes=gpu_reserved, runtime_overhead_bytes=runtime, device_usable_bytes=gpu.memory_bytes,
-        margin_bytes=margin_bytes,
-        fits_without_margin=gpu_reserved is not None or pool_on_gpu(capacity) is not None,
-        calibration=factors[2] if factors else None,
+        gpu_reserved_bytes=None if gpu_reserved is None else gpu_reserved + workspace,
+        runtime_overhead_bytes=runtime, device_usable_bytes=gpu.memory_bytes, margin_bytes=margin_bytes,
+        verdict=verdict, verdict_reason=reason, calibration=factors[2] if factors else None,
     )
+
+
+def _verdict(trace: TraceResult | None, reserved: int, capacity: int, margin: int,
+             scale: float) -> tuple[str, str, int | None]:
+    """(verdict, reason, pool bytes on the GPU) for a pool of ``reserved`` bytes without a limit and ``capacity``
+    bytes left to PyTorch on the card. ``trace`` (full depth) lets the allocator be replayed under the limit."""
+
+    def replayed(limit: int) -> int | None:
+        if trace is None:
+            return None  # the fast path has no full-depth allocation sequence to replay
+        outcome = _replay(trace, int(limit / scale))
+        return round(outcome.peak_reserved * scale) if outcome.fits else None
+
+    if reserved <= capacity - margin:
+        return "fits", "the allocator's pool fits with the safety margin to spare", reserved
+    squeezed = replayed(capacity - margin)
+    if squeezed is not None:
+        return ("borderline", "fits only once the allocator releases its cache under memory pressure, where "
+                "fragmentation is least predictable: validate it on the card", squeezed)
+    if reserved <= capacity or replayed(capacity) is not None:
+        return "borderline", "fits only without the safety margin: validate it on the card", None
+    return "does not fit", "out of memory even after the allocator releases its cache", None
 
 
 @functools.lru_cache(maxsize=256)
