@@ -146,9 +146,14 @@ def validate(
                                                   "agrees.")] = 0.03,
     out: Annotated[str | None, typer.Option(help="Folder for validation.json (and the snapshot).")] = None,
     snapshot: Annotated[bool, typer.Option("--snapshot", help="Record a CUDA memory snapshot of the steps.")] = False,
+    random_init: Annotated[bool, typer.Option("--random-init", help="Random weights even when the model folder "
+                                                                    "has a checkpoint.")] = False,
     as_json: JsonOut = False,
 ) -> None:
     """Run a few real training steps and compare measured memory with the estimate.
+
+    The model starts from its checkpoint when --model is a folder (or cache entry) with weights, else from a random
+    init of its config.
 
     Exit code 0: the estimate agrees (or a dry run passed); 1: it does not fit or the estimate disagrees.
     """
@@ -179,7 +184,7 @@ def validate(
         quantization=quantization, optimizer=optimizer, batch_size=batch_size, seq_len=seq_len, attention=attention)
     record = validate_plan(spec, plan_, gpu_spec, steps=steps, emulate=emulate_gpu is not None,
                            dry_run=True if dry_run else None, tolerance=tolerance,
-                           out_dir=Path(out) if out else None, snapshot=snapshot)
+                           out_dir=Path(out) if out else None, snapshot=snapshot, random_init=random_init)
     if as_json:
         print(json.dumps(record.to_json(), indent=2))
     else:

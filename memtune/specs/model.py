@@ -5,6 +5,7 @@ Nothing is downloaded: the model is instantiated on the meta device to count par
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ class ModelSpec:
     """Exact parameter count of the causal-LM model (tied weights counted once), from the meta device."""
     linear_names: tuple[str, ...]
     """Leaf names of the ``nn.Linear`` modules inside a decoder layer (what LoRA can target)."""
+    weights_dir: str | None = None
+    """The folder holding the model's weights (safetensors or PyTorch bins) next to its config, if any."""
 
     @property
     def config(self) -> dict:
@@ -95,7 +98,11 @@ def resolve_model(model: str) -> ModelSpec:
         raise ConfigError(f"cannot read {path}: {e}; pass a valid Hugging Face config.json") from None
     if not isinstance(cfg, dict) or "model_type" not in cfg:
         raise ConfigError(f"{path} has no 'model_type'; pass a Hugging Face config.json")
-    return _spec_from_config(model, json.dumps(cfg, sort_keys=True))
+    spec = _spec_from_config(model, json.dumps(cfg, sort_keys=True))
+    folder = path.parent
+    if any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin")):
+        spec = dataclasses.replace(spec, weights_dir=str(folder))
+    return spec
 
 
 @functools.lru_cache(maxsize=64)

@@ -32,22 +32,30 @@ def compute_dtype(plan: Plan) -> torch.dtype:
 
 
 def build_model(spec: ModelSpec, plan: Plan, *, device: str | torch.device, num_layers: int | None = None,
-                mesh=None, emulate_quant: bool = False) -> nn.Module:
-    """The plan's model on ``device`` (random init), or on the meta device when ``device == 'meta'``.
+                mesh=None, emulate_quant: bool = False, load_weights: bool = False) -> nn.Module:
+    """The plan's model on ``device``, or on the meta device when ``device == 'meta'``.
 
     Args:
-        num_layers: truncate the decoder stack (the estimator traces 2 and 4 layers and extrapolates).
+        num_layers: truncate the decoder stack (the estimator traces reduced depths).
         mesh: a DeviceMesh for FSDP2 plans.
         emulate_quant: use memtune's memory-equivalent k-bit linear instead of bitsandbytes (for fake tensors).
+        load_weights: load ``spec.weights_dir`` instead of a random init (before LoRA; under FSDP2 each rank loads
+            the full state dict on the CPU and keeps its shards).
     """
     from transformers import AutoModelForCausalLM
 
     device = torch.device(device)
     hf_config = spec.hf_config(num_layers=num_layers)
+    dtype = param_dtype(plan) if plan.quantization == "none" else compute_dtype(plan)
+    weights = spec.weights_dir if load_weights and device.type != "meta" else None
     build_on = torch.device("meta") if plan.sharding != "none" or device.type == "meta" else device
-    with build_on:
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=param_dtype(plan) if plan.quantization == "none"
-                                                 else compute_dtype(plan), attn_implementation=plan.attention)
+    if weights and plan.sharding == "none":
+        model = AutoModelForCausalLM.from_pretrained(weights, dtype=dtype, attn_implementation=plan.attention)
+        model.to(device)
+    else:
+        with build_on:
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation=plan.attention)
+    base = model
     if plan.quantization != "none":
         from peft import prepare_model_for_kbit_training
 
@@ -68,8 +76,27 @@ def build_model(spec: ModelSpec, plan: Plan, *, device: str | torch.device, num_
         if device.type != "meta":
             model.to_empty(device=device)
             _init_materialized(model, hf_config, device)
+            if weights:
+                _load_sharded(base, weights)
     model.train()
     return model
+
+
+def _load_sharded(base: nn.Module, weights: str) -> None:
+    """Load a full (unsharded) checkpoint into an FSDP2-sharded model: each rank keeps its own shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    full = AutoModelForCausalLM.from_pretrained(weights, dtype=next(base.parameters()).dtype).state_dict()
+    # Names as the sharded model has them: checkpoint wrappers are transparent to set_model_state_dict, LoRA moves
+    # a wrapped linear's weight to ``<name>.base_layer.weight``; the adapters themselves are not in the checkpoint.
+    target = {}
+    for name in base.state_dict():
+        plain = name.replace("_checkpoint_wrapped_module.", "")
+        source = plain.replace(".base_layer.", ".")
+        if source in full:
+            target[plain] = full[source]
+    set_model_state_dict(base, target, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def _add_lora(model: nn.Module, plan: Plan) -> nn.Module:
@@ -124,9 +151,11 @@ def build_optimizer(model: nn.Module, plan: Plan, *, foreach: bool | None = None
     return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, foreach=foreach)
 
 
-def make_batch(spec: ModelSpec, plan: Plan, device: torch.device | str) -> dict[str, torch.Tensor]:
-    """A batch of ``batch_size`` full-length random sequences (labels = inputs, as causal-LM fine-tuning does)."""
-    ids = torch.randint(0, spec.vocab_size, (plan.batch_size, plan.seq_len), device=device)
+def make_batch(spec: ModelSpec, plan: Plan, device: torch.device | str, *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A batch of ``batch_size`` full-length random sequences (labels = inputs, as causal-LM fine-tuning does),
+    the same for a given seed on every rank and device."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, spec.vocab_size, (plan.batch_size, plan.seq_len), generator=generator).to(device)
     return {"input_ids": ids, "labels": ids.clone()}
 
 

@@ -22,7 +22,7 @@ from memtune.train import recipe
 
 def measure_plan(spec: ModelSpec, plan: Plan, *, steps: int = 2, mesh=None, device: torch.device | None = None,
                  memory_cap_bytes: int | None = None, snapshot_path: Path | None = None,
-                 sdpa_backend: str | None = None) -> dict:
+                 sdpa_backend: str | None = None, load_weights: bool = False) -> dict:
     """Memory and time of ``steps`` steady-state training steps of ``plan`` (after one warm-up step).
 
     Args:
@@ -30,6 +30,7 @@ def measure_plan(spec: ModelSpec, plan: Plan, *, steps: int = 2, mesh=None, devi
             for a smaller card.
         snapshot_path: dump a CUDA memory snapshot of the measured steps there (``torch.cuda.memory``).
         sdpa_backend: force the SDPA kernel the emulated GPU would use (``flash``, ``efficient`` or ``math``).
+        load_weights: start from ``spec.weights_dir`` instead of a random init.
 
     Returns:
         ``measured_peak_allocated_bytes``, ``measured_peak_reserved_bytes``, ``measured_peak_active_bytes``,
@@ -43,7 +44,7 @@ def measure_plan(spec: ModelSpec, plan: Plan, *, steps: int = 2, mesh=None, devi
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, memory_cap_bytes / total), device)
     with _sdpa_kernel(sdpa_backend):
-        return _measure(spec, plan, steps, mesh, device, cuda, memory_cap_bytes, snapshot_path)
+        return _measure(spec, plan, steps, mesh, device, cuda, memory_cap_bytes, snapshot_path, load_weights)
 
 
 def _sdpa_kernel(backend: str | None):
@@ -56,10 +57,10 @@ def _sdpa_kernel(backend: str | None):
     return sdpa_kernel(kernels[backend]) if backend in kernels else contextlib.nullcontext()
 
 
-def _measure(spec, plan, steps, mesh, device, cuda, memory_cap_bytes, snapshot_path) -> dict:
+def _measure(spec, plan, steps, mesh, device, cuda, memory_cap_bytes, snapshot_path, load_weights) -> dict:
     model = optimizer = batch = None
     try:
-        model = recipe.build_model(spec, plan, device=device, mesh=mesh)
+        model = recipe.build_model(spec, plan, device=device, mesh=mesh, load_weights=load_weights)
         optimizer = recipe.build_optimizer(model, plan)
         scaler = torch.amp.GradScaler(device.type) if plan.precision == "amp-fp16" and cuda else None
         batch = recipe.make_batch(spec, plan, device)
@@ -104,6 +105,7 @@ def _measure(spec, plan, steps, mesh, device, cuda, memory_cap_bytes, snapshot_p
             torch.cuda.memory._record_memory_history(enabled=None)
         result = {
             "device": str(device),
+            "weights": spec.weights_dir if load_weights and spec.weights_dir else "random init",
             "steps": steps,
             "measured_categories": categories,
             "step_time_s": elapsed,

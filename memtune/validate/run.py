@@ -108,11 +108,12 @@ class ValidationRecord:
 
 def validate_plan(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, steps: int = 5, emulate: bool = False,
                   dry_run: bool | None = None, tolerance: float = DEFAULT_TOLERANCE, out_dir: Path | None = None,
-                  snapshot: bool = False) -> ValidationRecord:
+                  snapshot: bool = False, random_init: bool = False) -> ValidationRecord:
     """Run ``steps`` measured steps of ``plan`` (after a warm-up step) and compare with the estimate for ``gpu``.
 
     ``emulate=True`` runs on the local (larger) GPU with its pool capped to ``gpu``'s memory less the CUDA context.
-    ``dry_run=None`` means "dry run when there is no CUDA GPU".
+    ``dry_run=None`` means "dry run when there is no CUDA GPU". The model starts from ``spec.weights_dir`` when it
+    has weights, unless ``random_init``.
     """
     import torch
 
@@ -140,9 +141,10 @@ def validate_plan(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, steps: int = 5, 
         from memtune.validate.probe import measure_plan
 
         ranks = [measure_plan(spec, plan, steps=steps, memory_cap_bytes=cap, snapshot_path=snapshot_path,
-                              sdpa_backend=backend)]
+                              sdpa_backend=backend, load_weights=not random_init)]
     else:
-        ranks = _torchrun(spec, plan, steps=steps, cap=cap, out_dir=out_dir, snapshot=snapshot, backend=backend)
+        ranks = _torchrun(spec, plan, steps=steps, cap=cap, out_dir=out_dir, snapshot=snapshot, backend=backend,
+                          weights_dir=None if random_init else spec.weights_dir)
     record = ValidationRecord(model=spec.name, gpu=gpu.name, mode="emulated" if emulate else "gpu", plan=plan,
                               estimate=est, ranks=ranks, tolerance=tolerance,
                               device_name=torch.cuda.get_device_name(), memory_cap_bytes=cap,
@@ -165,11 +167,11 @@ def _dry_run(spec, plan, gpu, est, tolerance) -> ValidationRecord:
 
 
 def _torchrun(spec: ModelSpec, plan: Plan, *, steps: int, cap: int | None, out_dir: Path, snapshot: bool,
-              backend: str | None) -> list[dict]:
+              backend: str | None, weights_dir: str | None) -> list[dict]:
     job = out_dir / "job.json"
     job.write_text(json.dumps({"model_config": spec.config_json, "model_name": spec.name, "plan": plan.to_dict(),
                                "steps": steps, "memory_cap_bytes": cap, "snapshot": snapshot,
-                               "sdpa_backend": backend}))
+                               "sdpa_backend": backend, "weights_dir": weights_dir}))
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={plan.num_gpus}",
            "-m", "memtune.validate.worker", str(job)]
     try:

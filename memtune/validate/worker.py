@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -32,11 +33,12 @@ def main(job_path: str) -> None:
     try:
         plan = Plan.from_dict(job["plan"])
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-        spec = _spec_from_config(job["model_name"], job["model_config"])
+        spec = dataclasses.replace(_spec_from_config(job["model_name"], job["model_config"]),
+                                   weights_dir=job.get("weights_dir"))
         snapshot = Path(job_path).parent / f"snapshot-rank{rank}.pickle" if job.get("snapshot") else None
         result = measure_plan(spec, plan, steps=job["steps"], mesh=mesh, device=device,
                               memory_cap_bytes=job.get("memory_cap_bytes"), snapshot_path=snapshot,
-                              sdpa_backend=job.get("sdpa_backend"))
+                              sdpa_backend=job.get("sdpa_backend"), load_weights=job.get("weights_dir") is not None)
         result["rank"] = rank
         (Path(job_path).parent / f"rank{rank}.json").write_text(json.dumps(result))
     finally:

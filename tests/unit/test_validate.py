@@ -103,3 +103,56 @@ def test_bad_plan_files_exit_2(tmp_path, content, message):
 def test_validate_needs_a_model():
     r = CliRunner().invoke(app, ["validate", "--gpu", "L4-24GB"])
     assert r.exit_code == 2 and "--model or --plan-file" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny, tmp_path_factory):
+    """The tiny model saved with weights, as a user's model folder would be."""
+    from memtune.specs import resolve_model
+
+    folder = tmp_path_factory.mktemp("tiny-checkpoint")
+    torch.manual_seed(7)
+    recipe.build_model(tiny, Plan(), device="cpu").save_pretrained(folder)
+    spec = resolve_model(str(folder))
+    assert spec.weights_dir == str(folder)
+    return spec
+
+
+def _q_proj(model):
+    for name, p in model.named_parameters():
+        plain = name.replace("_checkpoint_wrapped_module.", "").replace(".base_layer", "")
+        if plain.endswith("layers.0.self_attn.q_proj.weight"):
+            return p
+    raise AssertionError("no q_proj")
+
+
+@pytest.mark.parametrize("fields", [{}, {"peft": "lora", "checkpointing": "full"}])
+def test_weights_are_loaded_when_the_folder_has_them(tiny_checkpoint, fields):
+    from transformers import AutoModelForCausalLM
+
+    saved = _q_proj(AutoModelForCausalLM.from_pretrained(tiny_checkpoint.weights_dir))
+    loaded = _q_proj(recipe.build_model(tiny_checkpoint, Plan(**fields), device="cpu", load_weights=True))
+    random = _q_proj(recipe.build_model(tiny_checkpoint, Plan(**fields), device="cpu"))
+    assert torch.equal(loaded.detach().float(), saved.detach().float())
+    assert not torch.equal(random.detach().float(), saved.detach().float())
+
+
+def test_fsdp_ranks_load_their_shards_of_the_checkpoint(tiny_checkpoint, tmp_path):
+    job = tmp_path / "job.json"
+    plan = Plan(sharding="fsdp", num_gpus=2, peft="lora", seq_len=32, batch_size=2)
+    job.write_text(json.dumps({"model_config": tiny_checkpoint.config_json, "model_name": tiny_checkpoint.name,
+                               "plan": plan.to_dict(), "steps": 1, "memory_cap_bytes": None, "snapshot": False,
+                               "weights_dir": tiny_checkpoint.weights_dir}))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                           "-m", "memtune.validate.worker", str(job)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all(r["weights"] == tiny_checkpoint.weights_dir for r in ranks)
+    # Both ranks see the same seeded batch, so the sharded run computes the loss of the unsharded model with the
+    # same weights; a random init would not.
+    single = Plan(peft="lora", seq_len=32, batch_size=2)
+    cpu = torch.device("cpu")
+    loaded = measure_plan(tiny_checkpoint, single, steps=1, device=cpu, load_weights=True)["losses"][0]
+    random = measure_plan(tiny_checkpoint, single, steps=1, device=cpu)["losses"][0]
+    assert ranks[0]["losses"][0] == pytest.approx(loaded, rel=1e-3)
+    assert ranks[0]["losses"][0] != pytest.approx(random, rel=1e-3)
