@@ -204,26 +204,94 @@ def plan(
     num_gpus: NumGpus = 1,
     nodes: Nodes = 1,
     batch_size: BatchSize = 1,
-    seq_len: SeqLen = 2048,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence; with --dataset and padding, the longest "
+                                              "padded batch instead; with packing, the chunk length.")] = 2048,
+    batching: Annotated[str, typer.Option(help="padding | packing")] = "padding",
+    dataset: Annotated[str | None, typer.Option(help="A .jsonl/.json/.csv/.parquet file whose token lengths set "
+                                                     "the padded sequence length.")] = None,
+    text_field: Annotated[str, typer.Option(help="Text column, counted with --tokenizer.")] = "text",
+    tokenizer: Annotated[str | None, typer.Option(help="Local tokenizer folder.")] = None,
+    length_field: Annotated[str | None, typer.Option(help="Column that already holds token counts.")] = None,
+    prompt_tokens: Annotated[int, typer.Option(help="Tokens a prompt template adds to every sample "
+                                                    "(214 for Llama Guard 3).")] = 0,
+    out: Annotated[str | None, typer.Option(help="Write the chosen plan to this plan file (TOML).")] = None,
+    export: Annotated[str | None, typer.Option(help="llama-cookbook | hf | torchrun: print the chosen plan for "
+                                                    "that tool.")] = None,
     as_json: JsonOut = False,
 ) -> None:
     """Estimate the usual ways to fine-tune MODEL on GPU and pick the first that fits.
 
     Candidates, in order of preference: full fine-tune, then with activation checkpointing, then LoRA, LoRA with
-    checkpointing, and 4-bit QLoRA (single GPU) - each at the GPU's best precision.
+    checkpointing, and 4-bit QLoRA (single GPU) - each at the GPU's best precision. llama-cookbook's default path
+    (no FSDP, so no checkpointing) is estimated alongside for comparison.
     """
     from memtune.planner import plan_candidates
     from memtune.specs import resolve_gpu, resolve_model
 
+    if export not in (None, "llama-cookbook", "hf", "torchrun"):
+        raise ConfigError(f"--export must be llama-cookbook, hf or torchrun, not {export!r}")
     gpu_spec = resolve_gpu(gpu)
     spec = resolve_model(model)
-    result = plan_candidates(spec, gpu_spec, num_gpus=num_gpus, nodes=nodes, batch_size=batch_size, seq_len=seq_len)
+    data = None
+    if dataset:
+        from memtune.data import load_lengths
+
+        lengths = load_lengths(dataset, text_field=text_field, length_field=length_field, tokenizer=tokenizer,
+                               extra_tokens=prompt_tokens)
+        data = lengths.to_json()
+        if batching == "padding":
+            seq_len, data["padding_efficiency"] = lengths.padded(batch_size)
+    result = plan_candidates(spec, gpu_spec, num_gpus=num_gpus, nodes=nodes, batch_size=batch_size, seq_len=seq_len,
+                             batching=batching, data=data)
+    if out and result.chosen:
+        from memtune.planfile import PlanFile, write_plan_file
+
+        write_plan_file(out, PlanFile(model=model, gpu=gpu_spec.name, plan=result.chosen.plan))
     if as_json:
         print(json.dumps(result.to_json(), indent=2))
-        return
-    from memtune.render import render_plan
+    else:
+        from memtune.render import render_plan
 
-    render_plan(console, spec, gpu_spec, result)
+        render_plan(console, spec, gpu_spec, result)
+        if out and result.chosen:
+            console.print(f"plan written to {escape(out)}")
+    if export and result.chosen:
+        _print_export(export, spec.hub_id or model, result.chosen.plan)
+
+
+def _print_export(tool: str, model: str, plan_) -> None:
+    from memtune.planner.export import hf_trainer_config, llama_cookbook_command, llama_cookbook_kwargs, shell
+
+    if tool == "llama-cookbook":
+        print(json.dumps(llama_cookbook_kwargs(model, plan_), indent=2))
+    elif tool == "hf":
+        print(json.dumps(hf_trainer_config(model, plan_), indent=2))
+    else:
+        print(shell(llama_cookbook_command(model, plan_)))
+
+
+@app.command()
+@_user_errors
+def check(
+    plan_file: Annotated[str, typer.Argument(help="A plan file written by `memtune plan --out`.")],
+    *,
+    gpu: Annotated[str | None, typer.Option("--gpu", "-g", help="Check against this GPU instead of the file's.")] = None,
+) -> None:
+    """Pre-flight check for scripts and CI: exit 0 if the plan fits, 1 if not (with the reason), 2 on bad input."""
+    from memtune.estimate import estimate as run_estimate
+    from memtune.planfile import read_plan_file
+    from memtune.specs import resolve_gpu, resolve_model
+
+    pf = read_plan_file(plan_file)
+    gpu_spec = resolve_gpu(gpu or pf.gpu)
+    b = run_estimate(resolve_model(pf.model), pf.plan, gpu_spec)
+    usable = b.device_usable_bytes - b.margin_bytes
+    line = f"{b.verdict} on {gpu_spec.name}: needs {b.required_bytes / 2**30:.2f} GiB of {usable / 2**30:.2f} GiB usable"
+    if b.fits:
+        console.print(f"[green]{escape(line)}[/]")
+        return
+    err_console.print(f"[red]{escape(line)}[/] ({escape(b.verdict_reason)})", soft_wrap=True)
+    raise typer.Exit(code=1)
 
 
 @app.command()

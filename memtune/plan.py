@@ -15,6 +15,7 @@ Peft = Literal["none", "lora"]
 Quantization = Literal["none", "8bit", "4bit"]
 Optimizer = Literal["adamw", "adamw-8bit", "sgd"]
 Attention = Literal["sdpa", "eager"]
+Batching = Literal["padding", "packing"]
 
 DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
 
@@ -44,7 +45,13 @@ class Plan:
     batch_size: int = 1
     """Micro-batch per GPU, in sequences."""
     seq_len: int = 2048
+    """Tokens per sequence: the longest padded batch (padding) or the chunk length (packing)."""
     attention: Attention = "sdpa"
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (gradients stay allocated across them)."""
+    batching: Batching = "padding"
+    """padding: length-grouped batches padded to their longest sample; packing: samples concatenated into seq_len
+    chunks. Memory depends only on seq_len; the cost model uses the padding waste."""
 
     def __post_init__(self) -> None:
         errors = []
@@ -52,7 +59,7 @@ class Plan:
             allowed = get_args(_LITERALS.get(f.type, object))
             if allowed and getattr(self, f.name) not in allowed:
                 errors.append(f"{f.name.replace('_', '-')} must be one of {', '.join(allowed)}, not {getattr(self, f.name)!r}")
-        for name in ("num_gpus", "nodes", "batch_size", "seq_len", "lora_rank"):
+        for name in ("num_gpus", "nodes", "batch_size", "seq_len", "lora_rank", "grad_accum"):
             if getattr(self, name) < 1:
                 errors.append(f"{name.replace('_', '-')} must be at least 1")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -130,4 +137,4 @@ class Plan:
 
 
 _LITERALS = {"Precision": Precision, "Sharding": Sharding, "Checkpointing": Checkpointing, "Peft": Peft,
-             "Quantization": Quantization, "Optimizer": Optimizer, "Attention": Attention}
+             "Quantization": Quantization, "Optimizer": Optimizer, "Attention": Attention, "Batching": Batching}

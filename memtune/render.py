@@ -69,6 +69,14 @@ def render_plan(console: Console, spec, gpu, result) -> None:
         mark = "[bold]> [/]" if c is result.chosen else "  "
         table.add_row(mark + c.label, escape(_plan_summary(c.plan)), needs, verdict)
     console.print(table)
+    if result.data:
+        d = result.data
+        eff = f", padding keeps {100 * d['padding_efficiency']:.1f} % real tokens" if "padding_efficiency" in d else ""
+        console.print(f"data: {d['samples']:,} samples, {d['tokens']:,} tokens; length p50 {d['p50']}, p99 {d['p99']}, "
+                      f"max {d['max']}{eff}")
+    ref = result.reference
+    if ref is not None:
+        console.print(f"{escape(ref.label)}: {escape(_plan_summary(ref.plan))} -> {escape(ref.reason)}")
     if result.chosen is None:
         console.print("[bold red]no candidate fits[/]: try a shorter --seq-len, a smaller --batch-size or more GPUs")
         return

@@ -178,7 +178,10 @@ def _trace_key(spec: ModelSpec, plan: Plan, depth: int, backend: str) -> str:
     import torch
     import transformers
 
-    ident = {"format": TRACE_FORMAT, "config": spec.config_json, "plan": plan.to_dict(), "depth": depth,
+    # Batching only decides seq_len (and the cost): the same step whether the sequences were padded or packed.
+    fields = {k: v for k, v in plan.to_dict().items() if k != "batching"}
+    fields["grad_accum"] = min(plan.grad_accum, 2)
+    ident = {"format": TRACE_FORMAT, "config": spec.config_json, "plan": fields, "depth": depth,
              "sdpa": backend, "torch": torch.__version__.split("+")[0], "transformers": transformers.__version__}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 

@@ -336,7 +336,9 @@ def trace_step(spec: ModelSpec, plan: Plan, num_layers: int, *, sdpa_backend: st
                 _segment_hooks(tracker, model)
                 for step in range(2):
                     tracker.recording = step == 1
-                    recipe.train_step(model, optimizer, batch, plan, on_phase=mark)
+                    # Two micro-batches show everything more would: gradients held across the next forward.
+                    recipe.train_step(model, optimizer, batch, plan, on_phase=mark,
+                                      micro_batches=min(plan.grad_accum, 2))
     return tracker.result(num_layers)
 
 

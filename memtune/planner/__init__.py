@@ -28,6 +28,10 @@ class Candidate:
 class PlanResult:
     candidates: tuple[Candidate, ...]
     chosen: Candidate | None
+    reference: Candidate | None = None
+    """llama-cookbook's default path for the same job (no FSDP, so no checkpointing), for comparison."""
+    data: dict | None = None
+    """Token-length statistics of the dataset the plan was made for."""
 
     def to_json(self) -> dict:
         def one(c: Candidate) -> dict:
@@ -44,11 +48,13 @@ class PlanResult:
             "closest_miss": closest,
             "estimate": self.chosen.breakdown.to_json() if self.chosen else None,
             "candidates": [one(c) for c in self.candidates],
+            "llama_cookbook_default": one(self.reference) if self.reference else None,
+            "data": self.data,
         }
 
 
-def candidate_plans(gpu: GpuSpec, *, num_gpus: int, nodes: int, batch_size: int,
-                    seq_len: int) -> list[tuple[str, Plan]]:
+def candidate_plans(gpu: GpuSpec, *, num_gpus: int, nodes: int, batch_size: int, seq_len: int,
+                    batching: str = "padding") -> list[tuple[str, Plan]]:
     """The usual ways to fine-tune, most capable first: full fine-tune, LoRA, QLoRA, each without and with
     activation checkpointing, at the GPU's best precision (bf16 where supported, else fp16 with fp32 master
     weights for full fine-tuning)."""
@@ -56,7 +62,7 @@ def candidate_plans(gpu: GpuSpec, *, num_gpus: int, nodes: int, batch_size: int,
     sharding = "none" if world == 1 else ("hsdp" if nodes > 1 else "fsdp")
     full_precision = "bf16" if gpu.bf16 else "amp-fp16"
     lora_precision = "bf16" if gpu.bf16 else "fp16"
-    common = {"num_gpus": num_gpus, "nodes": nodes, "batch_size": batch_size, "seq_len": seq_len}
+    common = {"num_gpus": num_gpus, "nodes": nodes, "batch_size": batch_size, "seq_len": seq_len, "batching": batching}
     out = []
     for ac in ("none", "full"):
         suffix = " + checkpointing" if ac == "full" else ""
@@ -74,12 +80,30 @@ def candidate_plans(gpu: GpuSpec, *, num_gpus: int, nodes: int, batch_size: int,
     return out
 
 
+def llama_cookbook_default(gpu: GpuSpec, *, num_gpus: int = 1, batch_size: int = 1, seq_len: int,
+                           batching: str = "padding") -> Plan:
+    """What llama-cookbook's ``finetuning.py`` runs without ``enable_fsdp``: no FSDP, hence no activation
+    checkpointing (it only turns it on inside its FSDP branch), bf16 weights where the GPU has bf16 and fp32 where
+    it does not, AdamW; every process holds the whole model."""
+    return Plan(precision="bf16" if gpu.bf16 else "fp32", batch_size=batch_size, seq_len=seq_len, batching=batching)
+
+
 def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: int = 1, batch_size: int = 1,
-                    seq_len: int = 2048) -> PlanResult:
+                    seq_len: int = 2048, batching: str = "padding", data: dict | None = None) -> PlanResult:
     """Estimate every candidate (fast two-depth traces), then confirm the first that fits with a full-depth
-    estimate; if it does not fit after all, go on to the next."""
+    estimate; if it does not fit after all, go on to the next. llama-cookbook's default path is estimated too,
+    as the reference the chosen plan is compared with."""
+    ref_plan = llama_cookbook_default(gpu, batch_size=batch_size, seq_len=seq_len, batching=batching)
+    ref_plan.check_model(spec)  # a sequence longer than the model's context is bad input, not a miss
+    try:
+        ref_estimate = estimate(spec, ref_plan, gpu)
+        reference = Candidate(label="llama-cookbook default (no FSDP, so no checkpointing)", plan=ref_plan,
+                              breakdown=ref_estimate, reason=_reason(ref_estimate))
+    except InvalidPlanError as e:
+        reference = Candidate(label="llama-cookbook default", plan=ref_plan, breakdown=None, reason=str(e))
     candidates = []
-    for label, plan in candidate_plans(gpu, num_gpus=num_gpus, nodes=nodes, batch_size=batch_size, seq_len=seq_len):
+    for label, plan in candidate_plans(gpu, num_gpus=num_gpus, nodes=nodes, batch_size=batch_size, seq_len=seq_len,
+                                       batching=batching):
         try:
             breakdown = estimate(spec, plan, gpu, fast=True)
         except InvalidPlanError as e:
@@ -95,12 +119,12 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
         if full.fits:
             chosen = candidates[i]
             break
-    return PlanResult(candidates=tuple(candidates), chosen=chosen)
+    return PlanResult(candidates=tuple(candidates), chosen=chosen, reference=reference, data=data)
 
 
 def _reason(b: MemoryBreakdown) -> str:
     from memtune.units import fmt_gib
 
     usable = b.device_usable_bytes - b.margin_bytes
-    verb = "fits" if b.fits else "does not fit"
-    return f"{verb}: needs {fmt_gib(b.required_bytes)} of {fmt_gib(usable)} usable"
+    text = f"{b.verdict}: needs {fmt_gib(b.required_bytes)} of {fmt_gib(usable)} usable"
+    return text if b.verdict != "borderline" else f"{text} ({b.verdict_reason})"

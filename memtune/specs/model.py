@@ -35,6 +35,8 @@ class ModelSpec:
     """Exact parameter count of the causal-LM model (tied weights counted once), from the meta device."""
     linear_names: tuple[str, ...]
     """Leaf names of the ``nn.Linear`` modules inside a decoder layer (what LoRA can target)."""
+    hub_id: str | None = None
+    """The Hugging Face Hub id the config names (``_name_or_path``), for exports to other tools."""
     weights_dir: str | None = None
     """The folder holding the model's weights (safetensors or PyTorch bins) next to its config, if any."""
 
@@ -52,6 +54,7 @@ class ModelSpec:
             if isinstance(cfg.get("layer_types"), list):
                 cfg["layer_types"] = cfg["layer_types"][:num_layers]
         model_type = cfg.pop("model_type")
+        cfg.pop("_name_or_path", None)
         return AutoConfig.for_model(model_type, **cfg)
 
 
@@ -140,6 +143,7 @@ def _spec_from_config(name: str, config_json: str) -> ModelSpec:
         max_position_embeddings=getattr(text, "max_position_embeddings", 0) or 0,
         num_params=sum(p.numel() for p in model.parameters()),
         linear_names=tuple(linear_names),
+        hub_id=cfg.get("_name_or_path") or None,
     )
 
 

@@ -160,19 +160,22 @@ def make_batch(spec: ModelSpec, plan: Plan, device: torch.device | str, *, seed:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], plan: Plan, *,
-               scaler=None, on_phase: Callable[[str], None] = lambda phase: None) -> torch.Tensor:
-    """Forward, backward, optimizer step, ``zero_grad(set_to_none=True)``; ``on_phase`` marks the boundaries.
+               scaler=None, on_phase: Callable[[str], None] = lambda phase: None,
+               micro_batches: int | None = None) -> torch.Tensor:
+    """``micro_batches`` (default ``plan.grad_accum``) forward/backward passes accumulating gradients, then the
+    optimizer step and ``zero_grad(set_to_none=True)``; ``on_phase`` marks the boundaries.
 
     amp-* without FSDP runs the forward under autocast; with FSDP the MixedPrecisionPolicy does the casting.
     """
     device_type = batch["input_ids"].device.type
     amp = plan.is_amp and plan.sharding == "none"
-    autocast = torch.autocast(device_type, dtype=compute_dtype(plan)) if amp else contextlib.nullcontext()
-    on_phase("forward")
-    with autocast:
-        loss = model(**batch, use_cache=False).loss
-    on_phase("backward")
-    (scaler.scale(loss) if scaler is not None else loss).backward()
+    steps = micro_batches or plan.grad_accum
+    for _ in range(steps):
+        on_phase("forward")
+        with torch.autocast(device_type, dtype=compute_dtype(plan)) if amp else contextlib.nullcontext():
+            loss = model(**batch, use_cache=False).loss / steps
+        on_phase("backward")
+        (scaler.scale(loss) if scaler is not None else loss).backward()
     on_phase("optimizer_step")
     if scaler is not None:
         scaler.step(optimizer)

@@ -79,3 +79,42 @@ def test_gpus_and_models_list_the_profiles():
     assert "L4-24GB" in names and "V100-32GB" in names
     r = run("models")
     assert r.exit_code == 0 and "llama-guard-3-1b" in r.stdout
+
+
+def test_plan_writes_a_plan_file_that_check_accepts(tmp_path):
+    out = tmp_path / "plan.toml"
+    r = run("plan", "--model", str(TINY), "--gpu", "L4-24GB", "--seq-len", "128", "--out", str(out),
+            "--export", "hf")
+    assert r.exit_code == 0, r.output
+    assert '"per_device_train_batch_size": 1' in r.stdout
+    assert run("check", str(out)).exit_code == 0
+    on_t4 = run("check", str(out), "--gpu", "T4-16GB")  # the plan chosen for the L4 is bf16
+    assert on_t4.exit_code == 2 and "has no bf16" in on_t4.stderr
+
+
+def test_check_exit_codes(tmp_path):
+    big = tmp_path / "big.toml"
+    big.write_text('model = "llama-3.1-8b"\ngpu = "T4-16GB"\n[plan]\nprecision = "amp-fp16"\nseq_len = 4096\n')
+    r = run("check", str(big))
+    assert r.exit_code == 1 and "does not fit on T4-16GB" in r.stderr
+    assert run("check", str(tmp_path / "missing.toml")).exit_code == 2
+
+
+def test_plan_from_a_dataset_uses_the_longest_padded_batch():
+    from tests.conftest import ASSETS
+
+    r = run("plan", "--model", str(TINY), "--gpu", "L4-24GB", "--dataset", str(ASSETS / "toxicchat" / "lengths.csv"),
+            "--length-field", "user_tokens", "--json")
+    assert r.exit_code == 2 and "longer than" in r.stderr  # 925 tokens > the tiny model's 512 context
+    r = run("plan", "--model", "qwen2.5-0.5b", "--gpu", "L4-24GB", "--dataset",
+            str(ASSETS / "toxicchat" / "lengths.csv"), "--length-field", "user_tokens", "--prompt-tokens", "214",
+            "--batch-size", "4", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["chosen"]["seq_len"] == 1139 and out["data"]["max"] == 1139
+    assert 0.9 < out["data"]["padding_efficiency"] <= 1.0
+
+
+def test_unknown_export_is_bad_input():
+    r = run("plan", "--model", str(TINY), "--gpu", "L4-24GB", "--seq-len", "64", "--export", "deepspeed")
+    assert r.exit_code == 2 and "--export" in r.stderr

@@ -146,3 +146,12 @@ def test_calibration_only_ever_adds(h200):
     assert calibrated.calibration == "H200-141GB.json" and plain.calibration is None
     assert calibrated.peak_allocated_bytes >= plain.peak_allocated_bytes
     assert calibrated.peak_reserved_bytes >= plain.peak_reserved_bytes
+
+
+def test_gradient_accumulation_keeps_gradients_through_the_next_forward(tiny, h200):
+    one = estimate(tiny, Plan(batch_size=2, seq_len=64), h200)
+    four = estimate(tiny, Plan(batch_size=2, seq_len=64, grad_accum=4), h200)
+    weights, _ = _param_blocks(tiny, Plan(), 2)
+    assert one.phases[Phase.FORWARD][C.GRADIENTS] == 0
+    assert four.phases[Phase.FORWARD][C.GRADIENTS] == weights
+    assert four.peak_allocated_bytes >= one.peak_allocated_bytes

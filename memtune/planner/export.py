@@ -1,0 +1,122 @@
+"""A plan written out for the tools people train with: llama-cookbook, Hugging Face Trainer, torchrun.
+
+Each function is pure and raises ``InvalidPlanError`` when the tool cannot express the plan, naming the rule.
+llama-cookbook rules (``finetuning.py`` and its configs): activation checkpointing happens only inside its FSDP
+branch (``fsdp_activation_checkpointing``), so a one-GPU plan with checkpointing runs as FSDP over one GPU;
+8-bit quantization with FSDP is rejected; without FSDP the weights load in their checkpoint dtype (or fp16 with
+``use_fp16``) and there is no bf16 autocast; its optimizer is AdamW (or AnyPrecisionAdamW).
+"""
+
+from __future__ import annotations
+
+import shlex
+
+from memtune.errors import InvalidPlanError
+from memtune.plan import Plan
+
+LLAMA_COOKBOOK_MODULE = "llama_cookbook.finetuning"
+_SHARDING = {"fsdp": "FULL_SHARD", "fsdp-grad-op": "SHARD_GRAD_OP", "hsdp": "HYBRID_SHARD"}
+
+
+def llama_cookbook_kwargs(model_name: str, plan: Plan) -> dict:
+    """Keyword arguments for ``llama_cookbook.finetuning.main(**kwargs)`` (the same names as its CLI flags)."""
+    errors = []
+    fsdp = plan.sharding != "none" or plan.checkpointing == "full"
+    kwargs: dict = {"model_name": model_name, "batch_size_training": plan.batch_size,
+                    "gradient_accumulation_steps": plan.grad_accum, "batching_strategy": plan.batching,
+                    "context_length": plan.seq_len, "enable_fsdp": fsdp}
+    if fsdp:
+        kwargs["fsdp_activation_checkpointing"] = plan.checkpointing == "full"
+        kwargs["sharding_strategy"] = _SHARDING.get(plan.sharding, "FULL_SHARD")
+        if plan.sharding == "hsdp":
+            kwargs.update(hsdp=True, sharding_group_size=plan.num_gpus, replica_group_size=plan.nodes)
+        precision = {"bf16": {"pure_bf16": True, "mixed_precision": False},
+                     "fp32": {"pure_bf16": False, "mixed_precision": False},
+                     "amp-bf16": {"pure_bf16": False, "mixed_precision": True},
+                     "amp-fp16": {"pure_bf16": False, "mixed_precision": True, "use_fp16": True}}.get(plan.precision)
+        if precision is None:
+            errors.append(f"llama-cookbook with FSDP has no {plan.precision} mode: use bf16, fp32, amp-bf16 or amp-fp16")
+        else:
+            kwargs.update(precision)
+    else:
+        if plan.precision == "fp16":
+            kwargs["use_fp16"] = True
+        elif plan.precision != "bf16":
+            errors.append(f"without FSDP llama-cookbook loads the weights in their checkpoint dtype (bf16) or fp16: "
+                          f"{plan.precision} needs enable_fsdp")
+    if plan.quantization != "none":
+        if fsdp and plan.quantization == "8bit":
+            errors.append("llama-cookbook rejects 8-bit quantization with FSDP (and FSDP is how it checkpoints)")
+        kwargs["quantization"] = plan.quantization
+    if plan.peft == "lora":
+        kwargs.update(use_peft=True, peft_method="lora", r=plan.lora_rank, lora_alpha=plan.lora_alpha,
+                      lora_dropout=plan.lora_dropout, target_modules=list(plan.lora_targets))
+    if plan.optimizer != "adamw":
+        errors.append(f"llama-cookbook's optimizer is AdamW: {plan.optimizer} is not available there")
+    if errors:
+        raise InvalidPlanError(errors)
+    return kwargs
+
+
+def llama_cookbook_command(model_name: str, plan: Plan, *, rdzv_endpoint: str = "$MASTER_ADDR:29500") -> list[str]:
+    """The command that runs llama-cookbook's fine-tuning with this plan (torchrun whenever FSDP is on)."""
+    kwargs = llama_cookbook_kwargs(model_name, plan)
+    flags = []
+    for key, value in kwargs.items():
+        if value is True:
+            flags.append(f"--{key}")
+        elif value is False:
+            continue
+        elif isinstance(value, list):
+            flags += [f"--{key}", ",".join(value)]
+        else:
+            flags += [f"--{key}", str(value)]
+    if not kwargs["enable_fsdp"]:
+        return ["python", "-m", LLAMA_COOKBOOK_MODULE, *flags]
+    return [*torchrun_prefix(plan, rdzv_endpoint=rdzv_endpoint), "-m", LLAMA_COOKBOOK_MODULE, *flags]
+
+
+def torchrun_prefix(plan: Plan, *, rdzv_endpoint: str = "$MASTER_ADDR:29500") -> list[str]:
+    """``torchrun`` for the plan's GPUs and nodes (run the same line on every node with its ``--node-rank``)."""
+    cmd = ["torchrun", f"--nnodes={plan.nodes}", f"--nproc-per-node={plan.num_gpus}"]
+    if plan.nodes > 1:
+        cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}", "--node-rank=$NODE_RANK"]
+    return cmd
+
+
+def hf_trainer_config(model_name: str, plan: Plan) -> dict:
+    """``from_pretrained`` keyword arguments, ``TrainingArguments`` and the LoRA config for the Hugging Face
+    Trainer (packing is TRL's ``SFTConfig(packing=True, max_length=seq_len)``)."""
+    dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(plan.precision, "float32")
+    model_kwargs: dict = {"pretrained_model_name_or_path": model_name, "dtype": dtype, "attn_implementation": plan.attention}
+    if plan.quantization == "4bit":
+        model_kwargs["quantization_config"] = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                                               "bnb_4bit_use_double_quant": True,
+                                               "bnb_4bit_compute_dtype": "float16" if plan.precision == "fp16" else "bfloat16"}
+        model_kwargs["dtype"] = "float16" if plan.precision == "fp16" else "bfloat16"
+    elif plan.quantization == "8bit":
+        model_kwargs["quantization_config"] = {"load_in_8bit": True}
+        model_kwargs["dtype"] = "float16" if plan.precision == "fp16" else "bfloat16"
+    args: dict = {"per_device_train_batch_size": plan.batch_size, "gradient_accumulation_steps": plan.grad_accum,
+                  "bf16": plan.precision == "amp-bf16", "fp16": plan.precision == "amp-fp16",
+                  "gradient_checkpointing": plan.checkpointing == "full",
+                  "optim": {"adamw": "adamw_torch", "adamw-8bit": "adamw_bnb_8bit", "sgd": "sgd"}[plan.optimizer],
+                  "group_by_length": plan.batching == "padding"}
+    if plan.checkpointing == "full":
+        args["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+    if plan.sharding != "none":
+        args["fsdp"] = {"fsdp": "full_shard auto_wrap", "fsdp-grad-op": "shard_grad_op auto_wrap",
+                        "hsdp": "hybrid_shard auto_wrap"}[plan.sharding]
+        args["fsdp_config"] = {"fsdp_version": 2, "reshard_after_forward": plan.sharding != "fsdp-grad-op"}
+    out = {"model": model_kwargs, "training_arguments": args}
+    if plan.peft == "lora":
+        out["lora_config"] = {"r": plan.lora_rank, "lora_alpha": plan.lora_alpha, "lora_dropout": plan.lora_dropout,
+                              "target_modules": list(plan.lora_targets), "task_type": "CAUSAL_LM"}
+    if plan.batching == "packing":
+        out["sft_config"] = {"packing": True, "max_length": plan.seq_len}
+    return out
+
+
+def shell(cmd: list[str]) -> str:
+    """A command line to paste; ``$VARS`` stay unquoted so the shell expands them."""
+    return " ".join(c if "$" in c else shlex.quote(c) for c in cmd)

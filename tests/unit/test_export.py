@@ -1,0 +1,47 @@
+import pytest
+
+from memtune.errors import InvalidPlanError
+from memtune.plan import Plan
+from memtune.planner.export import hf_trainer_config, llama_cookbook_command, llama_cookbook_kwargs, shell
+
+
+def test_checkpointing_on_one_gpu_runs_as_fsdp_in_llama_cookbook():
+    kw = llama_cookbook_kwargs("meta-llama/Llama-Guard-3-1B", Plan(checkpointing="full", seq_len=4096))
+    assert kw["enable_fsdp"] and kw["fsdp_activation_checkpointing"] and kw["pure_bf16"]
+    cmd = llama_cookbook_command("meta-llama/Llama-Guard-3-1B", Plan(checkpointing="full"))
+    assert cmd[:3] == ["torchrun", "--nnodes=1", "--nproc-per-node=1"] and "--enable_fsdp" in cmd
+
+
+def test_default_path_without_fsdp_has_no_checkpointing():
+    kw = llama_cookbook_kwargs("m", Plan(batching="padding", seq_len=1139))
+    assert kw["enable_fsdp"] is False and "fsdp_activation_checkpointing" not in kw
+    assert llama_cookbook_command("m", Plan())[:3] == ["python", "-m", "llama_cookbook.finetuning"]
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"quantization": "8bit", "peft": "lora", "checkpointing": "full"}, "rejects 8-bit quantization with FSDP"),
+    ({"precision": "fp32"}, "needs enable_fsdp"),
+    ({"optimizer": "sgd"}, "AdamW"),
+])
+def test_what_llama_cookbook_cannot_express(fields, message):
+    with pytest.raises(InvalidPlanError, match=message):
+        llama_cookbook_kwargs("m", Plan(**fields))
+
+
+def test_lora_and_hsdp_flags():
+    plan = Plan(peft="lora", lora_targets=("q_proj", "k_proj"), sharding="hsdp", num_gpus=8, nodes=2)
+    kw = llama_cookbook_kwargs("m", plan)
+    assert kw["use_peft"] and kw["target_modules"] == ["q_proj", "k_proj"]
+    assert kw["hsdp"] and kw["sharding_group_size"] == 8 and kw["replica_group_size"] == 2
+    line = shell(llama_cookbook_command("m", plan))
+    assert "--nnodes=2" in line and "--rdzv-endpoint=$MASTER_ADDR:29500" in line and "--target_modules q_proj,k_proj" in line
+
+
+def test_hf_trainer_config():
+    cfg = hf_trainer_config("m", Plan(precision="amp-bf16", checkpointing="full", sharding="fsdp", num_gpus=4,
+                                      optimizer="adamw-8bit", batching="packing", seq_len=4096))
+    args = cfg["training_arguments"]
+    assert args["bf16"] and args["gradient_checkpointing"] and args["optim"] == "adamw_bnb_8bit"
+    assert args["fsdp"] == "full_shard auto_wrap" and cfg["sft_config"] == {"packing": True, "max_length": 4096}
+    q = hf_trainer_config("m", Plan(peft="lora", quantization="4bit"))
+    assert q["model"]["quantization_config"]["bnb_4bit_quant_type"] == "nf4" and "lora_config" in q
