@@ -214,16 +214,24 @@ def plan(
     length_field: Annotated[str | None, typer.Option(help="Column that already holds token counts.")] = None,
     prompt_tokens: Annotated[int, typer.Option(help="Tokens a prompt template adds to every sample "
                                                     "(214 for Llama Guard 3).")] = 0,
+    precision: Annotated[str | None, typer.Option(help="Fix the precision (default: searched).")] = None,
+    checkpointing: Annotated[str | None, typer.Option(help="Fix checkpointing: none | full.")] = None,
+    peft: Annotated[str | None, typer.Option("--peft", help="Fix PEFT: none (full fine-tune) | lora.")] = None,
+    quantization: Annotated[str | None, typer.Option(help="Fix quantization: none | 8bit | 4bit.")] = None,
+    optimizer: Annotated[str | None, typer.Option("--optimizer", help="Fix the optimizer.")] = None,
+    attention: Annotated[str | None, typer.Option(help="Fix attention: sdpa | eager.")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="Fix gradient accumulation.")] = None,
     out: Annotated[str | None, typer.Option(help="Write the chosen plan to this plan file (TOML).")] = None,
     export: Annotated[str | None, typer.Option(help="llama-cookbook | hf | torchrun: print the chosen plan for "
                                                     "that tool.")] = None,
     as_json: JsonOut = False,
 ) -> None:
-    """Estimate the usual ways to fine-tune MODEL on GPU and pick the first that fits.
+    """Estimate the usual ways to fine-tune MODEL on GPU and pick the cheapest that fits.
 
-    Candidates, in order of preference: full fine-tune, then with activation checkpointing, then LoRA, LoRA with
-    checkpointing, and 4-bit QLoRA (single GPU) - each at the GPU's best precision. llama-cookbook's default path
-    (no FSDP, so no checkpointing) is estimated alongside for comparison.
+    Candidates: full fine-tune, LoRA and 4-bit QLoRA (single GPU), each without and with activation checkpointing,
+    at the GPU's best precision; options given here fix a knob for all of them (--peft none for a full
+    fine-tune). The chosen plan has the fewest GPU-seconds per trained token among those that fit. llama-cookbook's
+    default path (no FSDP, so no checkpointing) is estimated alongside for comparison.
     """
     from memtune.planner import plan_candidates
     from memtune.specs import resolve_gpu, resolve_model
@@ -241,8 +249,15 @@ def plan(
         data = lengths.to_json()
         if batching == "padding":
             seq_len, data["padding_efficiency"] = lengths.padded(batch_size)
+    fixed = {k: v for k, v in {"precision": precision, "checkpointing": checkpointing, "peft": peft,
+                                "quantization": quantization, "optimizer": optimizer, "attention": attention,
+                                "grad_accum": grad_accum}.items() if v is not None}
+    if fixed:
+        from memtune.plan import Plan
+
+        Plan(**fixed)  # an unknown value is bad input, not a candidate that fails
     result = plan_candidates(spec, gpu_spec, num_gpus=num_gpus, nodes=nodes, batch_size=batch_size, seq_len=seq_len,
-                             batching=batching, data=data)
+                             batching=batching, data=data, fixed=fixed)
     if out and result.chosen:
         from memtune.planfile import PlanFile, write_plan_file
 

@@ -61,13 +61,15 @@ def render_breakdown(console: Console, spec, b: MemoryBreakdown) -> None:
 
 def render_plan(console: Console, spec, gpu, result) -> None:
     table = Table(title=f"{escape(spec.name)} on {gpu.name}", title_justify="left")
-    for col, just in (("candidate", "left"), ("plan", "left"), ("needs (GiB)", "right"), ("verdict", "left")):
+    for col, just in (("candidate", "left"), ("plan", "left"), ("needs (GiB)", "right"), ("est. tokens/s", "right"),
+                      ("verdict", "left")):
         table.add_column(col, justify=just)
     for c in result.candidates:
         needs = f"{gib(c.breakdown.required_bytes):.2f}" if c.breakdown else "-"
+        speed = f"{c.cost.tokens_per_s:,.0f}" if c.cost else "-"
         verdict = "[green]fits[/]" if c.fits else f"[red]{escape(c.reason)}[/]"
         mark = "[bold]> [/]" if c is result.chosen else "  "
-        table.add_row(mark + c.label, escape(_plan_summary(c.plan)), needs, verdict)
+        table.add_row(mark + c.label, escape(_plan_summary(c.plan)), needs, speed, verdict)
     console.print(table)
     if result.data:
         d = result.data
@@ -80,7 +82,8 @@ def render_plan(console: Console, spec, gpu, result) -> None:
     if result.chosen is None:
         console.print("[bold red]no candidate fits[/]: try a shorter --seq-len, a smaller --batch-size or more GPUs")
         return
-    console.print(f"chosen: [bold]{result.chosen.label}[/]")
+    console.print(f"chosen: [bold]{result.chosen.label}[/] - the fewest GPU-seconds per trained token among the plans "
+                  f"that fit (about {result.chosen.cost.tokens_per_s:,.0f} tokens/s per GPU)")
     render_breakdown(console, spec, result.chosen.breakdown)
 
 

@@ -1,12 +1,18 @@
-"""Choose how to run a fine-tune: estimate candidate plans and keep the first that fits."""
+"""Choose how to run a fine-tune: estimate candidate plans, keep those that fit, pick the cheapest.
+
+"Cheapest" is the fewest GPU-seconds per trained token (``memtune.planner.cost``) among the plans that fit with the
+safety margin; ties go to more headroom.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from memtune.errors import InvalidPlanError
 from memtune.estimate import MemoryBreakdown, estimate
 from memtune.plan import Plan
+from memtune.planner.cost import CostEstimate, step_cost
 from memtune.specs.gpu import GpuSpec
 from memtune.specs.model import ModelSpec
 
@@ -18,6 +24,7 @@ class Candidate:
     breakdown: MemoryBreakdown | None
     reason: str
     """Why it does or does not fit (or cannot run)."""
+    cost: CostEstimate | None = None
 
     @property
     def fits(self) -> bool:
@@ -36,8 +43,12 @@ class PlanResult:
     def to_json(self) -> dict:
         def one(c: Candidate) -> dict:
             return {"label": c.label, "plan": c.plan.to_dict(), "fits": c.fits, "reason": c.reason,
+                    "verdict": c.breakdown.verdict if c.breakdown else "invalid",
                     "peak_reserved_bytes": c.breakdown.peak_reserved_bytes if c.breakdown else None,
-                    "required_bytes": c.breakdown.required_bytes if c.breakdown else None}
+                    "required_bytes": c.breakdown.required_bytes if c.breakdown else None,
+                    "headroom_bytes": c.breakdown.headroom_bytes if c.breakdown else None,
+                    "estimated_tokens_per_s": c.cost.tokens_per_s if c.cost else None,
+                    "cost": c.cost.to_json() if c.cost else None}
 
         closest = None
         if self.chosen is None:
@@ -55,9 +66,9 @@ class PlanResult:
 
 def candidate_plans(gpu: GpuSpec, *, num_gpus: int, nodes: int, batch_size: int, seq_len: int,
                     batching: str = "padding") -> list[tuple[str, Plan]]:
-    """The usual ways to fine-tune, most capable first: full fine-tune, LoRA, QLoRA, each without and with
-    activation checkpointing, at the GPU's best precision (bf16 where supported, else fp16 with fp32 master
-    weights for full fine-tuning)."""
+    """The usual ways to fine-tune: full fine-tune, LoRA, QLoRA, each without and with activation checkpointing,
+    at the GPU's best precision (bf16 where supported, else fp16 with fp32 master weights for full fine-tuning),
+    each with AdamW's states in the parameter dtype and in 8 bits (bitsandbytes)."""
     world = num_gpus * nodes
     sharding = "none" if world == 1 else ("hsdp" if nodes > 1 else "fsdp")
     full_precision = "bf16" if gpu.bf16 else "amp-fp16"
@@ -77,7 +88,7 @@ def candidate_plans(gpu: GpuSpec, *, num_gpus: int, nodes: int, batch_size: int,
             suffix = " + checkpointing" if ac == "full" else ""
             out.append((f"QLoRA 4-bit{suffix}", Plan(precision=lora_precision, checkpointing=ac, peft="lora",
                                                      quantization="4bit", **common)))
-    return out
+    return out + [(label, dataclasses.replace(plan, optimizer="adamw-8bit")) for label, plan in out]
 
 
 def llama_cookbook_default(gpu: GpuSpec, *, num_gpus: int = 1, batch_size: int = 1, seq_len: int,
@@ -89,10 +100,13 @@ def llama_cookbook_default(gpu: GpuSpec, *, num_gpus: int = 1, batch_size: int =
 
 
 def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: int = 1, batch_size: int = 1,
-                    seq_len: int = 2048, batching: str = "padding", data: dict | None = None) -> PlanResult:
-    """Estimate every candidate (fast two-depth traces), then confirm the first that fits with a full-depth
-    estimate; if it does not fit after all, go on to the next. llama-cookbook's default path is estimated too,
-    as the reference the chosen plan is compared with."""
+                    seq_len: int = 2048, batching: str = "padding", data: dict | None = None,
+                    fixed: dict | None = None) -> PlanResult:
+    """Estimate every candidate (fast two-depth traces) and its cost, then confirm the cheapest that fits with a
+    full-depth estimate; if it does not fit after all, go on to the next cheapest. ``fixed`` holds plan fields the
+    user set (``{"peft": "none"}`` for a full fine-tune): they override every candidate. llama-cookbook's default
+    path is estimated too, as the reference the chosen plan is compared with."""
+    efficiency = (data or {}).get("padding_efficiency", 1.0) if batching == "padding" else 1.0
     ref_plan = llama_cookbook_default(gpu, batch_size=batch_size, seq_len=seq_len, batching=batching)
     ref_plan.check_model(spec)  # a sequence longer than the model's context is bad input, not a miss
     try:
@@ -101,25 +115,44 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
                               breakdown=ref_estimate, reason=_reason(ref_estimate))
     except InvalidPlanError as e:
         reference = Candidate(label="llama-cookbook default", plan=ref_plan, breakdown=None, reason=str(e))
-    candidates = []
+    candidates, seen = [], set()
     for label, plan in candidate_plans(gpu, num_gpus=num_gpus, nodes=nodes, batch_size=batch_size, seq_len=seq_len,
                                        batching=batching):
         try:
+            plan = dataclasses.replace(plan, **(fixed or {}))
+            if plan in seen:
+                continue
+            seen.add(plan)
+            label = describe(plan)
             breakdown = estimate(spec, plan, gpu, fast=True)
         except InvalidPlanError as e:
             candidates.append(Candidate(label=label, plan=plan, breakdown=None, reason=str(e)))
             continue
-        candidates.append(Candidate(label=label, plan=plan, breakdown=breakdown, reason=_reason(breakdown)))
+        candidates.append(Candidate(label=label, plan=plan, breakdown=breakdown, reason=_reason(breakdown),
+                                    cost=step_cost(spec, plan, gpu, padding_efficiency=efficiency)))
     chosen = None
-    for i, c in enumerate(candidates):
-        if not c.fits:
-            continue
+    for c in sorted((c for c in candidates if c.fits), key=_rank):
         full = estimate(spec, c.plan, gpu)
-        candidates[i] = Candidate(label=c.label, plan=c.plan, breakdown=full, reason=_reason(full))
+        confirmed = dataclasses.replace(c, breakdown=full, reason=_reason(full))
+        candidates[candidates.index(c)] = confirmed
         if full.fits:
-            chosen = candidates[i]
+            chosen = confirmed
             break
     return PlanResult(candidates=tuple(candidates), chosen=chosen, reference=reference, data=data)
+
+
+def describe(plan: Plan) -> str:
+    """A short name for a plan: the kind of fine-tune, whether it checkpoints, 8-bit optimizer states."""
+    kind = "full fine-tune" if plan.peft == "none" else "LoRA" if plan.quantization == "none" else (
+        "QLoRA 4-bit" if plan.quantization == "4bit" else "LoRA on 8-bit weights")
+    return (kind + (" + checkpointing" if plan.checkpointing == "full" else "")
+            + (" + 8-bit AdamW" if plan.optimizer == "adamw-8bit" else ""))
+
+
+def _rank(c: Candidate) -> tuple[float, int, int]:
+    """Fewest GPU-seconds per trained token first; at equal cost the plan without 8-bit optimizer states (they
+    change the training, so they are used only where they pay); then the most headroom."""
+    return (c.cost.gpu_seconds_per_token, c.plan.optimizer == "adamw-8bit", -c.breakdown.headroom_bytes)
 
 
 def _reason(b: MemoryBreakdown) -> str:

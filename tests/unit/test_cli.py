@@ -31,12 +31,30 @@ def test_estimate_table_and_auto_precision_on_v100():
     assert "amp-fp16" in r.stdout and "fits" in r.stdout
 
 
-def test_plan_picks_the_full_finetune_for_a_tiny_model():
+def test_plan_picks_the_cheapest_plan_that_fits():
     r = run("plan", "--model", str(TINY), "--gpu", "T4-16GB", "--seq-len", "128", "--json")
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
-    assert out["chosen"]["peft"] == "none" and out["chosen"]["checkpointing"] == "none"
-    assert out["estimate"]["fits"] and len(out["candidates"]) == 6
+    assert out["estimate"]["fits"] and len(out["candidates"]) == 12  # 6 kinds x (AdamW, 8-bit AdamW)
+    fitting = [c for c in out["candidates"] if c["fits"]]
+    cheapest = min(c["cost"]["gpu_seconds_per_token"] for c in fitting)
+    # LoRA skips the weight gradients of the frozen base; without checkpointing nothing is recomputed; at equal
+    # cost the plain AdamW wins over 8-bit states
+    assert out["chosen"]["peft"] == "lora" and out["chosen"]["checkpointing"] == "none"
+    assert out["chosen"]["optimizer"] == "adamw"
+    assert [c for c in fitting if c["plan"] == out["chosen"]][0]["cost"]["gpu_seconds_per_token"] == cheapest
+
+
+def test_plan_constraints_fix_a_knob():
+    r = run("plan", "--model", str(TINY), "--gpu", "T4-16GB", "--seq-len", "128", "--peft", "none", "--json")
+    out = json.loads(r.stdout)
+    assert r.exit_code == 0 and out["chosen"]["peft"] == "none" and out["chosen"]["checkpointing"] == "none"
+    assert all(c["plan"]["peft"] == "none" for c in out["candidates"] if c["verdict"] != "invalid")
+    assert {c["label"] for c in out["candidates"] if c["verdict"] != "invalid"} == {
+        "full fine-tune", "full fine-tune + checkpointing", "full fine-tune + 8-bit AdamW",
+        "full fine-tune + checkpointing + 8-bit AdamW"}
+    bad = run("plan", "--model", str(TINY), "--gpu", "T4-16GB", "--peft", "prefix")
+    assert bad.exit_code == 2 and "peft must be one of" in bad.stderr
 
 
 @pytest.mark.parametrize(("args", "message"), [

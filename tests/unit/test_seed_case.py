@@ -43,15 +43,17 @@ def test_llama_cookbook_default_path(guard, gpu, seq_len, verdict):
 
 
 def test_eight_v100s_find_a_plan_without_bf16(guard):
-    result = plan_candidates(guard, resolve_gpu("V100-32GB"), num_gpus=8, seq_len=PACKED, batching="packing")
+    result = plan_candidates(guard, resolve_gpu("V100-32GB"), num_gpus=8, seq_len=PACKED, batching="packing",
+                             fixed={"peft": "none"})
     assert result.chosen is not None and result.chosen.fits
     assert "bf16" not in result.chosen.plan.precision and result.chosen.plan.sharding == "fsdp"
     assert result.reference.reason.startswith("does not fit: needs")
 
 
 def test_one_l4_finds_a_plan_and_the_default_does_not_fit(guard):
-    result = plan_candidates(guard, resolve_gpu("L4-24GB"), seq_len=PACKED, batching="packing")
+    result = plan_candidates(guard, resolve_gpu("L4-24GB"), seq_len=PACKED, batching="packing", fixed={"peft": "none"})
     assert result.chosen is not None and result.chosen.fits
+    assert result.chosen.plan.peft == "none"  # still a full fine-tune
     assert not result.reference.breakdown.fits
     # the difference is the activations the default path keeps without checkpointing
     assert result.chosen.breakdown.required_bytes < result.reference.breakdown.required_bytes

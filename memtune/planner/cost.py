@@ -1,0 +1,103 @@
+"""How long a plan's training step takes, and what a trained token costs in GPU-seconds.
+
+FLOPs per token (Kaplan et al. 2020; Korthikanti et al. 2022, causal attention halved):
+``forward = 2 * N_linear + 2 * s * heads * head_dim * L`` where ``N_linear`` counts the weights of every matmul
+(decoder linears and the lm_head). Backward is twice the forward when the base weights train (gradients for inputs
+and weights) and once when they are frozen (LoRA/QLoRA: input gradients only; adapters are negligible).
+Checkpointing adds one forward. Time = FLOPs / (peak rate of the compute dtype x utilization); PyTorch runs fp32
+matmuls at the plain fp32 rate by default (TF32 off). Utilization is calibrated from the steps measured by the
+accuracy benchmark (``profiles/calibration``), per precision and quantization. FSDP moves the parameters twice per
+micro-batch (all-gather in forward and, with resharding, again in backward) and reduce-scatters the gradients once
+per step, over the GPU's interconnect, overlapped with compute. Padding wastes the padded share of the tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+
+from memtune.plan import Plan
+from memtune.profiles import profiles_dir
+from memtune.specs.gpu import GpuSpec
+from memtune.specs.model import ModelSpec
+
+DEFAULT_UTILIZATION = 0.35
+"""Used only when no calibration exists for the plan's class."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CostEstimate:
+    step_time_s: float
+    """One optimizer step: ``grad_accum`` micro-batches of ``batch_size x seq_len`` tokens per GPU."""
+    compute_s: float
+    communication_s: float
+    tokens_per_s: float
+    """Real (unpadded) tokens trained per second per GPU."""
+    utilization: float
+
+    @property
+    def gpu_seconds_per_token(self) -> float:
+        return 1.0 / self.tokens_per_s
+
+    def to_json(self) -> dict:
+        return {"step_time_s": self.step_time_s, "compute_s": self.compute_s,
+                "communication_s": self.communication_s, "tokens_per_s": self.tokens_per_s,
+                "gpu_seconds_per_token": self.gpu_seconds_per_token, "utilization": self.utilization}
+
+
+def linear_params(spec: ModelSpec) -> int:
+    """Weights that take part in matmuls: attention and MLP projections of every layer, and the lm_head."""
+    h, q, kv = spec.hidden_size, spec.num_attention_heads * spec.head_dim, spec.num_key_value_heads * spec.head_dim
+    mlp = 3 * h * spec.intermediate_size  # gated MLPs (gate, up, down); every shipped architecture has one
+    return spec.num_layers * (2 * h * q + 2 * h * kv + mlp) + h * spec.vocab_size
+
+
+def flops_per_token(spec: ModelSpec, plan: Plan) -> float:
+    forward = 2 * linear_params(spec) + 2 * plan.seq_len * spec.num_attention_heads * spec.head_dim * spec.num_layers
+    backward = forward * (1 if plan.peft == "lora" else 2)
+    recompute = forward if plan.checkpointing == "full" else 0
+    return forward + backward + recompute
+
+
+def plan_class(plan: Plan) -> str:
+    """The key utilization is calibrated by: compute dtype and base-weight quantization."""
+    dtype = "fp32" if plan.precision == "fp32" else "16bit"
+    return f"{dtype}/{plan.quantization}"
+
+
+def peak_flops(gpu: GpuSpec, plan: Plan) -> float:
+    key = {"fp32": "fp32", "bf16": "bf16", "amp-bf16": "bf16"}.get(plan.precision, "fp16")
+    return gpu.tflops[key] * 1e12
+
+
+@functools.lru_cache(maxsize=8)
+def _utilization_table(gpu_name: str) -> dict[str, float]:
+    files = sorted((profiles_dir() / "calibration").glob("*.json"), key=lambda p: p.stem != gpu_name)
+    for path in files:
+        table = json.loads(path.read_text()).get("utilization")
+        if table:
+            return table
+    return {}
+
+
+def utilization(gpu: GpuSpec, plan: Plan) -> float:
+    return _utilization_table(gpu.name).get(plan_class(plan), DEFAULT_UTILIZATION)
+
+
+def step_cost(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, padding_efficiency: float = 1.0) -> CostEstimate:
+    tokens = plan.batch_size * plan.seq_len * plan.grad_accum
+    util = utilization(gpu, plan)
+    compute = flops_per_token(spec, plan) * tokens / (peak_flops(gpu, plan) * util)
+    comm = 0.0
+    if plan.sharding != "none" and plan.shard_degree > 1:
+        n = plan.shard_degree
+        param_bytes = spec.num_params * (4 if plan.precision == "fp32" else 2)
+        gathers = (2 if plan.sharding != "fsdp-grad-op" else 1) * plan.grad_accum
+        grad_bytes = spec.num_params * 4 if plan.is_amp else param_bytes
+        if plan.peft == "lora":
+            grad_bytes = 0
+        comm = (gathers * param_bytes + grad_bytes) * (n - 1) / n / (gpu.interconnect_gbs * 1e9)
+    step = max(compute, comm)
+    return CostEstimate(step_time_s=step, compute_s=compute, communication_s=comm,
+                        tokens_per_s=tokens * padding_efficiency / step, utilization=util)
