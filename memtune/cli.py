@@ -40,6 +40,7 @@ BatchSize = Annotated[int, typer.Option(help="Micro-batch per GPU, in sequences.
 SeqLen = Annotated[int, typer.Option(help="Tokens per sequence.")]
 Attention = Annotated[str, typer.Option(help="sdpa | eager")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
+GradAccum = Annotated[int, typer.Option(help="Micro-batches per optimizer step.")]
 
 
 def _user_errors(command: Callable) -> Callable:
@@ -57,7 +58,7 @@ def _user_errors(command: Callable) -> Callable:
 
 
 def _plan_from_options(gpu, *, num_gpus, nodes, precision, sharding, checkpointing, peft, lora_rank, lora_targets,
-                       lora_dropout, quantization, optimizer, batch_size, seq_len, attention):
+                       lora_dropout, quantization, optimizer, batch_size, seq_len, attention, grad_accum):
     from memtune.plan import Plan
 
     if precision == "auto":
@@ -68,7 +69,7 @@ def _plan_from_options(gpu, *, num_gpus, nodes, precision, sharding, checkpointi
     return Plan(precision=precision, sharding=sharding, num_gpus=num_gpus, nodes=nodes, checkpointing=checkpointing,
                 peft=peft, lora_rank=lora_rank, lora_targets=targets, lora_dropout=lora_dropout,
                 quantization=quantization, optimizer=optimizer, batch_size=batch_size, seq_len=seq_len,
-                attention=attention)
+                attention=attention, grad_accum=grad_accum)
 
 
 @app.command()
@@ -91,6 +92,7 @@ def estimate(
     batch_size: BatchSize = 1,
     seq_len: SeqLen = 2048,
     attention: Attention = "sdpa",
+    grad_accum: GradAccum = 1,
     calibrated: Annotated[bool, typer.Option("--calibrated", help="Scale by the measured/estimated ratios in "
                                                                   "profiles/calibration for this architecture.")] = False,
     as_json: JsonOut = False,
@@ -104,7 +106,7 @@ def estimate(
     plan = _plan_from_options(gpu_spec, num_gpus=num_gpus, nodes=nodes, precision=precision, sharding=sharding,
                               checkpointing=checkpointing, peft=peft, lora_rank=lora_rank, lora_targets=lora_targets,
                               lora_dropout=lora_dropout, quantization=quantization, optimizer=optimizer,
-                              batch_size=batch_size, seq_len=seq_len, attention=attention)
+                              batch_size=batch_size, seq_len=seq_len, attention=attention, grad_accum=grad_accum)
     breakdown = run_estimate(spec, plan, gpu_spec, calibrated=calibrated)
     if as_json:
         print(json.dumps(breakdown.to_json(), indent=2))
@@ -139,6 +141,7 @@ def validate(
     batch_size: BatchSize = 1,
     seq_len: SeqLen = 2048,
     attention: Attention = "sdpa",
+    grad_accum: GradAccum = 1,
     steps: Annotated[int, typer.Option(help="Measured steps (after one warm-up step).")] = 5,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Fake tensors on the CPU, fake process group for N "
                                                             "ranks (automatic without a CUDA GPU).")] = False,
@@ -181,7 +184,8 @@ def validate(
     plan_ = from_file.plan if from_file else _plan_from_options(
         gpu_spec, num_gpus=num_gpus, nodes=nodes, precision=precision, sharding=sharding, checkpointing=checkpointing,
         peft=peft, lora_rank=lora_rank, lora_targets=lora_targets, lora_dropout=lora_dropout,
-        quantization=quantization, optimizer=optimizer, batch_size=batch_size, seq_len=seq_len, attention=attention)
+        quantization=quantization, optimizer=optimizer, batch_size=batch_size, seq_len=seq_len, attention=attention,
+        grad_accum=grad_accum)
     record = validate_plan(spec, plan_, gpu_spec, steps=steps, emulate=emulate_gpu is not None,
                            dry_run=True if dry_run else None, tolerance=tolerance,
                            out_dir=Path(out) if out else None, snapshot=snapshot, random_init=random_init)
