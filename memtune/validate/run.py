@@ -76,12 +76,13 @@ class ValidationRecord:
     def verdict(self) -> str:
         if self.mode == "dry-run":
             return "dry run: the plan builds and runs; no GPU memory was measured"
+        said = {"fits": "the estimate said it fits", "borderline": "the estimate called it borderline",
+                "does not fit": "the estimate said it does not fit"}[self.estimate.verdict]
         if self.oom:
             high = self.measured_peak_reserved_bytes or 0
-            agree = "as estimated" if not self.estimate.fits else "although the estimate said it fits"
-            return f"does not fit on {self.gpu}: out of memory at {high / 2**30:.2f} GiB reserved ({agree})"
+            return f"does not fit on {self.gpu}: out of memory at {high / 2**30:.2f} GiB reserved ({said})"
         ok = abs(self.error) <= self.tolerance
-        fit = "fits" if self.estimate.fits else "fits here, though the estimate said it does not"
+        fit = "fits" if self.estimate.fits else f"fits here ({said})"
         return (f"{fit} on {self.gpu}; estimate {'agrees' if ok else 'DISAGREES'}: "
                 f"{100 * self.error:+.2f} % of peak allocated (tolerance {100 * self.tolerance:.0f} %)")
 
@@ -91,7 +92,8 @@ class ValidationRecord:
             return True
         if self.oom:
             return not self.estimate.fits
-        return abs(self.error) <= self.tolerance and (self.estimate.fits or self.mode != "emulated")
+        fit_agrees = self.estimate.verdict != "does not fit" or self.mode != "emulated"
+        return abs(self.error) <= self.tolerance and fit_agrees
 
     def to_json(self) -> dict:
         return {

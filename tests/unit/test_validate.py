@@ -156,3 +156,17 @@ def test_fsdp_ranks_load_their_shards_of_the_checkpoint(tiny_checkpoint, tmp_pat
     random = measure_plan(tiny_checkpoint, single, steps=1, device=cpu)["losses"][0]
     assert ranks[0]["losses"][0] == pytest.approx(loaded, rel=1e-3)
     assert ranks[0]["losses"][0] != pytest.approx(random, rel=1e-3)
+
+
+def test_a_borderline_estimate_agrees_with_either_outcome(tiny, h200):
+    import dataclasses
+
+    plan = Plan(seq_len=32)
+    borderline = dataclasses.replace(estimate(tiny, plan, h200), verdict="borderline")
+    ran = {"measured_peak_allocated_bytes": borderline.peak_allocated_bytes,
+           "measured_peak_reserved_bytes": borderline.peak_reserved_bytes}
+    fits = ValidationRecord(model="tiny", gpu="L4-24GB", mode="emulated", plan=plan, estimate=borderline,
+                            ranks=[ran], tolerance=0.03)
+    assert fits.agrees and "called it borderline" in fits.verdict
+    oom = dataclasses.replace(fits, ranks=[{"error": "oom", "measured_peak_reserved_bytes": 1}])
+    assert oom.agrees and oom.verdict.startswith("does not fit on L4-24GB")
