@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 from collections import defaultdict
@@ -19,18 +20,31 @@ from memtune.planner.cost import flops_per_token, peak_flops, plan_class  # noqa
 from memtune.specs import resolve_gpu, resolve_model  # noqa: E402
 
 
-def utilization(raw_paths: list[Path], gpu: str) -> dict[str, float]:
-    """Median model-FLOPs utilization of the measured steps, per plan class (one GPU only: no communication)."""
-    by_class: dict[str, list[float]] = defaultdict(list)
+def utilization(raw_paths: list[Path], gpu: str) -> dict:
+    """Fit the utilization model of ``memtune.planner.cost`` to the measured single-GPU steps.
+
+    Model FLOPs utilization grows with the matmul size: ``u = u_max * x / (x + x_half)`` with x = tokens per
+    micro-batch x hidden size, fitted (least squares in log space, grid search) on 16-bit steps without
+    quantization; other classes (fp32, 4-bit, 8-bit weights) get the median ratio of their measurements to it.
+    """
+    points: list[tuple[str, float, float]] = []
     for path in raw_paths:
         for line in path.read_text().splitlines():
             r = json.loads(line)
             if "error" in r or r.get("num_gpus", 1) != 1 or resolve_gpu(r["gpu_name"]).name != gpu:
                 continue
             plan, spec = Plan.from_dict(r["plan"]), resolve_model(r["model"])
-            achieved = flops_per_token(spec, plan) * r["tokens_per_s"]
-            by_class[plan_class(plan)].append(achieved / peak_flops(resolve_gpu(gpu), plan))
-    return {k: statistics.median(v) for k, v in sorted(by_class.items())}
+            achieved = flops_per_token(spec, plan) * r["tokens_per_s"] / peak_flops(resolve_gpu(gpu), plan)
+            points.append((plan_class(plan), plan.batch_size * plan.seq_len * spec.hidden_size, achieved))
+    base = [(x, u) for c, x, u in points if c == "16bit/none"]
+    _, u_max, x_half = min(
+        (sum((math.log(um * x / (x + xh)) - math.log(u)) ** 2 for x, u in base), um, xh)
+        for um in (i / 100 for i in range(20, 100, 2)) for xh in (10 ** (i / 20) for i in range(100, 200)))
+    factors = defaultdict(list)
+    for c, x, u in points:
+        factors[c].append(u / (u_max * x / (x + x_half)))
+    return {"u_max": u_max, "x_half": x_half, "configurations": len(points),
+            "class_factor": {c: statistics.median(v) for c, v in sorted(factors.items())}}
 
 
 def main() -> None:
@@ -48,8 +62,6 @@ def main() -> None:
                 for kind in ("allocated", "reserved")
                 for ratios in [[r[f"measured_peak_{kind}_bytes"] / r[f"estimated_peak_{kind}_bytes"] for r in rs]]}
         out["utilization"] = utilization(sorted((ROOT / "bench/results/raw").glob("*.jsonl")), gpu)
-        out["utilization_note"] = ("median achieved/peak dense FLOP/s of the measured single-GPU steps per "
-                                   "compute dtype/quantization (memtune.planner.cost)")
         path = ROOT / "profiles" / "calibration" / f"{gpu}.json"
         path.write_text(json.dumps(out, indent=2) + "\n")
         print(path)

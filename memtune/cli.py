@@ -211,6 +211,8 @@ def plan(
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence; with --dataset and padding, the longest "
                                               "padded batch instead; with packing, the chunk length.")] = 2048,
     batching: Annotated[str, typer.Option(help="padding | packing")] = "padding",
+    global_batch: Annotated[int | None, typer.Option(help="Sequences per optimizer step over all GPUs: every split "
+                                                          "into micro-batch x gradient accumulation is searched.")] = None,
     dataset: Annotated[str | None, typer.Option(help="A .jsonl/.json/.csv/.parquet file whose token lengths set "
                                                      "the padded sequence length.")] = None,
     text_field: Annotated[str, typer.Option(help="Text column, counted with --tokenizer.")] = "text",
@@ -244,7 +246,7 @@ def plan(
         raise ConfigError(f"--export must be llama-cookbook, hf or torchrun, not {export!r}")
     gpu_spec = resolve_gpu(gpu)
     spec = resolve_model(model)
-    data = None
+    data = lengths = None
     if dataset:
         from memtune.data import load_lengths
 
@@ -261,7 +263,7 @@ def plan(
 
         Plan(**fixed)  # an unknown value is bad input, not a candidate that fails
     result = plan_candidates(spec, gpu_spec, num_gpus=num_gpus, nodes=nodes, batch_size=batch_size, seq_len=seq_len,
-                             batching=batching, data=data, fixed=fixed)
+                             batching=batching, data=data, fixed=fixed, global_batch=global_batch, lengths=lengths)
     if out and result.chosen:
         from memtune.planfile import PlanFile, write_plan_file
 

@@ -3,7 +3,8 @@
 By default the step is traced at the model's full depth: every allocation of the real step is replayed through
 the caching-allocator model, which gives both the allocated peak and the reserved bytes.
 
-``fast=True`` traces two reduced depths a < b instead (for screening many plans). Every landmark of a step (the
+``fast=True`` traces two reduced depths a < b instead (for screening many plans), and for micro-batches above 2
+traces batches 1 and 2 and extrapolates (landmarks are linear in the micro-batch at a fixed sequence length). Every landmark of a step (the
 peak inside the embeddings, the first and last decoder layer, and the head, in each phase) holds a fixed part plus
 a part per decoder layer, so its bytes are linear in the depth L:
 ``m(L) = m(a) + (L - a) * (m(b) - m(a)) / (b - a)``. The peak of a phase is the largest of its landmarks at the
@@ -13,6 +14,7 @@ follow a line, so the fast path takes the allocator cache of depth b as it is.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -91,9 +93,15 @@ def estimate(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, margin: float = DEFAU
     plan.check_gpu(gpu)
     backend = sdpa_backend(spec, plan, gpu)
     workspace = overhead.cublas_workspace_bytes(gpu.compute_capability)
-    depths = trace_depths(spec) if fast else (spec.num_layers, spec.num_layers)
-    traces = [cached_trace(spec, plan, d, backend) for d in sorted(set(depths))]
-    phases, reserved = _compose(traces, spec.num_layers)
+    depths = sorted(set(trace_depths(spec) if fast else (spec.num_layers,)))
+    if fast and plan.batch_size > 2:
+        one, two = (dataclasses.replace(plan, batch_size=b) for b in (1, 2))
+        traces = [cached_trace(spec, two, d, backend) for d in depths]
+        phases, reserved = _compose_batches([cached_trace(spec, one, d, backend) for d in depths], traces,
+                                            spec.num_layers, plan.batch_size)
+    else:
+        traces = [cached_trace(spec, plan, d, backend) for d in depths]
+        phases, reserved = _compose(traces, spec.num_layers)
     factors = calibration_factors(spec, gpu) if calibrated else None
     scale_alloc, scale_res = factors[:2] if factors else (1.0, 1.0)
     if factors:
@@ -144,28 +152,49 @@ def _replay(trace: TraceResult, capacity: int):
     return replay(list(trace.events), capacity)
 
 
-def _compose(traces: list[TraceResult], depth: int) -> tuple[dict[Phase, dict[MemCategory, int]], int]:
-    """Per-phase categories at each phase's peak and the reserved bytes, at ``depth`` layers."""
+def _landmarks(traces: list[TraceResult], depth: int) -> dict[tuple[Phase, str], dict[MemCategory, int]]:
+    """Every landmark's bytes by category at ``depth`` layers (linear through the two traced depths)."""
     ta, tb = traces[0], traces[-1]
     a, b = ta.num_layers, tb.num_layers
+    out = {}
+    for key in ta.landmarks.keys() & tb.landmarks.keys():
+        if a != b and key[1] == "mid":
+            continue
+        la, lb = ta.landmarks[key].by_category, tb.landmarks[key].by_category
+        out[key] = {c: la[c] if a == b else max(0, round(la[c] + (depth - a) * (lb[c] - la[c]) / (b - a)))
+                    for c in MemCategory if c not in (MemCategory.ALLOCATOR_CACHE, MemCategory.RUNTIME)}
+    return out
 
-    def at_depth(va: int, vb: int) -> int:
-        return va if a == b else max(0, round(va + (depth - a) * (vb - va) / (b - a)))
 
-    phases = {}
-    for phase in Phase:
-        best = {c: 0 for c in MemCategory if c not in (MemCategory.ALLOCATOR_CACHE, MemCategory.RUNTIME)}
-        for key in ta.landmarks.keys() & tb.landmarks.keys():
-            if key[0] != phase or (a != b and key[1] == "mid"):
-                continue
-            la, lb = ta.landmarks[key], tb.landmarks[key]
-            cats = {c: at_depth(la.by_category[c], lb.by_category[c]) for c in best}
-            if sum(cats.values()) > sum(best.values()):
-                best = cats
-        phases[phase] = best
+def _peaks(landmarks: dict[tuple[Phase, str], dict[MemCategory, int]]) -> dict[Phase, dict[MemCategory, int]]:
+    """Each phase's largest landmark."""
+    empty = {c: 0 for c in MemCategory if c not in (MemCategory.ALLOCATOR_CACHE, MemCategory.RUNTIME)}
+    return {phase: max((cats for (p, _), cats in landmarks.items() if p == phase), key=lambda c: sum(c.values()),
+                       default=empty) for phase in Phase}
+
+
+def _cache(trace: TraceResult) -> int:
+    """The allocator cache at the end of a trace: reserved beyond its largest allocated peak."""
+    return trace.peak_reserved - max(trace.phase_peak(p) for p in Phase)
+
+
+def _compose(traces: list[TraceResult], depth: int) -> tuple[dict[Phase, dict[MemCategory, int]], int]:
+    """Per-phase categories at each phase's peak and the reserved bytes, at ``depth`` layers."""
+    phases = _peaks(_landmarks(traces, depth))
     allocated = max(sum(c.values()) for c in phases.values())
-    cache_b = tb.peak_reserved - max(tb.phase_peak(p) for p in Phase)
-    return phases, max(allocated, allocated + cache_b if a != b else tb.peak_reserved)
+    if traces[0].num_layers == traces[-1].num_layers:
+        return phases, max(allocated, traces[-1].peak_reserved)
+    return phases, allocated + max(0, _cache(traces[-1]))
+
+
+def _compose_batches(one: list[TraceResult], two: list[TraceResult], depth: int,
+                     batch_size: int) -> tuple[dict[Phase, dict[MemCategory, int]], int]:
+    """Landmarks are linear in the micro-batch at a fixed sequence length too: extrapolate from batches 1 and 2."""
+    l1, l2 = _landmarks(one, depth), _landmarks(two, depth)
+    scaled = {k: {c: max(0, l1[k][c] + (batch_size - 1) * (l2[k][c] - l1[k][c])) for c in l1[k]}
+              for k in l1.keys() & l2.keys()}
+    phases = _peaks(scaled)
+    return phases, max(sum(c.values()) for c in phases.values()) + max(0, _cache(two[-1]))
 
 
 # --- trace cache ----------------------------------------------------------------------------------------------

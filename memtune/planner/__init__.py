@@ -99,13 +99,31 @@ def llama_cookbook_default(gpu: GpuSpec, *, num_gpus: int = 1, batch_size: int =
     return Plan(precision="bf16" if gpu.bf16 else "fp32", batch_size=batch_size, seq_len=seq_len, batching=batching)
 
 
+def micro_batches(global_batch: int | None, batch_size: int, world_size: int) -> list[tuple[int, int]]:
+    """(micro-batch, gradient accumulation) pairs that make ``global_batch`` sequences per optimizer step over
+    ``world_size`` GPUs (powers of two), or just ``(batch_size, 1)`` without a global batch."""
+    if global_batch is None:
+        return [(batch_size, 1)]
+    per_gpu, rest = divmod(global_batch, world_size)
+    if per_gpu == 0 or rest:
+        raise InvalidPlanError([f"a global batch of {global_batch} sequences does not divide over {world_size} GPUs"])
+    pairs, b = [], 1
+    while b <= per_gpu:
+        if per_gpu % b == 0:
+            pairs.append((b, per_gpu // b))
+        b *= 2
+    return pairs
+
+
 def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: int = 1, batch_size: int = 1,
                     seq_len: int = 2048, batching: str = "padding", data: dict | None = None,
-                    fixed: dict | None = None) -> PlanResult:
-    """Estimate every candidate (fast two-depth traces) and its cost, then confirm the cheapest that fits with a
-    full-depth estimate; if it does not fit after all, go on to the next cheapest. ``fixed`` holds plan fields the
-    user set (``{"peft": "none"}`` for a full fine-tune): they override every candidate. llama-cookbook's default
-    path is estimated too, as the reference the chosen plan is compared with."""
+                    fixed: dict | None = None, global_batch: int | None = None, lengths=None) -> PlanResult:
+    """Estimate every candidate (fast traces) and its cost, then confirm the cheapest that fits with a full-depth
+    estimate; if it does not fit after all, go on to the next cheapest. ``fixed`` holds plan fields the user set
+    (``{"peft": "none"}`` for a full fine-tune): they override every candidate. With ``global_batch`` (sequences
+    per optimizer step) every split into micro-batch x gradient accumulation is a candidate too; with ``lengths``
+    (padding) each micro-batch gets its own padding waste. llama-cookbook's default path is estimated too, as the
+    reference the chosen plan is compared with."""
     efficiency = (data or {}).get("padding_efficiency", 1.0) if batching == "padding" else 1.0
     ref_plan = llama_cookbook_default(gpu, batch_size=batch_size, seq_len=seq_len, batching=batching)
     ref_plan.check_model(spec)  # a sequence longer than the model's context is bad input, not a miss
@@ -116,18 +134,24 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
     except InvalidPlanError as e:
         reference = Candidate(label="llama-cookbook default", plan=ref_plan, breakdown=None, reason=str(e))
     candidates, seen = [], set()
-    for label, plan in candidate_plans(gpu, num_gpus=num_gpus, nodes=nodes, batch_size=batch_size, seq_len=seq_len,
-                                       batching=batching):
+    splits = micro_batches(global_batch, batch_size, num_gpus * nodes)
+    kinds = candidate_plans(gpu, num_gpus=num_gpus, nodes=nodes, batch_size=batch_size, seq_len=seq_len,
+                            batching=batching)
+    for (label, kind), (micro, accum) in ((k, sp) for k in kinds for sp in splits):
         try:
-            plan = dataclasses.replace(plan, **(fixed or {}))
+            plan = dataclasses.replace(kind, batch_size=micro, grad_accum=accum, **(fixed or {}))
             if plan in seen:
                 continue
             seen.add(plan)
             label = describe(plan)
             breakdown = estimate(spec, plan, gpu, fast=True)
         except InvalidPlanError as e:
-            candidates.append(Candidate(label=label, plan=plan, breakdown=None, reason=str(e)))
+            if (label, str(e)) not in seen:  # one row per kind of plan that cannot run, with the reason
+                seen.add((label, str(e)))
+                candidates.append(Candidate(label=label, plan=kind, breakdown=None, reason=str(e)))
             continue
+        if lengths is not None and batching == "padding":
+            efficiency = lengths.padded(plan.batch_size)[1]
         candidates.append(Candidate(label=label, plan=plan, breakdown=breakdown, reason=_reason(breakdown),
                                     cost=step_cost(spec, plan, gpu, padding_efficiency=efficiency)))
     chosen = None
@@ -142,11 +166,13 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
 
 
 def describe(plan: Plan) -> str:
-    """A short name for a plan: the kind of fine-tune, whether it checkpoints, 8-bit optimizer states."""
+    """A short name for a plan: the kind of fine-tune, whether it checkpoints, 8-bit optimizer states, and the
+    micro-batch split when it accumulates gradients."""
     kind = "full fine-tune" if plan.peft == "none" else "LoRA" if plan.quantization == "none" else (
         "QLoRA 4-bit" if plan.quantization == "4bit" else "LoRA on 8-bit weights")
     return (kind + (" + checkpointing" if plan.checkpointing == "full" else "")
-            + (" + 8-bit AdamW" if plan.optimizer == "adamw-8bit" else ""))
+            + (" + 8-bit AdamW" if plan.optimizer == "adamw-8bit" else "")
+            + (f" ({plan.batch_size} x {plan.grad_accum})" if plan.grad_accum > 1 else ""))
 
 
 def _rank(c: Candidate) -> tuple[float, int, int]:

@@ -5,8 +5,10 @@ FLOPs per token (Kaplan et al. 2020; Korthikanti et al. 2022, causal attention h
 (decoder linears and the lm_head). Backward is twice the forward when the base weights train (gradients for inputs
 and weights) and once when they are frozen (LoRA/QLoRA: input gradients only; adapters are negligible).
 Checkpointing adds one forward. Time = FLOPs / (peak rate of the compute dtype x utilization); PyTorch runs fp32
-matmuls at the plain fp32 rate by default (TF32 off). Utilization is calibrated from the steps measured by the
-accuracy benchmark (``profiles/calibration``), per precision and quantization. FSDP moves the parameters twice per
+matmuls at the plain fp32 rate by default (TF32 off). Utilization grows with the size of the matmuls:
+``u = u_max * x / (x + x_half) * class_factor`` with x = tokens per micro-batch x hidden size, fitted by
+``bench/calibrate.py`` to the steps the accuracy benchmark measured (``profiles/calibration``), with a factor per
+compute dtype and quantization (bitsandbytes' dequantization makes k-bit steps slower). FSDP moves the parameters twice per
 micro-batch (all-gather in forward and, with resharding, again in backward) and reduce-scatters the gradients once
 per step, over the GPU's interconnect, overlapped with compute. Padding wastes the padded share of the tokens.
 """
@@ -23,7 +25,8 @@ from memtune.specs.gpu import GpuSpec
 from memtune.specs.model import ModelSpec
 
 DEFAULT_UTILIZATION = 0.35
-"""Used only when no calibration exists for the plan's class."""
+"""Used only when no calibration exists."""
+MAX_UTILIZATION = 0.9
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -72,22 +75,27 @@ def peak_flops(gpu: GpuSpec, plan: Plan) -> float:
 
 
 @functools.lru_cache(maxsize=8)
-def _utilization_table(gpu_name: str) -> dict[str, float]:
+def _utilization_model(gpu_name: str) -> dict | None:
     files = sorted((profiles_dir() / "calibration").glob("*.json"), key=lambda p: p.stem != gpu_name)
     for path in files:
-        table = json.loads(path.read_text()).get("utilization")
-        if table:
-            return table
-    return {}
+        model = json.loads(path.read_text()).get("utilization")
+        if model:
+            return model
+    return None
 
 
-def utilization(gpu: GpuSpec, plan: Plan) -> float:
-    return _utilization_table(gpu.name).get(plan_class(plan), DEFAULT_UTILIZATION)
+def utilization(spec: ModelSpec, plan: Plan, gpu: GpuSpec) -> float:
+    model = _utilization_model(gpu.name)
+    if model is None:
+        return DEFAULT_UTILIZATION
+    x = plan.batch_size * plan.seq_len * spec.hidden_size
+    factor = model["class_factor"].get(plan_class(plan), 1.0)
+    return min(MAX_UTILIZATION, model["u_max"] * x / (x + model["x_half"]) * factor)
 
 
 def step_cost(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, padding_efficiency: float = 1.0) -> CostEstimate:
     tokens = plan.batch_size * plan.seq_len * plan.grad_accum
-    util = utilization(gpu, plan)
+    util = utilization(spec, plan, gpu)
     compute = flops_per_token(spec, plan) * tokens / (peak_flops(gpu, plan) * util)
     comm = 0.0
     if plan.sharding != "none" and plan.shard_degree > 1:

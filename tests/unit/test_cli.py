@@ -136,3 +136,16 @@ def test_plan_from_a_dataset_uses_the_longest_padded_batch():
 def test_unknown_export_is_bad_input():
     r = run("plan", "--model", str(TINY), "--gpu", "L4-24GB", "--seq-len", "64", "--export", "deepspeed")
     assert r.exit_code == 2 and "--export" in r.stderr
+
+
+def test_global_batch_searches_every_micro_batch_split():
+    r = run("plan", "--model", str(TINY), "--gpu", "L4-24GB", "--seq-len", "128", "--global-batch", "8",
+            "--num-gpus", "2", "--peft", "none", "--checkpointing", "none", "--optimizer", "adamw", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    splits = {(c["plan"]["batch_size"], c["plan"]["grad_accum"]) for c in out["candidates"] if c["verdict"] != "invalid"}
+    assert splits == {(1, 4), (2, 2), (4, 1)}  # 8 sequences over 2 GPUs
+    assert out["chosen"]["batch_size"] * out["chosen"]["grad_accum"] * 2 == 8
+    bad = run("plan", "--model", str(TINY), "--gpu", "L4-24GB", "--seq-len", "128", "--global-batch", "3",
+              "--num-gpus", "2")
+    assert bad.exit_code == 2 and "does not divide" in bad.stderr
