@@ -54,7 +54,20 @@ def main() -> None:
             rows.append({"model": model, "mode": label, "first_s": round(first, 3), "cached_disk_s": round(from_disk, 4),
                          "cached_memory_s": round(in_memory, 5), "model_spec_s": round(spec_s, 3)})
             print(rows[-1], flush=True)
-    out = {"command": "python bench/speed.py", "cpu": platform.processor() or platform.machine(),
+    from memtune.planner import plan_candidates
+
+    spec = resolve_model("llama-3.1-8b")
+    search = []
+    for attempt in ("first (nothing cached)", "repeat (traces cached)"):
+        cached_trace.cache_clear()
+        t = time.perf_counter()
+        result = plan_candidates(spec, resolve_gpu("A100-80GB"), num_gpus=8, seq_len=4096, global_batch=64)
+        search.append({"attempt": attempt, "seconds": round(time.perf_counter() - t, 2),
+                       "candidates": len(result.candidates)})
+        print(search[-1], flush=True)
+    out = {"command": "python bench/speed.py",
+           "plan_search": {"model": "llama-3.1-8b", "gpu": "8 x A100-80GB", "seq_len": 4096, "global_batch": 64,
+                           "runs": search}, "cpu": platform.processor() or platform.machine(),
            "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
            "transformers": transformers.__version__, "import_s": round(import_s, 2), "rows": rows}
     (ROOT / "bench" / "results" / "speed.json").write_text(json.dumps(out, indent=2) + "\n")
