@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -72,12 +73,8 @@ def _plan_from_options(gpu, *, num_gpus, nodes, precision, sharding, checkpointi
                 attention=attention, grad_accum=grad_accum)
 
 
-@app.command()
-@_user_errors
-def estimate(
+def _plan_knobs(
     *,
-    model: ModelOpt,
-    gpu: GpuOpt,
     num_gpus: NumGpus = 1,
     nodes: Nodes = 1,
     precision: Precision = "auto",
@@ -93,6 +90,35 @@ def estimate(
     seq_len: SeqLen = 2048,
     attention: Attention = "sdpa",
     grad_accum: GradAccum = 1,
+) -> dict:
+    """The plan options estimate and validate share: this signature is their part of the command line."""
+    return locals()
+
+
+def _with_plan_options(command: Callable) -> Callable:
+    """Give ``command`` the options of ``_plan_knobs``; it receives their values as one ``knobs`` dict."""
+    shared = list(inspect.signature(_plan_knobs, eval_str=True).parameters.values())
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "knobs"]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        knobs = {p.name: kwargs.pop(p.name) for p in shared}
+        return command(knobs=knobs, **kwargs)
+
+    wrapper.__signature__ = inspect.Signature(own + shared)
+    wrapper.__annotations__ = {p.name: p.annotation for p in own + shared}
+    del wrapper.__wrapped__  # typer must see the combined signature, not the command's own
+    return wrapper
+
+
+@app.command()
+@_user_errors
+@_with_plan_options
+def estimate(
+    *,
+    model: ModelOpt,
+    gpu: GpuOpt,
+    knobs: dict,
     calibrated: Annotated[bool, typer.Option("--calibrated", help="Scale by the measured/estimated ratios in "
                                                                   "profiles/calibration for this architecture.")] = False,
     as_json: JsonOut = False,
@@ -103,10 +129,7 @@ def estimate(
 
     gpu_spec = resolve_gpu(gpu)
     spec = resolve_model(model)
-    plan = _plan_from_options(gpu_spec, num_gpus=num_gpus, nodes=nodes, precision=precision, sharding=sharding,
-                              checkpointing=checkpointing, peft=peft, lora_rank=lora_rank, lora_targets=lora_targets,
-                              lora_dropout=lora_dropout, quantization=quantization, optimizer=optimizer,
-                              batch_size=batch_size, seq_len=seq_len, attention=attention, grad_accum=grad_accum)
+    plan = _plan_from_options(gpu_spec, **knobs)
     breakdown = run_estimate(spec, plan, gpu_spec, calibrated=calibrated)
     if as_json:
         print(json.dumps(breakdown.to_json(), indent=2))
@@ -118,6 +141,7 @@ def estimate(
 
 @app.command()
 @_user_errors
+@_with_plan_options
 def validate(
     *,
     model: Annotated[str | None, typer.Option("--model", "-m", help="As for estimate (or from --plan-file).")] = None,
@@ -127,21 +151,7 @@ def validate(
     emulate_gpu: Annotated[str | None, typer.Option(help="Check a plan for this (smaller) GPU on the local one: "
                                                          "PyTorch's pool is capped at its memory less the CUDA "
                                                          "context.")] = None,
-    num_gpus: NumGpus = 1,
-    nodes: Nodes = 1,
-    precision: Precision = "auto",
-    sharding: Sharding = "auto",
-    checkpointing: Checkpointing = "none",
-    peft: PeftOpt = "none",
-    lora_rank: LoraRank = 8,
-    lora_targets: LoraTargets = "q_proj,v_proj",
-    lora_dropout: LoraDropout = 0.05,
-    quantization: Quantization = "none",
-    optimizer: OptimizerOpt = "adamw",
-    batch_size: BatchSize = 1,
-    seq_len: SeqLen = 2048,
-    attention: Attention = "sdpa",
-    grad_accum: GradAccum = 1,
+    knobs: dict,
     steps: Annotated[int, typer.Option(help="Measured steps (after one warm-up step).")] = 5,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Fake tensors on the CPU, fake process group for N "
                                                             "ranks (automatic without a CUDA GPU).")] = False,
@@ -181,11 +191,7 @@ def validate(
             raise UnknownGpuError("no known GPU detected here: pass --gpu (or --emulate-gpu)")
         gpu_spec = local[0]
     spec = resolve_model(model)
-    plan_ = from_file.plan if from_file else _plan_from_options(
-        gpu_spec, num_gpus=num_gpus, nodes=nodes, precision=precision, sharding=sharding, checkpointing=checkpointing,
-        peft=peft, lora_rank=lora_rank, lora_targets=lora_targets, lora_dropout=lora_dropout,
-        quantization=quantization, optimizer=optimizer, batch_size=batch_size, seq_len=seq_len, attention=attention,
-        grad_accum=grad_accum)
+    plan_ = from_file.plan if from_file else _plan_from_options(gpu_spec, **knobs)
     record = validate_plan(spec, plan_, gpu_spec, steps=steps, emulate=emulate_gpu is not None,
                            dry_run=True if dry_run else None, tolerance=tolerance,
                            out_dir=Path(out) if out else None, snapshot=snapshot, random_init=random_init)
