@@ -219,6 +219,8 @@ def plan(
     batching: Annotated[str, typer.Option(help="padding | packing")] = "padding",
     global_batch: Annotated[int | None, typer.Option(help="Sequences per optimizer step over all GPUs: every split "
                                                           "into micro-batch x gradient accumulation is searched.")] = None,
+    global_tokens: Annotated[int | None, typer.Option(help="The global batch in tokens instead (divided by the "
+                                                           "sequence length).")] = None,
     dataset: Annotated[str | None, typer.Option(help="A .jsonl/.json/.csv/.parquet file whose token lengths set "
                                                      "the padded sequence length.")] = None,
     text_field: Annotated[str, typer.Option(help="Text column, counted with --tokenizer.")] = "text",
@@ -268,6 +270,10 @@ def plan(
         from memtune.plan import Plan
 
         Plan(**fixed)  # an unknown value is bad input, not a candidate that fails
+    if global_tokens is not None:
+        if global_batch is not None:
+            raise ConfigError("give --global-batch (sequences) or --global-tokens, not both")
+        global_batch = max(1, round(global_tokens / seq_len))
     result = plan_candidates(spec, gpu_spec, num_gpus=num_gpus, nodes=nodes, batch_size=batch_size, seq_len=seq_len,
                              batching=batching, data=data, fixed=fixed, global_batch=global_batch, lengths=lengths)
     if out and result.chosen:

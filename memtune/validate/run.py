@@ -56,13 +56,16 @@ class ValidationRecord:
 
     @property
     def measured_peak_allocated_bytes(self) -> int | None:
-        values = [r.get("measured_peak_allocated_bytes") for r in self.ranks]
-        return max(v for v in values if v is not None) if all(v is not None for v in values) and values else None
+        return self._largest("measured_peak_allocated_bytes")
 
     @property
     def measured_peak_reserved_bytes(self) -> int | None:
-        values = [r.get("measured_peak_reserved_bytes") for r in self.ranks]
-        return max(v for v in values if v is not None) if all(v is not None for v in values) and values else None
+        return self._largest("measured_peak_reserved_bytes")
+
+    def _largest(self, key: str) -> int | None:
+        """The largest rank's value (FSDP ranks differ slightly), or None when a rank has none."""
+        values = [r.get(key) for r in self.ranks]
+        return max(values) if values and None not in values else None
 
     @property
     def error(self) -> float | None:

@@ -149,3 +149,14 @@ def test_global_batch_searches_every_micro_batch_split():
     bad = run("plan", "--model", str(TINY), "--gpu", "L4-24GB", "--seq-len", "128", "--global-batch", "3",
               "--num-gpus", "2")
     assert bad.exit_code == 2 and "does not divide" in bad.stderr
+
+
+def test_global_tokens_become_sequences():
+    r = run("plan", "--model", str(TINY), "--gpu", "L4-24GB", "--seq-len", "128", "--global-tokens", "512",
+            "--peft", "none", "--checkpointing", "none", "--optimizer", "adamw", "--json")
+    assert r.exit_code == 0, r.output
+    chosen = json.loads(r.stdout)["chosen"]
+    assert chosen["batch_size"] * chosen["grad_accum"] == 4  # 512 tokens / 128 per sequence
+    both = run("plan", "--model", str(TINY), "--gpu", "L4-24GB", "--seq-len", "128", "--global-tokens", "512",
+               "--global-batch", "4")
+    assert both.exit_code == 2
