@@ -65,30 +65,19 @@ class PlanResult:
 
 
 def candidate_plans(gpu: GpuSpec, *, num_gpus: int, nodes: int, batch_size: int, seq_len: int,
-                    batching: str = "padding") -> list[tuple[str, Plan]]:
-    """The usual ways to fine-tune: full fine-tune, LoRA, QLoRA, each without and with activation checkpointing,
-    at the GPU's best precision (bf16 where supported, else fp16 with fp32 master weights for full fine-tuning),
-    each with AdamW's states in the parameter dtype and in 8 bits (bitsandbytes)."""
+                    batching: str = "padding") -> list[Plan]:
+    """The usual ways to fine-tune: full fine-tune, LoRA, QLoRA 4-bit (one GPU: k-bit weights are not sharded),
+    each without and with activation checkpointing, at the GPU's best precision (bf16 where supported, else fp16
+    with fp32 master weights for full fine-tuning), each with AdamW states in the parameter dtype and in 8 bits."""
     world = num_gpus * nodes
-    sharding = "none" if world == 1 else ("hsdp" if nodes > 1 else "fsdp")
-    full_precision = "bf16" if gpu.bf16 else "amp-fp16"
-    lora_precision = "bf16" if gpu.bf16 else "fp16"
-    common = {"num_gpus": num_gpus, "nodes": nodes, "batch_size": batch_size, "seq_len": seq_len, "batching": batching}
-    out = []
-    for ac in ("none", "full"):
-        suffix = " + checkpointing" if ac == "full" else ""
-        out.append((f"full fine-tune{suffix}", Plan(precision=full_precision, sharding=sharding, checkpointing=ac,
-                                                    **common)))
-    for ac in ("none", "full"):
-        suffix = " + checkpointing" if ac == "full" else ""
-        out.append((f"LoRA{suffix}", Plan(precision=lora_precision, sharding=sharding, checkpointing=ac, peft="lora",
-                                          **common)))
+    common = {"num_gpus": num_gpus, "nodes": nodes, "batch_size": batch_size, "seq_len": seq_len, "batching": batching,
+              "sharding": "none" if world == 1 else ("hsdp" if nodes > 1 else "fsdp")}
+    half = "bf16" if gpu.bf16 else "fp16"
+    kinds = [{"precision": "bf16" if gpu.bf16 else "amp-fp16"}, {"precision": half, "peft": "lora"}]
     if world == 1:
-        for ac in ("none", "full"):
-            suffix = " + checkpointing" if ac == "full" else ""
-            out.append((f"QLoRA 4-bit{suffix}", Plan(precision=lora_precision, checkpointing=ac, peft="lora",
-                                                     quantization="4bit", **common)))
-    return out + [(label, dataclasses.replace(plan, optimizer="adamw-8bit")) for label, plan in out]
+        kinds.append({"precision": half, "peft": "lora", "quantization": "4bit"})
+    return [Plan(**common, **kind, checkpointing=ac, optimizer=opt)
+            for opt in ("adamw", "adamw-8bit") for kind in kinds for ac in ("none", "full")]
 
 
 def llama_cookbook_default(gpu: GpuSpec, *, num_gpus: int = 1, batch_size: int = 1, seq_len: int,
@@ -137,19 +126,20 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
     splits = micro_batches(global_batch, batch_size, num_gpus * nodes)
     kinds = candidate_plans(gpu, num_gpus=num_gpus, nodes=nodes, batch_size=batch_size, seq_len=seq_len,
                             batching=batching)
-    for (label, kind), (micro, accum) in ((k, sp) for k in kinds for sp in splits):
+    for kind, (micro, accum) in ((k, sp) for k in kinds for sp in splits):
         try:
             plan = dataclasses.replace(kind, batch_size=micro, grad_accum=accum, **(fixed or {}))
             if plan in seen:
                 continue
             seen.add(plan)
-            label = describe(plan)
             breakdown = estimate(spec, plan, gpu, fast=True)
         except InvalidPlanError as e:
+            label = describe(kind)
             if (label, str(e)) not in seen:  # one row per kind of plan that cannot run, with the reason
                 seen.add((label, str(e)))
                 candidates.append(Candidate(label=label, plan=kind, breakdown=None, reason=str(e)))
             continue
+        label = describe(plan)
         if lengths is not None and batching == "padding":
             efficiency = lengths.padded(plan.batch_size)[1]
         candidates.append(Candidate(label=label, plan=plan, breakdown=breakdown, reason=_reason(breakdown),

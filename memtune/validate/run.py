@@ -177,7 +177,7 @@ def _torchrun(spec: ModelSpec, plan: Plan, *, steps: int, cap: int | None, out_d
     job.write_text(json.dumps({"model_config": spec.config_json, "model_name": spec.name, "plan": plan.to_dict(),
                                "steps": steps, "memory_cap_bytes": cap, "snapshot": snapshot,
                                "sdpa_backend": backend, "weights_dir": weights_dir}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={plan.num_gpus}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={plan.num_gpus}",
            "-m", "memtune.validate.worker", str(job)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT_S,

@@ -60,7 +60,7 @@ def test_fsdp_validation_worker_runs_two_gloo_ranks_on_cpu(tiny, tmp_path):
     plan = Plan(sharding="fsdp", num_gpus=2, seq_len=32, batch_size=2)
     job.write_text(json.dumps({"model_config": tiny.config_json, "model_name": tiny.name, "plan": plan.to_dict(),
                                "steps": 2, "memory_cap_bytes": None, "snapshot": False}))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                            "-m", "memtune.validate.worker", str(job)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -143,7 +143,7 @@ def test_fsdp_ranks_load_their_shards_of_the_checkpoint(tiny_checkpoint, tmp_pat
     job.write_text(json.dumps({"model_config": tiny_checkpoint.config_json, "model_name": tiny_checkpoint.name,
                                "plan": plan.to_dict(), "steps": 1, "memory_cap_bytes": None, "snapshot": False,
                                "weights_dir": tiny_checkpoint.weights_dir}))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                            "-m", "memtune.validate.worker", str(job)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
