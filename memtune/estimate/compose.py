@@ -57,7 +57,7 @@ def sdpa_backend(spec: ModelSpec, plan: Plan, gpu: GpuSpec) -> str:
 
 def trace_depths(spec: ModelSpec) -> tuple[int, int]:
     """Two depths that keep the pattern of layer types (e.g. Gemma-2's alternating sliding/global attention)."""
-    types = spec.config.get("layer_types")
+    types = getattr(spec.hf_config(), "layer_types", None)  # transformers fills it in when the config omits it
     period = 1
     if isinstance(types, list) and types:
         period = next(p for p in range(1, len(types) + 1) if all(types[i] == types[i % p] for i in range(len(types))))
