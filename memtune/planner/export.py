@@ -108,13 +108,29 @@ def hf_trainer_config(model_name: str, plan: Plan) -> dict:
         args["fsdp"] = {"fsdp": "full_shard auto_wrap", "fsdp-grad-op": "shard_grad_op auto_wrap",
                         "hsdp": "hybrid_shard auto_wrap"}[plan.sharding]
         args["fsdp_config"] = {"fsdp_version": 2, "reshard_after_forward": plan.sharding != "fsdp-grad-op"}
-    out = {"model": model_kwargs, "training_arguments": args}
+    out = {"model": model_kwargs, "training_arguments": args, "accelerate_config": accelerate_config(plan)}
     if plan.peft == "lora":
         out["lora_config"] = {"r": plan.lora_rank, "lora_alpha": plan.lora_alpha, "lora_dropout": plan.lora_dropout,
                               "target_modules": list(plan.lora_targets), "task_type": "CAUSAL_LM"}
     if plan.batching == "packing":
         out["sft_config"] = {"packing": True, "max_length": plan.seq_len}
     return out
+
+
+def accelerate_config(plan: Plan) -> dict:
+    """An ``accelerate launch --config_file`` configuration for the plan (FSDP2 when sharded)."""
+    config: dict = {"compute_environment": "LOCAL_MACHINE", "num_machines": plan.nodes,
+                    "num_processes": plan.world_size, "machine_rank": 0,
+                    "mixed_precision": {"amp-bf16": "bf16", "amp-fp16": "fp16"}.get(plan.precision, "no"),
+                    "distributed_type": "NO" if plan.world_size == 1 and plan.sharding == "none" else "MULTI_GPU"}
+    if plan.sharding != "none":
+        config["distributed_type"] = "FSDP"
+        config["fsdp_config"] = {
+            "fsdp_version": 2, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "fsdp_reshard_after_forward": plan.sharding != "fsdp-grad-op",
+            "fsdp_activation_checkpointing": plan.checkpointing == "full",
+            "fsdp_state_dict_type": "SHARDED_STATE_DICT", "fsdp_cpu_ram_efficient_loading": True}
+    return config
 
 
 def shell(cmd: list[str]) -> str:
