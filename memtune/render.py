@@ -149,5 +149,7 @@ def render_validation(console: Console, spec, record) -> None:
         r0 = record.ranks[0]
         console.print(f"{r0['step_time_s'] * 1000:.0f} ms/step, {r0['tokens_per_s']:,.0f} tokens/s per rank; "
                       f"{r0['num_alloc_retries']} allocator retries")
+    for note in record.notes:
+        console.print(f"note: {escape(note)}")
     color = "green" if record.agrees else "red"
     console.print(f"[bold {color}]{escape(record.verdict)}[/]")

@@ -128,7 +128,10 @@ def validate_plan(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, steps: int = 5, 
     out_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="memtune-validate-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     if dry_run:
-        return _dry_run(spec, plan, gpu, est, tolerance)
+        record = _dry_run(spec, plan, gpu, est, tolerance)
+        if emulate:
+            record.notes.append(f"no CUDA GPU here: the {gpu.name} cap needs one, so this is a dry run")
+        return record
     if plan.nodes > 1:
         raise ConfigError("validate runs on one node; validate a multi-node plan with --nodes 1 and the same "
                           "--num-gpus, or use --dry-run")
