@@ -211,6 +211,7 @@ def _trace_key(spec: ModelSpec, plan: Plan, depth: int, backend: str) -> str:
     fields = {k: v for k, v in plan.to_dict().items() if k != "batching"}
     fields["grad_accum"] = min(plan.grad_accum, 2)
     ident = {"format": TRACE_FORMAT, "config": spec.config_json, "plan": fields, "depth": depth,
+             "quick_warmup": depth < spec.num_layers,
              "sdpa": backend, "torch": torch.__version__.split("+")[0], "transformers": transformers.__version__}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -227,7 +228,8 @@ def cached_trace(spec: ModelSpec, plan: Plan, depth: int, backend: str) -> Trace
     from memtune.estimate.trace import trace_step
 
     try:
-        result = trace_step(spec, plan, depth, sdpa_backend="math" if backend == "math" else "flash")
+        result = trace_step(spec, plan, depth, sdpa_backend="math" if backend == "math" else "flash",
+                            quick_warmup=depth < spec.num_layers)
     except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:
         raise InvalidPlanError([f"cannot trace this plan for {spec.name}: {type(e).__name__}: {e}"]) from None
     try:

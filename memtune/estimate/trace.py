@@ -313,10 +313,14 @@ def _cuda_kernel_choices(sdpa_backend: str):
         masking_utils.find_packed_sequence_indices = original_packed
 
 
-def trace_step(spec: ModelSpec, plan: Plan, num_layers: int, *, sdpa_backend: str = "flash") -> TraceResult:
+def trace_step(spec: ModelSpec, plan: Plan, num_layers: int, *, sdpa_backend: str = "flash",
+               quick_warmup: bool = False) -> TraceResult:
     """Per-phase peak bytes (allocator-rounded) of one steady-state training step of a ``num_layers`` model.
 
     ``sdpa_backend`` is the kernel CUDA would pick for this GPU and plan (``flash``, ``efficient`` or ``math``).
+    The traced step follows a warm-up step that creates the optimizer states, as in a real run; ``quick_warmup``
+    creates them from zero gradients instead (half the tracing time; the allocator's cache then takes a different
+    shape, so only the screening estimates use it).
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -334,11 +338,18 @@ def trace_step(spec: ModelSpec, plan: Plan, num_layers: int, *, sdpa_backend: st
                 batch = recipe.make_batch(spec, plan, "cpu")
                 mark = _phase_marker(tracker, model, optimizer)
                 _segment_hooks(tracker, model)
-                for step in range(2):
-                    tracker.recording = step == 1
-                    # Two micro-batches show everything more would: gradients held across the next forward.
+                if quick_warmup:
+                    for p in model.parameters():
+                        if p.requires_grad:
+                            p.grad = torch.zeros_like(p)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                else:
                     recipe.train_step(model, optimizer, batch, plan, on_phase=mark,
                                       micro_batches=min(plan.grad_accum, 2))
+                tracker.recording = True
+                # Two micro-batches show everything more would: gradients held across the next forward.
+                recipe.train_step(model, optimizer, batch, plan, on_phase=mark, micro_batches=min(plan.grad_accum, 2))
     return tracker.result(num_layers)
 
 
