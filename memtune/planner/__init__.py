@@ -111,8 +111,9 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
     estimate; if it does not fit after all, go on to the next cheapest. ``fixed`` holds plan fields the user set
     (``{"peft": "none"}`` for a full fine-tune): they override every candidate. With ``global_batch`` (sequences
     per optimizer step) every split into micro-batch x gradient accumulation is a candidate too; with ``lengths``
-    (padding) each micro-batch gets its own padding waste. llama-cookbook's default path is estimated too, as the
-    reference the chosen plan is compared with."""
+    (padding) each micro-batch gets its own padding waste. A plan with 8-bit AdamW states is evaluated only when
+    the same plan with plain AdamW does not fit. llama-cookbook's default path is estimated too, as the reference
+    the chosen plan is compared with."""
     efficiency = (data or {}).get("padding_efficiency", 1.0) if batching == "padding" else 1.0
     ref_plan = llama_cookbook_default(gpu, batch_size=batch_size, seq_len=seq_len, batching=batching)
     ref_plan.check_model(spec)  # a sequence longer than the model's context is bad input, not a miss
@@ -126,12 +127,15 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
     splits = micro_batches(global_batch, batch_size, num_gpus * nodes)
     kinds = candidate_plans(gpu, num_gpus=num_gpus, nodes=nodes, batch_size=batch_size, seq_len=seq_len,
                             batching=batching)
+    fitting: set[Plan] = set()
     for kind, (micro, accum) in ((k, sp) for k in kinds for sp in splits):
         try:
             plan = dataclasses.replace(kind, batch_size=micro, grad_accum=accum, **(fixed or {}))
             if plan in seen:
                 continue
             seen.add(plan)
+            if plan.optimizer == "adamw-8bit" and dataclasses.replace(plan, optimizer="adamw") in fitting:
+                continue  # 8-bit states only where they pay: the same plan with plain AdamW already fits
             breakdown = estimate(spec, plan, gpu, fast=True)
         except InvalidPlanError as e:
             label = describe(kind)
@@ -140,6 +144,8 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
                 candidates.append(Candidate(label=label, plan=kind, breakdown=None, reason=str(e)))
             continue
         label = describe(plan)
+        if breakdown.fits:
+            fitting.add(plan)
         if lengths is not None and batching == "padding":
             efficiency = lengths.padded(plan.batch_size)[1]
         candidates.append(Candidate(label=label, plan=plan, breakdown=breakdown, reason=_reason(breakdown),
