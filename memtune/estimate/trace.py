@@ -69,6 +69,9 @@ class TraceResult:
 
 
 class _Tracker(TorchDispatchMode):
+    """Sees every tensor an op creates, books its storage into the caching-allocator model, frees it when the
+    storage dies, and keeps, for each (phase, segment), the live storages at its highest point."""
+
     def __init__(self, vocab_size: int, logits_numel: int):
         super().__init__()
         self.vocab_size, self.logits_numel = vocab_size, logits_numel
