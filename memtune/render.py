@@ -60,17 +60,24 @@ def render_breakdown(console: Console, spec, b: MemoryBreakdown) -> None:
 
 
 def render_plan(console: Console, spec, gpu, result) -> None:
-    table = Table(title=f"{escape(spec.name)} on {gpu.name}", title_justify="left")
-    for col, just in (("candidate", "left"), ("plan", "left"), ("needs (GiB)", "right"), ("est. tokens/s", "right"),
-                      ("verdict", "left")):
+    estimated = next((c.breakdown for c in result.candidates if c.breakdown), None)
+    usable = f" ({gib(estimated.device_usable_bytes - estimated.margin_bytes):.1f} GiB usable)" if estimated else ""
+    table = Table(title=f"{escape(spec.name)} on {gpu.name}{usable}", title_justify="left")
+    for col, just in (("candidate", "left"), ("micro-batch x accum", "right"), ("needs (GiB)", "right"),
+                      ("est. tokens/s", "right"), ("verdict", "left")):
         table.add_column(col, justify=just)
+    styles = {"fits": "green", "borderline": "yellow", "does not fit": "red"}
     for c in result.candidates:
         needs = f"{gib(c.breakdown.required_bytes):.2f}" if c.breakdown else "-"
         speed = f"{c.cost.tokens_per_s:,.0f}" if c.cost else "-"
-        verdict = "[green]fits[/]" if c.fits else f"[red]{escape(c.reason)}[/]"
+        verdict = c.breakdown.verdict if c.breakdown else "cannot run"
         mark = "[bold]> [/]" if c is result.chosen else "  "
-        table.add_row(mark + c.label, escape(_plan_summary(c.plan)), needs, speed, verdict)
+        table.add_row(mark + escape(c.label), f"{c.plan.batch_size} x {c.plan.grad_accum}", needs, speed,
+                      f"[{styles.get(verdict, 'red')}]{verdict}[/]")
     console.print(table)
+    for c in result.candidates:
+        if not c.fits:
+            console.print(f"  {escape(c.label)}: {escape(c.reason)}", highlight=False)
     if result.data:
         d = result.data
         eff = f", padding keeps {100 * d['padding_efficiency']:.1f} % real tokens" if "padding_efficiency" in d else ""

@@ -131,17 +131,20 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
     for kind, (micro, accum) in ((k, sp) for k in kinds for sp in splits):
         try:
             plan = dataclasses.replace(kind, batch_size=micro, grad_accum=accum, **(fixed or {}))
-            if plan in seen:
-                continue
-            seen.add(plan)
-            if plan.optimizer == "adamw-8bit" and dataclasses.replace(plan, optimizer="adamw") in fitting:
-                continue  # 8-bit states only where they pay: the same plan with plain AdamW already fits
+        except InvalidPlanError:
+            continue  # the user's constraints rule this kind out (e.g. QLoRA under --peft none)
+        if plan in seen:
+            continue
+        seen.add(plan)
+        if plan.optimizer == "adamw-8bit" and dataclasses.replace(plan, optimizer="adamw") in fitting:
+            continue  # 8-bit states only where they pay: the same plan with plain AdamW already fits
+        try:
             breakdown = estimate(spec, plan, gpu, fast=True)
         except InvalidPlanError as e:
-            label = describe(kind)
+            label = describe(plan)
             if (label, str(e)) not in seen:  # one row per kind of plan that cannot run, with the reason
                 seen.add((label, str(e)))
-                candidates.append(Candidate(label=label, plan=kind, breakdown=None, reason=str(e)))
+                candidates.append(Candidate(label=label, plan=plan, breakdown=None, reason=str(e)))
             continue
         label = describe(plan)
         if breakdown.fits:
