@@ -94,3 +94,20 @@ def test_gpu_table_is_complete_and_sourced():
     for g in table.values():
         assert g.source and g.memory_bytes > 0 and g.bandwidth_gbs > 0
         assert g.bf16 == (g.compute_capability >= (8, 0))
+
+
+def test_every_calibration_profile_loads():
+    import json
+
+    from memtune.profiles import profiles_dir
+
+    files = sorted((profiles_dir() / "calibration").glob("*.json"))
+    assert files
+    known = {g.name for g in known_gpus()}
+    for path in files:
+        data = json.loads(path.read_text())
+        assert path.stem in known and data["gpu"] == path.stem and data["measured_with"]
+        for family in data["families"].values():
+            assert family["configurations"] > 0 and family["allocated"]["max"] > 0.9
+        util = data["utilization"]
+        assert 0 < util["u_max"] <= 1 and util["x_half"] > 0 and util["class_factor"]["16bit/none"] > 0
