@@ -13,7 +13,7 @@ Sharding = Literal["none", "fsdp", "fsdp-grad-op", "hsdp"]
 Checkpointing = Literal["none", "full"]
 Peft = Literal["none", "lora"]
 Quantization = Literal["none", "8bit", "4bit"]
-Optimizer = Literal["adamw", "adamw-8bit", "sgd"]
+Optimizer = Literal["adamw", "adamw-fused", "adamw-8bit", "sgd"]
 Attention = Literal["sdpa", "eager"]
 Batching = Literal["padding", "packing"]
 
@@ -41,7 +41,9 @@ class Plan:
     quantization: Quantization = "none"
     """8bit (LLM.int8) or 4bit (NF4, double quantization) frozen base weights; needs LoRA."""
     optimizer: Optimizer = "adamw"
-    """adamw: torch.optim.AdamW (foreach on CUDA). adamw-8bit: bitsandbytes AdamW8bit. sgd: plain SGD, no momentum."""
+    """adamw: torch.optim.AdamW (PyTorch's default foreach implementation on CUDA). adamw-fused: the same update in
+    one fused kernel (``fused=True``), without foreach's temporary copy of the states. adamw-8bit: bitsandbytes
+    AdamW8bit. sgd: plain SGD, no momentum."""
     batch_size: int = 1
     """Micro-batch per GPU, in sequences."""
     seq_len: int = 2048

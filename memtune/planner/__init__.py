@@ -64,6 +64,11 @@ class PlanResult:
         }
 
 
+OPTIMIZERS = ("adamw", "adamw-fused", "adamw-8bit")
+"""In order of preference: PyTorch's default, the same update fused (no temporary copy of the states), 8-bit
+states (they change the training). A later one is searched only where the earlier ones do not fit."""
+
+
 def candidate_plans(gpu: GpuSpec, *, num_gpus: int, nodes: int, batch_size: int, seq_len: int,
                     batching: str = "padding") -> list[Plan]:
     """The usual ways to fine-tune: full fine-tune, LoRA, QLoRA 4-bit (one GPU: k-bit weights are not sharded),
@@ -77,7 +82,7 @@ def candidate_plans(gpu: GpuSpec, *, num_gpus: int, nodes: int, batch_size: int,
     if world == 1:
         kinds.append({"precision": half, "peft": "lora", "quantization": "4bit"})
     return [Plan(**common, **kind, checkpointing=ac, optimizer=opt)
-            for opt in ("adamw", "adamw-8bit") for kind in kinds for ac in ("none", "full")]
+            for opt in OPTIMIZERS for kind in kinds for ac in ("none", "full")]
 
 
 def llama_cookbook_default(gpu: GpuSpec, *, num_gpus: int = 1, batch_size: int = 1, seq_len: int,
@@ -111,8 +116,8 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
     estimate; if it does not fit after all, go on to the next cheapest. ``fixed`` holds plan fields the user set
     (``{"peft": "none"}`` for a full fine-tune): they override every candidate. With ``global_batch`` (sequences
     per optimizer step) every split into micro-batch x gradient accumulation is a candidate too; with ``lengths``
-    (padding) each micro-batch gets its own padding waste. A plan with 8-bit AdamW states is evaluated only when
-    the same plan with plain AdamW does not fit. llama-cookbook's default path is estimated too, as the reference
+    (padding) each micro-batch gets its own padding waste. Fused AdamW, then 8-bit AdamW states, are evaluated
+    only where the same plan with a preferred optimizer does not fit. llama-cookbook's default path is estimated too, as the reference
     the chosen plan is compared with."""
     efficiency = (data or {}).get("padding_efficiency", 1.0) if batching == "padding" else 1.0
     ref_plan = llama_cookbook_default(gpu, batch_size=batch_size, seq_len=seq_len, batching=batching)
@@ -136,8 +141,9 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
         if plan in seen:
             continue
         seen.add(plan)
-        if plan.optimizer == "adamw-8bit" and dataclasses.replace(plan, optimizer="adamw") in fitting:
-            continue  # 8-bit states only where they pay: the same plan with plain AdamW already fits
+        preferred = OPTIMIZERS[:OPTIMIZERS.index(plan.optimizer)] if plan.optimizer in OPTIMIZERS else ()
+        if any(dataclasses.replace(plan, optimizer=opt) in fitting for opt in preferred):
+            continue  # only where it pays: the same plan with a preferred optimizer already fits
         try:
             breakdown = estimate(spec, plan, gpu, fast=True)
         except InvalidPlanError as e:
@@ -170,14 +176,15 @@ def describe(plan: Plan) -> str:
     kind = "full fine-tune" if plan.peft == "none" else "LoRA" if plan.quantization == "none" else (
         "QLoRA 4-bit" if plan.quantization == "4bit" else "LoRA on 8-bit weights")
     return (kind + (" + checkpointing" if plan.checkpointing == "full" else "")
-            + (" + 8-bit AdamW" if plan.optimizer == "adamw-8bit" else "")
+            + {"adamw-8bit": " + 8-bit AdamW", "adamw-fused": " + fused AdamW"}.get(plan.optimizer, "")
             + (f" ({plan.batch_size} x {plan.grad_accum})" if plan.grad_accum > 1 else ""))
 
 
 def _rank(c: Candidate) -> tuple[float, int, int]:
-    """Fewest GPU-seconds per trained token first; at equal cost the plan without 8-bit optimizer states (they
-    change the training, so they are used only where they pay); then the most headroom."""
-    return (c.cost.gpu_seconds_per_token, c.plan.optimizer == "adamw-8bit", -c.breakdown.headroom_bytes)
+    """Fewest GPU-seconds per trained token first; at equal cost the preferred optimizer (``OPTIMIZERS``); then
+    the most headroom."""
+    preference = OPTIMIZERS.index(c.plan.optimizer) if c.plan.optimizer in OPTIMIZERS else len(OPTIMIZERS)
+    return (c.cost.gpu_seconds_per_token, preference, -c.breakdown.headroom_bytes)
 
 
 def _reason(b: MemoryBreakdown) -> str:

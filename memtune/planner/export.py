@@ -100,7 +100,8 @@ def hf_trainer_config(model_name: str, plan: Plan) -> dict:
     args: dict = {"per_device_train_batch_size": plan.batch_size, "gradient_accumulation_steps": plan.grad_accum,
                   "bf16": plan.precision == "amp-bf16", "fp16": plan.precision == "amp-fp16",
                   "gradient_checkpointing": plan.checkpointing == "full",
-                  "optim": {"adamw": "adamw_torch", "adamw-8bit": "adamw_bnb_8bit", "sgd": "sgd"}[plan.optimizer],
+                  "optim": {"adamw": "adamw_torch", "adamw-fused": "adamw_torch_fused", "adamw-8bit": "adamw_bnb_8bit",
+                            "sgd": "sgd"}[plan.optimizer],
                   "group_by_length": plan.batching == "padding"}
     if plan.checkpointing == "full":
         args["gradient_checkpointing_kwargs"] = {"use_reentrant": False}

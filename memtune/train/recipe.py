@@ -148,6 +148,8 @@ def build_optimizer(model: nn.Module, plan: Plan, *, foreach: bool | None = None
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, lr=1e-4)
+    if plan.optimizer == "adamw-fused":
+        return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True)
     return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, foreach=foreach)
 
 

@@ -155,3 +155,11 @@ def test_gradient_accumulation_keeps_gradients_through_the_next_forward(tiny, h2
     assert one.phases[Phase.FORWARD][C.GRADIENTS] == 0
     assert four.phases[Phase.FORWARD][C.GRADIENTS] == weights
     assert four.peak_allocated_bytes >= one.peak_allocated_bytes
+
+
+def test_fused_adamw_has_no_foreach_copy_of_the_states(tiny, h200):
+    foreach = estimate(tiny, Plan(batch_size=2, seq_len=64), h200).phases[Phase.OPTIMIZER_STEP]
+    fused = estimate(tiny, Plan(batch_size=2, seq_len=64, optimizer="adamw-fused"), h200).phases[Phase.OPTIMIZER_STEP]
+    weights, _ = _param_blocks(tiny, Plan(), 2)
+    assert foreach[C.TEMPORARIES] - fused[C.TEMPORARIES] >= weights
+    assert fused[C.OPTIMIZER_STATES] == foreach[C.OPTIMIZER_STATES]
