@@ -12,7 +12,6 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from memtune.errors import ConfigError, MemtuneError, UnknownGpuError
 

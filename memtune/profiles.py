@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 from pathlib import Path
 
@@ -10,3 +12,11 @@ def profiles_dir() -> Path:
     """``$MEMTUNE_PROFILES`` if set, else the ``profiles/`` folder next to the package."""
     env = os.environ.get("MEMTUNE_PROFILES")
     return Path(env) if env else Path(__file__).resolve().parent.parent / "profiles"
+
+
+@functools.lru_cache(maxsize=16)
+def calibrations(gpu_name: str) -> tuple[tuple[str, dict], ...]:
+    """``(file name, contents)`` of every ``profiles/calibration/*.json``, the given GPU's own file first (another
+    GPU's measurements are the fallback: the estimator's errors come from the software stack more than the card)."""
+    files = sorted((profiles_dir() / "calibration").glob("*.json"), key=lambda p: (p.stem != gpu_name, p.name))
+    return tuple((path.name, json.loads(path.read_text())) for path in files)

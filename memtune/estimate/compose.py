@@ -4,8 +4,8 @@ By default the step is traced at the model's full depth: every allocation of the
 the caching-allocator model, which gives both the allocated peak and the reserved bytes.
 
 ``fast=True`` traces two reduced depths a < b instead (for screening many plans), and for micro-batches above 2
-traces batches 1 and 2 and extrapolates (landmarks are linear in the micro-batch at a fixed sequence length). Every landmark of a step (the
-peak inside the embeddings, the first and last decoder layer, and the head, in each phase) holds a fixed part plus
+traces batches 1 and 2 and extrapolates (landmarks are linear in the micro-batch at a fixed sequence length).
+Every landmark of a step (the peak inside the embeddings, the first and last decoder layer, and the head, in each phase) holds a fixed part plus
 a part per decoder layer, so its bytes are linear in the depth L:
 ``m(L) = m(a) + (L - a) * (m(b) - m(a)) / (b - a)``. The peak of a phase is the largest of its landmarks at the
 model's depth (the layers in between lie on the line between the first and the last). Fragmentation does not
@@ -69,13 +69,12 @@ def calibration_factors(spec: ModelSpec, gpu: GpuSpec) -> tuple[float, float, st
     """(allocated, reserved, source) from ``profiles/calibration``: the largest measured/estimated ratio of the
     model's architecture family, never below 1 (calibration only ever adds). The GPU's own file is preferred;
     otherwise another GPU's (the estimator's errors come from the software stack more than from the card)."""
-    from memtune.profiles import profiles_dir
+    from memtune.profiles import calibrations
 
-    files = sorted((profiles_dir() / "calibration").glob("*.json"), key=lambda p: p.stem != gpu.name)
-    for path in files:
-        family = json.loads(path.read_text())["families"].get(spec.model_type)
+    for name, data in calibrations(gpu.name):
+        family = data["families"].get(spec.model_type)
         if family:
-            return (max(1.0, family["allocated"]["max"]), max(1.0, family["reserved"]["max"]), path.name)
+            return (max(1.0, family["allocated"]["max"]), max(1.0, family["reserved"]["max"]), name)
     return None
 
 

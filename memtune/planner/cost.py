@@ -15,12 +15,10 @@ per step, over the GPU's interconnect, overlapped with compute. Padding wastes t
 
 from __future__ import annotations
 
-import functools
-import json
 from dataclasses import dataclass
 
 from memtune.plan import Plan
-from memtune.profiles import profiles_dir
+from memtune.profiles import calibrations
 from memtune.specs.gpu import GpuSpec
 from memtune.specs.model import ModelSpec
 
@@ -74,18 +72,8 @@ def peak_flops(gpu: GpuSpec, plan: Plan) -> float:
     return gpu.tflops[key] * 1e12
 
 
-@functools.lru_cache(maxsize=8)
-def _utilization_model(gpu_name: str) -> dict | None:
-    files = sorted((profiles_dir() / "calibration").glob("*.json"), key=lambda p: p.stem != gpu_name)
-    for path in files:
-        model = json.loads(path.read_text()).get("utilization")
-        if model:
-            return model
-    return None
-
-
 def utilization(spec: ModelSpec, plan: Plan, gpu: GpuSpec) -> float:
-    model = _utilization_model(gpu.name)
+    model = next((data["utilization"] for _, data in calibrations(gpu.name) if data.get("utilization")), None)
     if model is None:
         return DEFAULT_UTILIZATION
     x = plan.batch_size * plan.seq_len * spec.hidden_size

@@ -75,7 +75,7 @@ def build_model(spec: ModelSpec, plan: Plan, *, device: str | torch.device, num_
         _shard(model, layers, plan, mesh)
         if device.type != "meta":
             model.to_empty(device=device)
-            _init_materialized(model, hf_config, device)
+            _init_materialized(model, device)
             if weights:
                 _load_sharded(base, weights)
     model.train()
@@ -120,7 +120,7 @@ def _shard(model: nn.Module, layers: nn.ModuleList, plan: Plan, mesh) -> None:
 
 
 @torch.no_grad()
-def _init_materialized(model: nn.Module, hf_config, device: torch.device) -> None:
+def _init_materialized(model: nn.Module, device: torch.device) -> None:
     """Random weights after ``to_empty`` (memory does not depend on the values) and correct RoPE buffers."""
     for p in model.parameters():
         if p.is_floating_point():

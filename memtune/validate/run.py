@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from memtune.errors import ConfigError
-from memtune.estimate import MemCategory, MemoryBreakdown, Phase, estimate
-from memtune.estimate import overhead
+from memtune.estimate import MemoryBreakdown, Phase, estimate, overhead, sdpa_backend
 from memtune.plan import Plan
 from memtune.specs.gpu import GpuSpec
 from memtune.specs.model import ModelSpec
@@ -125,8 +124,6 @@ def validate_plan(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, steps: int = 5, 
     est = estimate(spec, plan, gpu)
     if dry_run is None:
         dry_run = not torch.cuda.is_available()
-    out_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="memtune-validate-"))
-    out_dir.mkdir(parents=True, exist_ok=True)
     if dry_run:
         record = _dry_run(spec, plan, gpu, est, tolerance)
         if emulate:
@@ -139,9 +136,9 @@ def validate_plan(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, steps: int = 5, 
     if plan.num_gpus > available:
         raise ConfigError(f"the plan needs {plan.num_gpus} GPUs and {available} are visible; use --dry-run or "
                           f"run on a machine with {plan.num_gpus} GPUs")
+    out_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="memtune-validate-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
     cap = gpu.memory_bytes - overhead.runtime_overhead_bytes(plan.world_size) if emulate else None
-    from memtune.estimate import sdpa_backend
-
     # Under emulation, attention runs the kernel the emulated GPU would pick (e.g. no flash attention on a V100).
     backend = sdpa_backend(spec, plan, gpu) if emulate else None
     snapshot_path = out_dir / "snapshot.pickle" if snapshot else None
@@ -162,7 +159,7 @@ def validate_plan(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, steps: int = 5, 
 
 
 def _dry_run(spec, plan, gpu, est, tolerance) -> ValidationRecord:
-    from memtune.estimate.compose import cached_trace, sdpa_backend
+    from memtune.estimate.compose import cached_trace
 
     trace = cached_trace(spec, plan, spec.num_layers, sdpa_backend(spec, plan, gpu))
     rank = {"device": "fake tensors on the CPU",
