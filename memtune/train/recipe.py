@@ -121,10 +121,17 @@ def _shard(model: nn.Module, layers: nn.ModuleList, plan: Plan, mesh) -> None:
 
 @torch.no_grad()
 def _init_materialized(model: nn.Module, device: torch.device) -> None:
-    """Random weights after ``to_empty`` (memory does not depend on the values) and correct RoPE buffers."""
+    """Random weights after ``to_empty`` and correct RoPE buffers; LoRA adapters get peft's own init (B = 0), so
+    a sharded LoRA run starts from the base model's function, as an unsharded one does."""
+    from peft.tuners.lora import LoraLayer
+
     for p in model.parameters():
         if p.is_floating_point():
             p.normal_(0.0, 0.02)
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for adapter in module.lora_A:
+                module.reset_lora_parameters(adapter, init_lora_weights=True)
     for module in model.modules():
         if hasattr(module, "inv_freq") and hasattr(module, "config"):
             fresh = type(module)(module.config).to(device)

@@ -35,7 +35,7 @@ def measure_plan(spec: ModelSpec, plan: Plan, *, steps: int = 2, mesh=None, devi
     Returns:
         ``measured_peak_allocated_bytes``, ``measured_peak_reserved_bytes``, ``measured_peak_active_bytes``,
         ``measured_phases`` (peak allocated per phase), ``measured_categories`` (parameters, gradients, optimizer
-        states, per phase), ``num_alloc_retries``, ``num_ooms``, ``step_time_s``, ``tokens_per_s``, ``losses``;
+        states, per phase), ``num_alloc_retries``, ``num_ooms``, ``step_time_s``, ``tokens_per_s``, ``warmup_loss`` (the loss of the untouched weights), ``losses``;
         or ``error: "oom"`` with the high-water marks when the plan ran out of memory.
     """
     device = device or torch.device("cuda", torch.cuda.current_device())
@@ -64,7 +64,7 @@ def _measure(spec, plan, steps, mesh, device, cuda, memory_cap_bytes, snapshot_p
         optimizer = recipe.build_optimizer(model, plan)
         scaler = torch.amp.GradScaler(device.type) if plan.precision == "amp-fp16" and cuda else None
         batch = recipe.make_batch(spec, plan, device)
-        recipe.train_step(model, optimizer, batch, plan, scaler=scaler)
+        warmup_loss = float(recipe.train_step(model, optimizer, batch, plan, scaler=scaler))
         _sync(device)
         gc.collect()
         if cuda:
@@ -110,6 +110,7 @@ def _measure(spec, plan, steps, mesh, device, cuda, memory_cap_bytes, snapshot_p
             "measured_categories": categories,
             "step_time_s": elapsed,
             "tokens_per_s": plan.batch_size * plan.seq_len / elapsed,
+            "warmup_loss": warmup_loss,
             "losses": losses,
         }
         if cuda:
