@@ -6,9 +6,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,20 +56,36 @@ def main() -> None:
             rows.append({"model": model, "mode": label, "first_s": round(first, 3), "cached_disk_s": round(from_disk, 4),
                          "cached_memory_s": round(in_memory, 5), "model_spec_s": round(spec_s, 3)})
             print(rows[-1], flush=True)
-    from memtune.planner import plan_candidates
+    from memtune.estimate.screen import screen
+    from memtune.planner import candidate_plans, micro_batches, plan_candidates
 
-    spec = resolve_model("llama-3.1-8b")
+    spec, a100 = resolve_model("llama-3.1-8b"), resolve_gpu("A100-80GB")
+    kinds = candidate_plans(a100, num_gpus=8, nodes=1, batch_size=1, seq_len=4096)
+    plans = [dataclasses.replace(k, batch_size=b, grad_accum=a) for k in kinds for b, a in micro_batches(64, 1, 8)]
+    t = time.perf_counter()
+    for plan in plans:
+        screen(spec, plan, a100)
+    screen_s = time.perf_counter() - t
     search = []
     for attempt in ("first (nothing cached)", "repeat (traces cached)"):
         cached_trace.cache_clear()
         t = time.perf_counter()
-        result = plan_candidates(spec, resolve_gpu("A100-80GB"), num_gpus=8, seq_len=4096, global_batch=64)
+        result = plan_candidates(spec, a100, num_gpus=8, seq_len=4096, global_batch=64)
         search.append({"attempt": attempt, "seconds": round(time.perf_counter() - t, 2),
-                       "candidates": len(result.candidates)})
+                       "candidates": len(result.candidates),
+                       "traced": sum(c.breakdown is not None and c.breakdown.method == "trace"
+                                     for c in result.candidates)})
         print(search[-1], flush=True)
+    env = {**os.environ, "MEMTUNE_CACHE": tempfile.mkdtemp(prefix="memtune-speed-cli-")}
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "memtune", "plan", "--model", "llama-3.1-8b", "--gpu", "A100-80GB",
+                    "--num-gpus", "8", "--seq-len", "4096", "--global-batch", "64", "--json"], check=True, env=env,
+                   capture_output=True)
+    cli_s = time.perf_counter() - t
     out = {"command": "python bench/speed.py",
            "plan_search": {"model": "llama-3.1-8b", "gpu": "8 x A100-80GB", "seq_len": 4096, "global_batch": 64,
-                           "runs": search}, "cpu": platform.processor() or platform.machine(),
+                           "screen_all_candidates_s": round(screen_s, 3), "screened": len(plans), "runs": search,
+                           "cli_wall_s_cold": round(cli_s, 2)}, "cpu": platform.processor() or platform.machine(),
            "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
            "transformers": transformers.__version__, "import_s": round(import_s, 2), "rows": rows}
     (ROOT / "bench" / "results" / "speed.json").write_text(json.dumps(out, indent=2) + "\n")

@@ -29,7 +29,8 @@ Nodes = Annotated[int, typer.Option(help="Nodes.")]
 Precision = Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16 | amp-bf16 | amp-fp16 "
                                              "(auto: bf16 where the GPU has it, else amp-fp16).")]
 Sharding = Annotated[str, typer.Option(help="auto | none | fsdp | fsdp-grad-op | hsdp (auto: fsdp on >1 GPU).")]
-Checkpointing = Annotated[str, typer.Option(help="none | full (activation checkpointing of every decoder layer).")]
+Checkpointing = Annotated[str, typer.Option(help="none | selective (recompute element-wise ops, keep matmul outputs) | full "
+                                                 "(recompute every decoder layer).")]
 PeftOpt = Annotated[str, typer.Option("--peft", help="none | lora")]
 LoraRank = Annotated[int, typer.Option(help="LoRA rank r.")]
 LoraTargets = Annotated[str, typer.Option(help="Comma-separated linear layers LoRA adapts.")]
@@ -228,7 +229,7 @@ def plan(
     prompt_tokens: Annotated[int, typer.Option(help="Tokens a prompt template adds to every sample "
                                                     "(214 for Llama Guard 3).")] = 0,
     precision: Annotated[str | None, typer.Option(help="Fix the precision (default: searched).")] = None,
-    checkpointing: Annotated[str | None, typer.Option(help="Fix checkpointing: none | full.")] = None,
+    checkpointing: Annotated[str | None, typer.Option(help="Fix checkpointing: none | selective | full.")] = None,
     peft: Annotated[str | None, typer.Option("--peft", help="Fix PEFT: none (full fine-tune) | lora.")] = None,
     quantization: Annotated[str | None, typer.Option(help="Fix quantization: none | 8bit | 4bit.")] = None,
     optimizer: Annotated[str | None, typer.Option("--optimizer", help="Fix the optimizer.")] = None,
@@ -360,6 +361,20 @@ def models(as_json: JsonOut = False) -> None:
                            "max_position_embeddings": s.max_position_embeddings} for s in specs], indent=2))
         return
     render_models(console, specs)
+
+
+# Commands that live with their own modules register here.
+# -- launch, tune --
+from memtune.launch.commands import launch as _launch  # noqa: E402 - registered after the app exists
+from memtune.launch.commands import tune as _tune  # noqa: E402
+
+app.command(name="launch")(_user_errors(_launch))
+app.command(name="tune")(_user_errors(_tune))
+
+# -- report --
+from memtune.report.command import report as _report  # noqa: E402 - registered after the app exists
+
+app.command(name="report")(_user_errors(_report))
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ from memtune.errors import InvalidPlanError
 
 Precision = Literal["fp32", "bf16", "fp16", "amp-bf16", "amp-fp16"]
 Sharding = Literal["none", "fsdp", "fsdp-grad-op", "hsdp"]
-Checkpointing = Literal["none", "full"]
+Checkpointing = Literal["none", "selective", "full"]
 Peft = Literal["none", "lora"]
 Quantization = Literal["none", "8bit", "4bit"]
 Optimizer = Literal["adamw", "adamw-fused", "adamw-8bit", "sgd"]
@@ -32,7 +32,9 @@ class Plan:
     """GPUs per node."""
     nodes: int = 1
     checkpointing: Checkpointing = "none"
-    """full: recompute every decoder layer in backward (transformers gradient checkpointing, non-reentrant)."""
+    """full: recompute every decoder layer in backward (non-reentrant checkpointing of each layer). selective:
+    keep each layer's matmul and attention outputs and recompute only the cheap element-wise ops (norms, RoPE,
+    activation functions) - PyTorch's selective activation checkpointing, as torchtitan's op-level policy."""
     peft: Peft = "none"
     lora_rank: int = 8
     lora_alpha: int = 32

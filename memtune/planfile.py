@@ -1,4 +1,5 @@
-"""Plan files: the run config memtune writes and ``validate`` reads (TOML, or the same keys in JSON).
+"""Plan files: the run config memtune writes and ``validate``, ``check`` and ``launch`` read (TOML, or the same
+keys in JSON).
 
     model = "llama-guard-3-1b"
     gpu = "L4-24GB"
@@ -6,6 +7,13 @@
     [plan]
     precision = "bf16"
     checkpointing = "full"
+    ...
+
+    [[fallback]]            # optional, in order: plans to fall back to after an out-of-memory error; a field
+    checkpointing = "full"  # left out keeps the main plan's value
+
+    [run]                   # optional: what ``launch`` needs besides the plan (``memtune.launch.config.RunConfig``)
+    dataset = "train.jsonl"
     ...
 """
 
@@ -16,8 +24,11 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from memtune.errors import ConfigError
+from memtune.errors import ConfigError, InvalidPlanError
+from memtune.launch.config import RunConfig
 from memtune.plan import Plan
+
+_KEYS = ("model", "gpu", "plan", "fallback", "run")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -25,6 +36,10 @@ class PlanFile:
     model: str
     gpu: str
     plan: Plan
+    fallbacks: tuple[Plan, ...] = ()
+    """Plans to switch to, in order, when the run runs out of memory."""
+    run: RunConfig | None = None
+    """The ``[run]`` table, if the file has one."""
 
 
 def read_plan_file(path: str | Path) -> PlanFile:
@@ -38,15 +53,30 @@ def read_plan_file(path: str | Path) -> PlanFile:
     missing = [k for k in ("model", "gpu", "plan") if k not in data]
     if missing:
         raise ConfigError(f"plan file {path} lacks {', '.join(missing)}; it needs model, gpu and a [plan] table")
-    unknown = sorted(set(data) - {"model", "gpu", "plan"})
+    unknown = sorted(set(data) - set(_KEYS))
     if unknown:
-        raise ConfigError(f"plan file {path} has unknown key(s) {', '.join(unknown)}")
-    return PlanFile(model=str(data["model"]), gpu=str(data["gpu"]), plan=Plan.from_dict(data["plan"]))
+        raise ConfigError(f"plan file {path} has unknown key(s) {', '.join(unknown)}; known: {', '.join(_KEYS)}")
+    plan = Plan.from_dict(data["plan"])
+    tables = data.get("fallback", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError(f"plan file {path}: fallbacks are [[fallback]] tables")
+    fallbacks = []
+    for i, table in enumerate(tables, 1):
+        try:
+            fallbacks.append(Plan.from_dict({**plan.to_dict(), **table}))
+        except InvalidPlanError as e:
+            raise InvalidPlanError([f"fallback {i}: {r}" for r in e.reasons]) from None
+    run = RunConfig.from_dict(data["run"]) if "run" in data else None
+    return PlanFile(model=str(data["model"]), gpu=str(data["gpu"]), plan=plan, fallbacks=tuple(fallbacks), run=run)
 
 
 def write_plan_file(path: str | Path, plan_file: PlanFile) -> None:
     lines = [f"model = {_toml(plan_file.model)}", f"gpu = {_toml(plan_file.gpu)}", "", "[plan]"]
     lines += [f"{k} = {_toml(v)}" for k, v in plan_file.plan.to_dict().items()]
+    for fallback in plan_file.fallbacks:
+        lines += ["", "[[fallback]]"] + [f"{k} = {_toml(v)}" for k, v in fallback.to_dict().items()]
+    if plan_file.run is not None:
+        lines += ["", "[run]"] + [f"{k} = {_toml(v)}" for k, v in plan_file.run.to_dict().items() if v is not None]
     Path(path).write_text("\n".join(lines) + "\n")
 
 

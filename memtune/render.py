@@ -15,7 +15,7 @@ def _plan_summary(plan) -> str:
     if plan.sharding != "none":
         parts.append(f"{plan.sharding} over {plan.world_size} GPUs")
     if plan.checkpointing != "none":
-        parts.append("activation checkpointing")
+        parts.append("activation checkpointing" if plan.checkpointing == "full" else "selective checkpointing")
     if plan.peft == "lora":
         parts.append(f"LoRA r={plan.lora_rank} on {','.join(plan.lora_targets)}")
     if plan.quantization != "none":
@@ -59,25 +59,46 @@ def render_breakdown(console: Console, spec, b: MemoryBreakdown) -> None:
         console.print(f"[bold red]does not fit[/]: {fmt_gib(-b.headroom_bytes)} over")
 
 
-def render_plan(console: Console, spec, gpu, result) -> None:
-    estimated = next((c.breakdown for c in result.candidates if c.breakdown), None)
-    usable = f" ({gib(estimated.device_usable_bytes - estimated.margin_bytes):.1f} GiB usable)" if estimated else ""
-    table = Table(title=f"{escape(spec.name)} on {gpu.name}{usable}", title_justify="left")
-    for col, just in (("candidate", "left"), ("micro-batch x accum", "right"), ("needs (GiB)", "right"),
-                      ("est. tokens/s", "right"), ("verdict", "left")):
-        table.add_column(col, justify=just)
+def render_plan(console: Console, spec, gpu, result, *, top: int = 12) -> None:
+    """The cheapest candidates (the chosen one marked), a count of the rest, and why the usual ways to run the
+    job do not fit."""
+    from memtune.planner import _rank
+
+    estimated = [c for c in result.candidates if c.breakdown]
+    usable = (f" ({gib(estimated[0].breakdown.device_usable_bytes - estimated[0].breakdown.margin_bytes):.1f} GiB usable)"
+              if estimated else "")
+    table = Table(title=f"{escape(spec.name)} on {gpu.name}{usable}: the cheapest candidates", title_justify="left")
+    for col, just in (("candidate", "left"), ("batch x acc", "right"), ("GiB", "right"), ("tokens/s", "right"),
+                      ("verdict", "left"), ("by", "left")):
+        table.add_column(col, justify=just, no_wrap=col != "candidate")
     styles = {"fits": "green", "borderline": "yellow", "does not fit": "red"}
-    for c in result.candidates:
-        needs = f"{gib(c.breakdown.required_bytes):.2f}" if c.breakdown else "-"
-        speed = f"{c.cost.tokens_per_s:,.0f}" if c.cost else "-"
-        verdict = c.breakdown.verdict if c.breakdown else "cannot run"
+    ranked = sorted((c for c in estimated if c.cost), key=_rank)
+    shown = ranked[:top]
+    if result.chosen is not None and result.chosen not in shown:
+        shown.append(result.chosen)
+    for c in shown:
+        verdict = c.breakdown.verdict
         mark = "[bold]> [/]" if c is result.chosen else "  "
-        table.add_row(mark + escape(c.label), f"{c.plan.batch_size} x {c.plan.grad_accum}", needs, speed,
-                      f"[{styles.get(verdict, 'red')}]{verdict}[/]")
+        table.add_row(mark + escape(c.label), f"{c.plan.batch_size} x {c.plan.grad_accum}",
+                      f"{gib(c.breakdown.required_bytes):.2f}", f"{c.cost.tokens_per_s:,.0f}",
+                      f"[{styles.get(verdict, 'red')}]{verdict}[/]", {"trace": "traced", "screen": "screened"}[c.breakdown.method])
     console.print(table)
+    traced = sum(c.breakdown.method == "trace" for c in estimated)
+    invalid = len(result.candidates) - len(estimated)
+    console.print(f"{len(result.candidates)} candidates: {len(estimated)} estimated ({traced} traced, the rest "
+                  f"screened in closed form), {sum(c.fits for c in estimated)} fit"
+                  + (f", {invalid} cannot run" if invalid else ""), highlight=False)
+    misses, kinds = [], set()
+    for c in ranked:
+        kind = (c.plan.peft, c.plan.quantization, c.plan.checkpointing)
+        if not c.fits and kind not in kinds and c.plan.optimizer == "adamw":
+            kinds.add(kind)
+            misses.append(c)
+    for c in misses[:6]:
+        console.print(f"  {escape(c.label)}: {escape(c.reason)}", highlight=False)
     for c in result.candidates:
-        if not c.fits:
-            console.print(f"  {escape(c.label)}: {escape(c.reason)}", highlight=False)
+        if c.breakdown is None:
+            console.print(f"  {escape(c.label)}: cannot run: {escape(c.reason)}", highlight=False)
     if result.data:
         d = result.data
         eff = f", padding keeps {100 * d['padding_efficiency']:.1f} % real tokens" if "padding_efficiency" in d else ""

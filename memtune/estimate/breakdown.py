@@ -34,6 +34,9 @@ class MemoryBreakdown:
     verdict_reason: str
     calibration: str | None = None
     """The calibration file applied (``profiles/calibration``), if any."""
+    method: str = "trace"
+    """``trace``: the training step traced on fake tensors and replayed through the allocator model; ``screen``:
+    the closed-form screen the planner uses to order and prune candidates (``memtune.estimate.screen``)."""
 
     def phase_peak(self, phase: Phase) -> int:
         return sum(self.phases[phase].values())
@@ -87,6 +90,7 @@ class MemoryBreakdown:
             "verdict_reason": self.verdict_reason,
             "peak_phase": self.peak_phase.value,
             "calibration": self.calibration,
+            "method": self.method,
             "components": {c.value: v for c, v in self.components.items()},
             "phases": {p.value: self.phase_peak(p) for p in self.phases},
             "phase_components": {p.value: {c.value: v for c, v in cats.items()} for p, cats in self.phases.items()},

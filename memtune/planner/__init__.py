@@ -1,7 +1,8 @@
 """Choose how to run a fine-tune: estimate candidate plans, keep those that fit, pick the cheapest.
 
 "Cheapest" is the fewest GPU-seconds per trained token (``memtune.planner.cost``) among the plans that fit with the
-safety margin; ties go to more headroom.
+safety margin; ties go to more headroom. Every candidate is screened in closed form; the cheapest are traced until
+one is confirmed to fit.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 from memtune.errors import InvalidPlanError
 from memtune.estimate import MemoryBreakdown, estimate
+from memtune.estimate.screen import SCREEN_BAND, screen
 from memtune.plan import Plan
 from memtune.planner.cost import CostEstimate, step_cost
 from memtune.specs.gpu import GpuSpec
@@ -44,6 +46,7 @@ class PlanResult:
         def one(c: Candidate) -> dict:
             return {"label": c.label, "plan": c.plan.to_dict(), "fits": c.fits, "reason": c.reason,
                     "verdict": c.breakdown.verdict if c.breakdown else "invalid",
+                    "method": c.breakdown.method if c.breakdown else None,
                     "peak_reserved_bytes": c.breakdown.peak_reserved_bytes if c.breakdown else None,
                     "required_bytes": c.breakdown.required_bytes if c.breakdown else None,
                     "headroom_bytes": c.breakdown.headroom_bytes if c.breakdown else None,
@@ -65,24 +68,32 @@ class PlanResult:
 
 
 OPTIMIZERS = ("adamw", "adamw-fused", "adamw-8bit")
-"""In order of preference: PyTorch's default, the same update fused (no temporary copy of the states), 8-bit
-states (they change the training). A later one is searched only where the earlier ones do not fit."""
+"""In order of preference at equal cost: PyTorch's default, the same update fused (no temporary copy of the
+states), 8-bit states (they change the training)."""
+PRECISIONS = ("bf16", "amp-bf16", "fp16", "amp-fp16", "fp32")
+"""In order of preference at equal cost."""
+MAX_TRACED = 12
+"""Candidates traced, cheapest first, before the search settles for the closest miss."""
 
 
 def candidate_plans(gpu: GpuSpec, *, num_gpus: int, nodes: int, batch_size: int, seq_len: int,
                     batching: str = "padding") -> list[Plan]:
-    """The usual ways to fine-tune: full fine-tune, LoRA, QLoRA 4-bit (one GPU: k-bit weights are not sharded),
-    each without and with activation checkpointing, at the GPU's best precision (bf16 where supported, else fp16
-    with fp32 master weights for full fine-tuning), each with AdamW states in the parameter dtype and in 8 bits."""
+    """The search space: full fine-tune, LoRA, and (one GPU: k-bit weights are not sharded) LoRA on 8-bit or 4-bit
+    weights; no, selective or full activation checkpointing; each precision the GPU runs (bf16 or, without it,
+    fp16 weights for LoRA and fp16 autocast over fp32 weights for a full fine-tune; fp32 autocast too); foreach,
+    fused or 8-bit AdamW; over several GPUs FSDP2 with and without resharding after the forward (HSDP across
+    nodes)."""
     world = num_gpus * nodes
-    common = {"num_gpus": num_gpus, "nodes": nodes, "batch_size": batch_size, "seq_len": seq_len, "batching": batching,
-              "sharding": "none" if world == 1 else ("hsdp" if nodes > 1 else "fsdp")}
+    shardings = ["none"] if world == 1 else (["hsdp", "fsdp"] if nodes > 1 else ["fsdp", "fsdp-grad-op"])
     half = "bf16" if gpu.bf16 else "fp16"
-    kinds = [{"precision": "bf16" if gpu.bf16 else "amp-fp16"}, {"precision": half, "peft": "lora"}]
+    kinds = [{"peft": "none", "precision": "bf16"} if gpu.bf16 else None,
+             {"peft": "none", "precision": f"amp-{half}"}, {"peft": "lora", "precision": half}]
     if world == 1:
-        kinds.append({"precision": half, "peft": "lora", "quantization": "4bit"})
-    return [Plan(**common, **kind, checkpointing=ac, optimizer=opt)
-            for opt in OPTIMIZERS for kind in kinds for ac in ("none", "full")]
+        kinds += [{"peft": "lora", "precision": half, "quantization": q} for q in ("8bit", "4bit")]
+    return [Plan(num_gpus=num_gpus, nodes=nodes, batch_size=batch_size, seq_len=seq_len, batching=batching,
+                 sharding=sharding, checkpointing=ac, optimizer=opt, **kind)
+            for kind in kinds if kind is not None for sharding in shardings
+            for ac in ("none", "selective", "full") for opt in OPTIMIZERS]
 
 
 def llama_cookbook_default(gpu: GpuSpec, *, num_gpus: int = 1, batch_size: int = 1, seq_len: int,
@@ -109,21 +120,28 @@ def micro_batches(global_batch: int | None, batch_size: int, world_size: int) ->
     return pairs
 
 
+def _screened_or_traced(spec: ModelSpec, plan: Plan, gpu: GpuSpec) -> MemoryBreakdown:
+    """The screen where it is clear by a wide margin, the trace where it is close."""
+    quick = screen(spec, plan, gpu)
+    usable = quick.device_usable_bytes - quick.margin_bytes
+    if quick.required_bytes > usable * (1 + SCREEN_BAND) or quick.required_bytes < usable * (1 - SCREEN_BAND):
+        return quick
+    return estimate(spec, plan, gpu, fast=True)
+
+
 def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: int = 1, batch_size: int = 1,
                     seq_len: int = 2048, batching: str = "padding", data: dict | None = None,
                     fixed: dict | None = None, global_batch: int | None = None, lengths=None) -> PlanResult:
-    """Estimate every candidate (fast traces) and its cost, then confirm the cheapest that fits with a full-depth
-    estimate; if it does not fit after all, go on to the next cheapest. ``fixed`` holds plan fields the user set
-    (``{"peft": "none"}`` for a full fine-tune): they override every candidate. With ``global_batch`` (sequences
-    per optimizer step) every split into micro-batch x gradient accumulation is a candidate too; with ``lengths``
-    (padding) each micro-batch gets its own padding waste. Fused AdamW, then 8-bit AdamW states, are evaluated
-    only where the same plan with a preferred optimizer does not fit. llama-cookbook's default path is estimated too, as the reference
-    the chosen plan is compared with."""
-    efficiency = (data or {}).get("padding_efficiency", 1.0) if batching == "padding" else 1.0
+    """Screen every candidate in closed form (``memtune.estimate.screen``) and cost it, then trace them cheapest
+    first - skipping those the screen puts clearly out of reach - until one is confirmed to fit. ``fixed`` holds
+    plan fields the user set (``{"peft": "none"}`` for a full fine-tune): they override every candidate. With
+    ``global_batch`` (sequences per optimizer step) every split into micro-batch x gradient accumulation is a
+    candidate too; with ``lengths`` (padding) each micro-batch gets its own padding waste. llama-cookbook's
+    default path is estimated too, as the reference the chosen plan is compared with."""
     ref_plan = llama_cookbook_default(gpu, batch_size=batch_size, seq_len=seq_len, batching=batching)
     ref_plan.check_model(spec)  # a sequence longer than the model's context is bad input, not a miss
     try:
-        ref_estimate = estimate(spec, ref_plan, gpu)
+        ref_estimate = _screened_or_traced(spec, ref_plan, gpu)
         reference = Candidate(label="llama-cookbook default (no FSDP, so no checkpointing)", plan=ref_plan,
                               breakdown=ref_estimate, reason=_reason(ref_estimate))
     except InvalidPlanError as e:
@@ -132,7 +150,7 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
     splits = micro_batches(global_batch, batch_size, num_gpus * nodes)
     kinds = candidate_plans(gpu, num_gpus=num_gpus, nodes=nodes, batch_size=batch_size, seq_len=seq_len,
                             batching=batching)
-    fitting: set[Plan] = set()
+    efficiency = {}
     for kind, (micro, accum) in ((k, sp) for k in kinds for sp in splits):
         try:
             plan = dataclasses.replace(kind, batch_size=micro, grad_accum=accum, **(fixed or {}))
@@ -141,27 +159,35 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
         if plan in seen:
             continue
         seen.add(plan)
-        preferred = OPTIMIZERS[:OPTIMIZERS.index(plan.optimizer)] if plan.optimizer in OPTIMIZERS else ()
-        if any(dataclasses.replace(plan, optimizer=opt) in fitting for opt in preferred):
-            continue  # only where it pays: the same plan with a preferred optimizer already fits
+        label = describe(plan)
         try:
-            breakdown = estimate(spec, plan, gpu, fast=True)
+            plan.check_model(spec)
+            plan.check_gpu(gpu)
+            breakdown = screen(spec, plan, gpu)
         except InvalidPlanError as e:
-            label = describe(plan)
             if (label, str(e)) not in seen:  # one row per kind of plan that cannot run, with the reason
                 seen.add((label, str(e)))
                 candidates.append(Candidate(label=label, plan=plan, breakdown=None, reason=str(e)))
             continue
-        label = describe(plan)
-        if breakdown.fits:
-            fitting.add(plan)
-        if lengths is not None and batching == "padding":
-            efficiency = lengths.padded(plan.batch_size)[1]
+        if plan.batch_size not in efficiency:
+            efficiency[plan.batch_size] = (lengths.padded(plan.batch_size)[1] if lengths is not None
+                                           and batching == "padding" else
+                                           (data or {}).get("padding_efficiency", 1.0) if batching == "padding"
+                                           else 1.0)
         candidates.append(Candidate(label=label, plan=plan, breakdown=breakdown, reason=_reason(breakdown),
-                                    cost=step_cost(spec, plan, gpu, padding_efficiency=efficiency)))
-    chosen = None
-    for c in sorted((c for c in candidates if c.fits), key=_rank):
-        full = estimate(spec, c.plan, gpu)
+                                    cost=step_cost(spec, plan, gpu, padding_efficiency=efficiency[plan.batch_size])))
+    chosen, traced = None, 0
+    learned: dict[Plan, float] = {}  # trace / screen of the plans traced so far, by everything but the optimizer
+    order = sorted((c for c in candidates if c.breakdown is not None), key=_rank)
+    for c in order:
+        usable = c.breakdown.device_usable_bytes - c.breakdown.margin_bytes
+        twin = dataclasses.replace(c.plan, optimizer="adamw")
+        band = 1.0 if twin in learned else 1 + SCREEN_BAND
+        if c.breakdown.required_bytes * learned.get(twin, 1.0) > usable * band or traced >= MAX_TRACED:
+            continue
+        traced += 1
+        full = estimate(spec, c.plan, gpu, fast=True)
+        learned[twin] = full.required_bytes / c.breakdown.required_bytes
         confirmed = dataclasses.replace(c, breakdown=full, reason=_reason(full))
         candidates[candidates.index(c)] = confirmed
         if full.fits:
@@ -171,20 +197,24 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
 
 
 def describe(plan: Plan) -> str:
-    """A short name for a plan: the kind of fine-tune, whether it checkpoints, 8-bit optimizer states, and the
-    micro-batch split when it accumulates gradients."""
+    """A short name for a plan: the kind of fine-tune, checkpointing, the optimizer and precision where they are not
+    the defaults, the sharding where it keeps parameters gathered, and the micro-batch split when it accumulates."""
     kind = "full fine-tune" if plan.peft == "none" else "LoRA" if plan.quantization == "none" else (
         "QLoRA 4-bit" if plan.quantization == "4bit" else "LoRA on 8-bit weights")
-    return (kind + (" + checkpointing" if plan.checkpointing == "full" else "")
+    return (kind + {"full": " + checkpointing", "selective": " + selective checkpointing"}.get(plan.checkpointing, "")
             + {"adamw-8bit": " + 8-bit AdamW", "adamw-fused": " + fused AdamW"}.get(plan.optimizer, "")
+            + (f", {plan.precision}" if plan.precision not in ("bf16", "fp16") else "")
+            + (", no resharding" if plan.sharding == "fsdp-grad-op" else "")
             + (f" ({plan.batch_size} x {plan.grad_accum})" if plan.grad_accum > 1 else ""))
 
 
-def _rank(c: Candidate) -> tuple[float, int, int]:
-    """Fewest GPU-seconds per trained token first; at equal cost the preferred optimizer (``OPTIMIZERS``); then
-    the most headroom."""
-    preference = OPTIMIZERS.index(c.plan.optimizer) if c.plan.optimizer in OPTIMIZERS else len(OPTIMIZERS)
-    return (c.cost.gpu_seconds_per_token, preference, -c.breakdown.headroom_bytes)
+def _rank(c: Candidate) -> tuple:
+    """Fewest GPU-seconds per trained token first (to 0.1 %); at equal cost no quantization, then the preferred
+    optimizer (``OPTIMIZERS``) and precision (``PRECISIONS``); then the most headroom."""
+    optimizer = OPTIMIZERS.index(c.plan.optimizer) if c.plan.optimizer in OPTIMIZERS else len(OPTIMIZERS)
+    return (round(c.cost.gpu_seconds_per_token, 12 - len(str(int(1 / c.cost.gpu_seconds_per_token)))),
+            c.plan.quantization != "none", optimizer, PRECISIONS.index(c.plan.precision),
+            -c.breakdown.headroom_bytes)
 
 
 def _reason(b: MemoryBreakdown) -> str:

@@ -4,7 +4,9 @@ FLOPs per token (Kaplan et al. 2020; Korthikanti et al. 2022, causal attention h
 ``forward = 2 * N_linear + 2 * s * heads * head_dim * L`` where ``N_linear`` counts the weights of every matmul
 (decoder linears and the lm_head). Backward is twice the forward when the base weights train (gradients for inputs
 and weights) and once when they are frozen (LoRA/QLoRA: input gradients only; adapters are negligible).
-Checkpointing adds one forward. Time = FLOPs / (peak rate of the compute dtype x utilization); PyTorch runs fp32
+Full checkpointing adds one forward. Selective checkpointing recomputes only element-wise ops, which are bound by
+memory bandwidth, not FLOPs: ``2 x recomputed bytes / (bandwidth x 0.7)`` per layer, the recomputed bytes being
+what the norms (fp32 upcast and output), RoPE (q and k) and the MLP activation write per token. Time = FLOPs / (peak rate of the compute dtype x utilization); PyTorch runs fp32
 matmuls at the plain fp32 rate by default (TF32 off). Utilization grows with the size of the matmuls:
 ``u = u_max * x / (x + x_half) * class_factor`` with x = tokens per micro-batch x hidden size, fitted by
 ``bench/calibrate.py`` to the steps the accuracy benchmark measured (``profiles/calibration``), with a factor per
@@ -61,6 +63,20 @@ def flops_per_token(spec: ModelSpec, plan: Plan) -> float:
     return forward + backward + recompute
 
 
+RECOMPUTE_BANDWIDTH_EFFICIENCY = 0.7
+
+
+def selective_recompute_s(spec: ModelSpec, plan: Plan, gpu: GpuSpec, tokens: int) -> float:
+    """Seconds selective checkpointing spends recomputing a step's element-wise ops (zero for other plans)."""
+    if plan.checkpointing != "selective":
+        return 0.0
+    p = 4 if plan.precision == "fp32" else 2
+    h, q, kv = spec.hidden_size, spec.num_attention_heads * spec.head_dim, spec.num_key_value_heads * spec.head_dim
+    per_token = 2 * (4 * h + p * h) + p * (q + kv) + 2 * p * spec.intermediate_size
+    moved = 2 * per_token * spec.num_layers * tokens  # read the inputs, write the outputs
+    return moved / (gpu.bandwidth_gbs * 1e9 * RECOMPUTE_BANDWIDTH_EFFICIENCY)
+
+
 def plan_class(plan: Plan) -> str:
     """The key utilization is calibrated by: compute dtype and base-weight quantization."""
     dtype = "fp32" if plan.precision == "fp32" else "16bit"
@@ -85,6 +101,7 @@ def step_cost(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, padding_efficiency: 
     tokens = plan.batch_size * plan.seq_len * plan.grad_accum
     util = utilization(spec, plan, gpu)
     compute = flops_per_token(spec, plan) * tokens / (peak_flops(gpu, plan) * util)
+    compute += selective_recompute_s(spec, plan, gpu, tokens)
     comm = 0.0
     if plan.sharding != "none" and plan.shard_degree > 1:
         n = plan.shard_degree

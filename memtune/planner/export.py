@@ -21,6 +21,9 @@ _SHARDING = {"fsdp": "FULL_SHARD", "fsdp-grad-op": "SHARD_GRAD_OP", "hsdp": "HYB
 def llama_cookbook_kwargs(model_name: str, plan: Plan) -> dict:
     """Keyword arguments for ``llama_cookbook.finetuning.main(**kwargs)`` (the same names as its CLI flags)."""
     errors = []
+    if plan.checkpointing == "selective":
+        errors.append("llama-cookbook checkpoints whole layers only: export the plan with full checkpointing "
+                      "(less memory, more recompute) or run it with memtune launch")
     fsdp = plan.sharding != "none" or plan.checkpointing == "full"
     kwargs: dict = {"model_name": model_name, "batch_size_training": plan.batch_size,
                     "gradient_accumulation_steps": plan.grad_accum, "batching_strategy": plan.batching,
@@ -87,6 +90,9 @@ def torchrun_prefix(plan: Plan, *, rdzv_endpoint: str = "$MASTER_ADDR:29500") ->
 def hf_trainer_config(model_name: str, plan: Plan) -> dict:
     """``from_pretrained`` keyword arguments, ``TrainingArguments`` and the LoRA config for the Hugging Face
     Trainer (packing is TRL's ``SFTConfig(packing=True, max_length=seq_len)``)."""
+    if plan.checkpointing == "selective":
+        raise InvalidPlanError(["the Hugging Face Trainer checkpoints whole layers only: export the plan with full "
+                                "checkpointing (less memory, more recompute) or run it with memtune launch"])
     dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(plan.precision, "float32")
     model_kwargs: dict = {"pretrained_model_name_or_path": model_name, "dtype": dtype, "attn_implementation": plan.attention}
     if plan.quantization == "4bit":

@@ -8,7 +8,9 @@ Order (as in torchtitan): build on the meta device -> quantize -> LoRA (peft) ->
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -66,11 +68,12 @@ def build_model(spec: ModelSpec, plan: Plan, *, device: str | torch.device, num_
     if plan.peft == "lora":
         model = _add_lora(model, plan)
     layers = _decoder_layers(model)
-    if plan.checkpointing == "full":
+    if plan.checkpointing != "none":
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+        extra = {"context_fn": selective_checkpoint_context} if plan.checkpointing == "selective" else {}
         for i, layer in enumerate(layers):
-            layers[i] = checkpoint_wrapper(layer)
+            layers[i] = checkpoint_wrapper(layer, **extra)
     if plan.sharding != "none":
         _shard(model, layers, plan, mesh)
         if device.type != "meta":
@@ -80,6 +83,26 @@ def build_model(spec: ModelSpec, plan: Plan, *, device: str | torch.device, num_
                 _load_sharded(base, weights)
     model.train()
     return model
+
+
+def _saved_ops() -> set:
+    aten = torch.ops.aten
+    names = ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    return {getattr(aten, n).default for n in names if hasattr(aten, n)}
+
+
+def selective_checkpoint_context():
+    """The ``context_fn`` of selective checkpointing: matmul and attention outputs are saved, every other op of
+    the layer is recomputed in backward (``torch.utils.checkpoint.create_selective_checkpoint_contexts``)."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    saved = _saved_ops()
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
 
 
 def _load_sharded(base: nn.Module, weights: str) -> None:
@@ -128,6 +151,11 @@ def _init_materialized(model: nn.Module, device: torch.device) -> None:
     for p in model.parameters():
         if p.is_floating_point():
             p.normal_(0.0, 0.02)
+    for module in model.modules():  # normalization layers start as the identity, as transformers initializes them
+        if "Norm" in type(module).__name__ and isinstance(getattr(module, "weight", None), torch.Tensor):
+            module.weight.fill_(1.0)
+            if isinstance(getattr(module, "bias", None), torch.Tensor):
+                module.bias.zero_()
     for module in model.modules():
         if isinstance(module, LoraLayer):
             for adapter in module.lora_A:
@@ -140,24 +168,46 @@ def _init_materialized(model: nn.Module, device: torch.device) -> None:
 
 
 def build_optimizer(model: nn.Module, plan: Plan, *, foreach: bool | None = None,
-                    emulate_8bit: bool = False) -> torch.optim.Optimizer:
-    """The plan's optimizer over the trainable parameters.
+                    emulate_8bit: bool = False, lr: float = 1e-4,
+                    weight_decay: float | None = None) -> torch.optim.Optimizer:
+    """The plan's optimizer over the trainable parameters (one parameter group).
 
     ``foreach=None`` keeps PyTorch's default (foreach on CUDA); the fake-tensor trace runs on the CPU and passes
-    ``True`` to allocate what the CUDA default allocates.
+    ``True`` to allocate what the CUDA default allocates. ``weight_decay=None`` keeps each optimizer's default
+    as memtune measures it (none for SGD and AdamW, bitsandbytes' 0.01 for 8-bit AdamW).
     """
     params = [p for p in model.parameters() if p.requires_grad]
+    decay = {} if weight_decay is None else {"weight_decay": weight_decay}
     if plan.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=1e-4, momentum=0.0, foreach=foreach)
+        return torch.optim.SGD(params, lr=lr, momentum=0.0, foreach=foreach, **decay)
     if plan.optimizer == "adamw-8bit":
         if emulate_8bit:
-            return quant.EmulatedAdamW8bit(params, lr=1e-4)
+            return quant.EmulatedAdamW8bit(params, lr=lr, **decay)
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(params, lr=1e-4)
+        return bnb.optim.AdamW8bit(params, lr=lr, **decay)
+    decay = {"weight_decay": 0.0 if weight_decay is None else weight_decay}
     if plan.optimizer == "adamw-fused":
-        return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True)
-    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, foreach=foreach)
+        return torch.optim.AdamW(params, lr=lr, fused=True, **decay)
+    return torch.optim.AdamW(params, lr=lr, foreach=foreach, **decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int = 0,
+                    schedule: str = "cosine", min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up from 0 over ``warmup_steps``, then cosine or linear decay to ``min_lr_ratio`` of the peak at
+    ``total_steps`` (or a constant rate), as a ``LambdaLR`` over the optimizer's learning rate."""
+    warmup_steps = min(warmup_steps, total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+        return min_lr_ratio + (1.0 - min_lr_ratio) * shape
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def make_batch(spec: ModelSpec, plan: Plan, device: torch.device | str, *, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -177,14 +227,58 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[s
     amp-* without FSDP runs the forward under autocast; with FSDP the MixedPrecisionPolicy does the casting.
     """
     device_type = batch["input_ids"].device.type
-    amp = plan.is_amp and plan.sharding == "none"
     steps = micro_batches or plan.grad_accum
     for _ in range(steps):
         on_phase("forward")
-        with torch.autocast(device_type, dtype=compute_dtype(plan)) if amp else contextlib.nullcontext():
+        with autocast(plan, device_type):
             loss = model(**batch, use_cache=False).loss / steps
         on_phase("backward")
         (scaler.scale(loss) if scaler is not None else loss).backward()
+    _optimizer_step(optimizer, scaler, on_phase)
+    return loss.detach()
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StepResult:
+    loss: torch.Tensor
+    """The sum of the micro-batches' (scaled) losses: this rank's share of the step's loss."""
+    grad_norm: torch.Tensor
+    """Total gradient norm before clipping (over all ranks' shards)."""
+
+
+def train_step_on_batches(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Sequence[dict[str, torch.Tensor]],
+                          plan: Plan, *, num_targets: torch.Tensor, scaler=None, max_grad_norm: float | None = None,
+                          on_phase: Callable[[str], None] = lambda phase: None) -> StepResult:
+    """``train_step`` on real data: one forward/backward per micro-batch of ``batches``, the gradient norm (clipped
+    to ``max_grad_norm``), the optimizer step and ``zero_grad(set_to_none=True)``.
+
+    Each micro-batch's loss is its summed cross-entropy over ``num_targets`` (the step's target tokens on this rank's
+    share: all ranks' targets / world size), so the accumulated, rank-averaged gradient is that of the mean loss per
+    target token of the whole step, however the tokens fall into micro-batches and ranks.
+    """
+    loss = None
+    for batch in batches:
+        on_phase("forward")
+        with autocast(plan, batch["input_ids"].device.type):
+            micro = model(**batch, use_cache=False, num_items_in_batch=num_targets).loss
+        on_phase("backward")
+        (scaler.scale(micro) if scaler is not None else micro).backward()
+        loss = micro.detach() if loss is None else loss + micro.detach()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"))
+    _optimizer_step(optimizer, scaler, on_phase)
+    return StepResult(loss=loss, grad_norm=norm.detach())
+
+
+def autocast(plan: Plan, device_type: str):
+    """Autocast for amp-* plans without FSDP (FSDP's MixedPrecisionPolicy casts instead), else a no-op."""
+    amp = plan.is_amp and plan.sharding == "none"
+    return torch.autocast(device_type, dtype=compute_dtype(plan)) if amp else contextlib.nullcontext()
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, scaler, on_phase: Callable[[str], None]) -> None:
     on_phase("optimizer_step")
     if scaler is not None:
         scaler.step(optimizer)
@@ -193,4 +287,3 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[s
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     on_phase("end")
-    return loss.detach()

@@ -1,0 +1,61 @@
+"""How close the closed-form screen (``memtune.estimate.screen``) comes to the trace, on a grid of architectures
+and plans: the planner screens every candidate and traces only those near the GPU's limit, so the screen's error
+sets how wide that band must be (``SCREEN_BAND``).
+
+    python bench/screen.py   # writes bench/results/screen.json
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MODELS = ("llama-guard-3-1b", "qwen2.5-0.5b", "gemma-2-2b", "mistral-7b", "llama-3.1-8b")
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PLANS = ({}, {"precision": "fp32"}, {"precision": "amp-bf16"}, {"peft": "lora"},
+         {"peft": "lora", "lora_targets": ALL_TARGETS}, {"peft": "lora", "quantization": "4bit"},
+         {"peft": "lora", "quantization": "8bit"}, {"checkpointing": "full"}, {"checkpointing": "selective"},
+         {"peft": "lora", "checkpointing": "full"}, {"peft": "lora", "checkpointing": "selective"},
+         {"attention": "eager"}, {"sharding": "fsdp", "num_gpus": 8}, {"sharding": "fsdp", "num_gpus": 8, "peft": "lora"},
+         {"sharding": "fsdp-grad-op", "num_gpus": 8}, {"optimizer": "adamw-fused"}, {"optimizer": "adamw-8bit"},
+         {"grad_accum": 4})
+SHAPES = ((1, 1024), (2, 4096))
+
+
+def main() -> None:
+    from memtune.estimate import estimate
+    from memtune.estimate.screen import SCREEN_BAND, screen
+    from memtune.plan import Plan
+    from memtune.specs import resolve_gpu, resolve_model
+
+    gpu = resolve_gpu("H200-141GB")
+    rows = []
+    for model in MODELS:
+        spec = resolve_model(model)
+        for fields in PLANS:
+            for batch, seq in SHAPES:
+                plan = Plan(batch_size=batch, seq_len=seq, **fields)
+                traced, screened = estimate(spec, plan, gpu, fast=True), screen(spec, plan, gpu)
+                rows.append({"model": model, "plan": fields, "batch_size": batch, "seq_len": seq,
+                             "traced_required_bytes": traced.required_bytes,
+                             "screened_required_bytes": screened.required_bytes,
+                             "error": screened.required_bytes / traced.required_bytes - 1})
+                print(model, fields, batch, seq, f"{100 * rows[-1]['error']:+.1f} %", flush=True)
+    errors = [r["error"] for r in rows]
+    summary = {"rows": len(rows), "median_abs_error": statistics.median(abs(e) for e in errors),
+               "max_over": max(errors), "max_under": min(errors),
+               "within_band": sum(abs(e) <= SCREEN_BAND for e in errors) / len(errors), "band": SCREEN_BAND}
+    print(summary)
+    out = {"command": "python bench/screen.py", "gpu": gpu.name,
+           "compared": "required bytes (reserved pool + runtime), screen vs fast trace", "summary": summary,
+           "rows": rows}
+    (ROOT / "bench" / "results" / "screen.json").write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

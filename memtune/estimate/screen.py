@@ -1,0 +1,207 @@
+"""A closed-form screen of a plan's peak memory, for searching thousands of plans in well under a second.
+
+The trace (``memtune.estimate.compose``) is exact but costs 0.1-0.6 s per plan; the planner screens every
+candidate with these formulas, then traces the cheapest ones in order until one is confirmed to fit. The screen
+only has to be close enough not to discard a plan that fits: ``bench/screen.py`` measures it against the trace
+(``bench/results/screen.json``) and ``SCREEN_BAND`` is set from that.
+
+Per rank, with t = micro-batch x sequence tokens, L layers, h hidden, q = heads x head_dim, kv = kv-heads x head_dim,
+i intermediate, V vocabulary, p the compute dtype's bytes, P the parameter count:
+
+* Parameters: ``P x bytes(param dtype)`` (k-bit linears: NF4 0.5 B + 1/64 B absmax + double-quant constants;
+  LLM.int8 1 B + fp32 row scale), divided by the shard degree under FSDP. LoRA adds ``r (in + out)`` per target.
+* Gradients: trainable parameters in their dtype (sharded under FSDP); they live from the backward to the step.
+* Optimizer states: AdamW ``2 x trainable x bytes`` (8-bit AdamW: 2 B + fp32 absmax per 256), sharded under FSDP,
+  PyTorch's foreach step adds temporaries as large as one state (``_foreach_sqrt``
+  of exp_avg_sq, then the division), fused AdamW none.
+* Activations saved per layer and token, from what each op saves for backward (HF decoder layer: RMSNorm saves
+  its fp32 input, and its output where its weight trains; a linear saves its input only where its weight trains,
+  LoRA saves its dropout output and mask; SDPA saves q, k, v, output and log-sum-exp; eager attention
+  ``2 x heads x s`` scores and probabilities; the gated MLP saves gate, activation and up outputs, and their
+  product where down_proj trains). k-bit layers run attention in fp32 (peft upcasts the norms) and keep a
+  dequantized copy of their input's dtype. Full checkpointing keeps one layer input per layer plus one layer's
+  activations during its recompute; selective keeps the matmul and attention outputs.
+* Logits and loss: ``t V (p + 4 + 4)`` at the start of the backward (logits, fp32 upcast, log-softmax) plus the
+  fp32 gradient of the log-softmax.
+* FSDP2: two layers' unsharded parameters (the current one and the prefetched next) and the root (embeddings,
+  lm_head) unsharded for the whole step; the reduce-scatter input of one layer's gradients in the backward.
+* The caching allocator's cache: ``RESERVED_OVER_ALLOCATED`` of the peak, and under FSDP2 a share of the
+  communication buffers for the blocks cached on its side streams (both fitted to the trace's allocator replay
+  over the grid of ``bench/screen.py``), plus cuBLAS workspaces and the runtime overhead as in the trace.
+"""
+
+from __future__ import annotations
+
+import math
+
+from memtune.estimate.breakdown import MemoryBreakdown
+from memtune.estimate.categories import MemCategory as C
+from memtune.estimate.categories import Phase
+from memtune.estimate.overhead import cublas_workspace_bytes, runtime_overhead_bytes
+from memtune.plan import Plan
+from memtune.specs.gpu import GpuSpec
+from memtune.specs.model import ModelSpec
+
+SCREEN_BAND = 0.25
+"""A plan whose screened requirement is within this fraction above the usable memory is still traced."""
+RESERVED_OVER_ALLOCATED = 0.05
+FSDP_CACHE_FULL, FSDP_CACHE_LORA = 1.6, 0.8
+"""Reserved beyond allocated, from the trace's allocator replay over the grid of ``bench/screen.py``."""
+
+_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "amp-bf16": 4, "amp-fp16": 4}
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def _dims(spec: ModelSpec) -> dict[str, int]:
+    h, q, kv = spec.hidden_size, spec.num_attention_heads * spec.head_dim, spec.num_key_value_heads * spec.head_dim
+    i = spec.intermediate_size
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def layer_params(spec: ModelSpec) -> int:
+    return sum(a * b for a, b in _dims(spec).values()) + 2 * spec.hidden_size
+
+
+def lora_params(spec: ModelSpec, plan: Plan) -> int:
+    if plan.peft != "lora":
+        return 0
+    dims = _dims(spec)
+    return spec.num_layers * sum(plan.lora_rank * (a + b) for name, (a, b) in dims.items() if name in plan.lora_targets)
+
+
+def _quantized_bytes(n: int, quantization: str) -> float:
+    if quantization == "4bit":
+        return n * (0.5 + 1 / 64 + 4 / (64 * 256))
+    return n * 1.0 + 4 * math.sqrt(n)  # int8 weight, fp32 scale per output row (rows ~ sqrt(n) for a square)
+
+
+def static_bytes(spec: ModelSpec, plan: Plan) -> dict[C, float]:
+    """Parameters, gradients and optimizer states per rank."""
+    shard = plan.shard_degree
+    pbytes = _BYTES[plan.precision]
+    linears = spec.num_layers * sum(a * b for a, b in _dims(spec).values())
+    other = spec.num_params - linears
+    lora = lora_params(spec, plan)
+    if plan.quantization != "none":
+        # peft's k-bit preparation upcasts the remaining weights (embeddings, norms, lm_head) to fp32.
+        params = _quantized_bytes(linears, plan.quantization) + other * 4 + lora * 4
+    else:
+        params = spec.num_params * pbytes + lora * pbytes
+    trainable = lora if plan.peft == "lora" else spec.num_params
+    tbytes = 4 if plan.quantization != "none" else pbytes
+    grads = trainable * tbytes
+    if plan.optimizer == "sgd":
+        states = 0.0
+    elif plan.optimizer == "adamw-8bit":
+        states = trainable * (2 + 2 * 4 / 256)
+    else:
+        states = 2 * trainable * tbytes
+    return {C.PARAMETERS: params / shard, C.GRADIENTS: grads / shard, C.OPTIMIZER_STATES: states / shard}
+
+
+def layer_activation_bytes(spec: ModelSpec, plan: Plan, tokens: int, backend: str = "flash") -> float:
+    """Bytes one decoder layer saves for backward over ``tokens`` tokens, without checkpointing."""
+    h, q, kv, i = (spec.hidden_size, spec.num_attention_heads * spec.head_dim,
+                   spec.num_key_value_heads * spec.head_dim, spec.intermediate_size)
+    kbit = plan.quantization != "none"
+    p = 4 if plan.precision == "fp32" or kbit else 2  # k-bit plans run in fp32 (peft upcasts the norms)
+    full = plan.peft == "none"
+    lora = set(plan.lora_targets) if plan.peft == "lora" else set()
+    dropout = plan.lora_dropout > 0
+    dims = _dims(spec)
+    per_token = 0.0
+    norms = 4 if spec.model_type.startswith("gemma") else 2
+    per_token += norms * 4 * h  # fp32 upcast of each norm's input
+    if full or kbit or (lora & {"q_proj", "k_proj", "v_proj"} and not dropout):
+        per_token += norms * p * h  # norm outputs: inputs of trainable projections (and of the norm weights' grads)
+    for name in lora:  # dropout output and mask, and the adapter's rank-r output
+        per_token += ((p + 1) * dims[name][0] if dropout else 0.0) + p * plan.lora_rank
+    if backend in ("flash", "efficient"):
+        per_token += p * (2 * q + 2 * kv) + 4 * spec.num_attention_heads  # q, k, v, output, log-sum-exp
+    else:  # math kernel or eager: k and v repeated to every head, and the s x s probabilities
+        per_token += p * 4 * q + (4 + (p if p < 4 else 0)) * spec.num_attention_heads * plan.seq_len
+    if full or "o_proj" in lora and not dropout:
+        per_token += p * q  # o_proj's input (the contiguous copy of the attention output)
+    # Gated MLP: gate output (activation input), activation output, up output; their product where down trains.
+    per_token += 3 * p * i + (p * i if full or "down_proj" in lora and not dropout else 0)
+    if plan.is_amp:
+        per_token += 2 * 4 * h + 4 * (q + kv)  # fp32 residual stream: norm outputs and rotated q, k stay fp32
+    return per_token * tokens
+
+
+def _checkpoint_bytes(spec: ModelSpec, plan: Plan, tokens: int, layer: float) -> float:
+    """What checkpointing keeps of the whole stack at the start of the backward."""
+    p = 4 if plan.precision == "fp32" or plan.quantization != "none" or plan.is_amp else 2
+    L = spec.num_layers
+    if plan.checkpointing == "full":
+        return L * p * spec.hidden_size * tokens  # each layer's input
+    # selective: the layer input and every matmul and attention output stay (LoRA's included); norms, RoPE and
+    # activation functions are recomputed.
+    h, q, kv, i = (spec.hidden_size, spec.num_attention_heads * spec.head_dim,
+                   spec.num_key_value_heads * spec.head_dim, spec.intermediate_size)
+    dims = _dims(spec)
+    kept = p * (h + 2 * q + 2 * kv + 2 * h + 2 * i) + 4 * spec.num_attention_heads
+    if plan.peft == "lora":
+        kept += sum(p * (dims[name][1] + plan.lora_rank) for name in plan.lora_targets)
+    return L * min(layer / tokens, kept) * tokens
+
+
+def screen(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, margin: float = 0.02) -> MemoryBreakdown:
+    """The closed-form breakdown of ``plan`` on ``gpu`` (see the module docstring); verdict without the replay."""
+    from memtune.estimate.compose import sdpa_backend
+
+    tokens = plan.batch_size * plan.seq_len
+    static = static_bytes(spec, plan)
+    layer = layer_activation_bytes(spec, plan, tokens, sdpa_backend(spec, plan, gpu))
+    acts = spec.num_layers * layer if plan.checkpointing == "none" else _checkpoint_bytes(spec, plan, tokens, layer)
+    wide = 4 if plan.precision == "fp32" or plan.quantization != "none" else 2
+    h, V = spec.hidden_size, spec.vocab_size
+    acts += 2 * wide * h * tokens  # embedding output and the final norm's input
+    if plan.is_amp:
+        acts += spec.num_layers * layer_params(spec) * 2  # autocast's bf16/fp16 copies of the weights
+    softcap = 4 if spec.config.get("final_logit_softcapping") else 0  # tanh's fp32 output
+    logits = tokens * V * (12 + softcap)  # logits, fp32 log-softmax and the logits' gradient
+    fsdp = 0.0
+    if plan.sharding != "none" and plan.shard_degree > 1:
+        pb = 2 if plan.precision != "fp32" else 4
+        root = (spec.num_params - spec.num_layers * layer_params(spec)) * pb
+        fsdp = root + 2 * layer_params(spec) * pb
+        if plan.peft == "none":
+            fsdp += layer_params(spec) * (4 if plan.is_amp else pb)
+    comm = fsdp
+    if fsdp and plan.sharding == "fsdp-grad-op":  # no resharding after the forward: every layer stays gathered
+        fsdp += (spec.num_layers - 2) * layer_params(spec) * pb
+    workspace = cublas_workspace_bytes(gpu.compute_capability)
+    grads_in_backward = static[C.GRADIENTS] if plan.grad_accum > 1 else 0.0
+    backward = {C.PARAMETERS: static[C.PARAMETERS], C.GRADIENTS: grads_in_backward,
+                C.OPTIMIZER_STATES: static[C.OPTIMIZER_STATES], C.ACTIVATIONS: acts, C.LOGITS: logits,
+                C.FSDP_BUFFERS: fsdp, C.WORKSPACE: workspace}
+    temporaries = static[C.OPTIMIZER_STATES] / 2 if plan.optimizer == "adamw" else 0.0
+    step = {C.PARAMETERS: static[C.PARAMETERS], C.GRADIENTS: static[C.GRADIENTS],
+            C.OPTIMIZER_STATES: static[C.OPTIMIZER_STATES], C.TEMPORARIES: temporaries,
+            C.FSDP_BUFFERS: fsdp / 4, C.WORKSPACE: workspace}
+    forward = {**backward, C.LOGITS: logits * 0.75}
+    if plan.checkpointing != "none":
+        # Later in the backward the logits are gone, the gradients grow, and one layer is recomputed at a time.
+        recompute = {**backward, C.LOGITS: 0.0, C.GRADIENTS: static[C.GRADIENTS], C.TEMPORARIES: 2 * layer}
+        if sum(recompute.values()) > sum(backward.values()):
+            backward = recompute
+    phases = {ph: {c: int(v) for c, v in cats.items()} for ph, cats in
+              ((Phase.FORWARD, forward), (Phase.BACKWARD, backward), (Phase.OPTIMIZER_STEP, step))}
+    peak = max(sum(v.values()) for v in phases.values())
+    # FSDP2's all-gather and reduce-scatter streams keep their own cached blocks, about as large as the gathered
+    # parameters (and gradients) they carry.
+    stream_cache = comm * (FSDP_CACHE_FULL if plan.peft == "none" else FSDP_CACHE_LORA)
+    reserved = int(peak * (1 + RESERVED_OVER_ALLOCATED) + stream_cache)
+    overhead = runtime_overhead_bytes(plan.world_size)
+    margin_bytes = int(gpu.memory_bytes * margin)
+    usable = gpu.memory_bytes - margin_bytes
+    need = reserved + overhead
+    verdict = "fits" if need <= usable else "does not fit"
+    return MemoryBreakdown(model=spec.name, gpu=gpu.name, plan=plan, phases=phases, peak_reserved_bytes=reserved,
+                           gpu_reserved_bytes=reserved if need <= gpu.memory_bytes else None,
+                           runtime_overhead_bytes=overhead, device_usable_bytes=gpu.memory_bytes,
+                           margin_bytes=margin_bytes, verdict=verdict,
+                           verdict_reason="closed-form screen, not traced", method="screen")
