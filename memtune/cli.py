@@ -36,12 +36,13 @@ LoraRank = Annotated[int, typer.Option(help="LoRA rank r.")]
 LoraTargets = Annotated[str, typer.Option(help="Comma-separated linear layers LoRA adapts.")]
 LoraDropout = Annotated[float, typer.Option(help="LoRA dropout.")]
 Quantization = Annotated[str, typer.Option(help="none | 8bit | 4bit (frozen base weights; needs --peft lora).")]
-OptimizerOpt = Annotated[str, typer.Option("--optimizer", help="adamw | adamw-8bit | sgd")]
+OptimizerOpt = Annotated[str, typer.Option("--optimizer", help="adamw | adamw-fused | adamw-8bit | sgd")]
 BatchSize = Annotated[int, typer.Option(help="Micro-batch per GPU, in sequences.")]
 SeqLen = Annotated[int, typer.Option(help="Tokens per sequence.")]
 Attention = Annotated[str, typer.Option(help="sdpa | eager")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
 GradAccum = Annotated[int, typer.Option(help="Micro-batches per optimizer step.")]
+ReportOpt = Annotated[str | None, typer.Option(help="Also write an HTML report to this file.")]
 
 
 def _user_errors(command: Callable) -> Callable:
@@ -58,8 +59,14 @@ def _user_errors(command: Callable) -> Callable:
     return wrapper
 
 
+def _say_written(path, quiet: bool) -> None:
+    """Where a file went, on stderr when stdout carries JSON."""
+    (err_console if quiet else console).print(f"report written to {escape(str(path))}", highlight=False)
+
+
 def _plan_from_options(gpu, *, num_gpus, nodes, precision, sharding, checkpointing, peft, lora_rank, lora_targets,
-                       lora_dropout, quantization, optimizer, batch_size, seq_len, attention, grad_accum):
+                       lora_dropout, quantization, optimizer, batch_size, seq_len, attention, grad_accum,
+                       expandable_segments):
     from memtune.plan import Plan
 
     if precision == "auto":
@@ -70,7 +77,7 @@ def _plan_from_options(gpu, *, num_gpus, nodes, precision, sharding, checkpointi
     return Plan(precision=precision, sharding=sharding, num_gpus=num_gpus, nodes=nodes, checkpointing=checkpointing,
                 peft=peft, lora_rank=lora_rank, lora_targets=targets, lora_dropout=lora_dropout,
                 quantization=quantization, optimizer=optimizer, batch_size=batch_size, seq_len=seq_len,
-                attention=attention, grad_accum=grad_accum)
+                attention=attention, grad_accum=grad_accum, expandable_segments=expandable_segments)
 
 
 def _plan_knobs(
@@ -90,6 +97,8 @@ def _plan_knobs(
     seq_len: SeqLen = 2048,
     attention: Attention = "sdpa",
     grad_accum: GradAccum = 1,
+    expandable_segments: Annotated[bool, typer.Option(help="The allocator's expandable segments "
+                                                           "(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True).")] = False,
 ) -> dict:
     """The plan options estimate and validate share: this signature is their part of the command line."""
     return locals()
@@ -161,6 +170,7 @@ def validate(
     snapshot: Annotated[bool, typer.Option("--snapshot", help="Record a CUDA memory snapshot of the steps.")] = False,
     random_init: Annotated[bool, typer.Option("--random-init", help="Random weights even when the model folder "
                                                                     "has a checkpoint.")] = False,
+    report: ReportOpt = None,
     as_json: JsonOut = False,
 ) -> None:
     """Run a few real training steps and compare measured memory with the estimate.
@@ -201,6 +211,10 @@ def validate(
         from memtune.render import render_validation
 
         render_validation(console, spec, record)
+    if report:
+        from memtune.report import validation_report
+
+        _say_written(validation_report(record.to_json(), report), as_json)
     if not record.agrees:
         raise typer.Exit(code=1)
 
@@ -238,6 +252,7 @@ def plan(
     out: Annotated[str | None, typer.Option(help="Write the chosen plan to this plan file (TOML).")] = None,
     export: Annotated[str | None, typer.Option(help="llama-cookbook | hf | torchrun: print the chosen plan for "
                                                     "that tool.")] = None,
+    report: ReportOpt = None,
     as_json: JsonOut = False,
 ) -> None:
     """Estimate the usual ways to fine-tune MODEL on GPU and pick the cheapest that fits.
@@ -290,6 +305,10 @@ def plan(
             console.print(f"plan written to {escape(out)}")
     if export and result.chosen:
         _print_export(export, spec.hub_id or model, result.chosen.plan)
+    if report:
+        from memtune.report import plan_report
+
+        _say_written(plan_report(result.to_json(), report), as_json)
 
 
 def _print_export(tool: str, model: str, plan_) -> None:

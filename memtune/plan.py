@@ -53,6 +53,10 @@ class Plan:
     attention: Attention = "sdpa"
     grad_accum: int = 1
     """Micro-batches per optimizer step (gradients stay allocated across them)."""
+    expandable_segments: bool = False
+    """Run with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``: the caching allocator grows one segment per
+    stream instead of caching fixed segments, which saves the memory fragmentation strands (gigabytes at long
+    sequences)."""
     batching: Batching = "padding"
     """padding: length-grouped batches padded to their longest sample; packing: samples concatenated into seq_len
     chunks. Memory depends only on seq_len; the cost model uses the padding waste."""

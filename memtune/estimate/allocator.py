@@ -15,6 +15,12 @@ It reproduces what ``max_memory_allocated`` and ``max_memory_reserved`` count, f
 * with a ``capacity`` (the memory a smaller card leaves to PyTorch), a segment that does not fit makes the allocator
   release every cached segment that is entirely free and try again (``release_cached_blocks``, counted in
   ``num_alloc_retries``); if it still does not fit, the step runs out of memory.
+
+With ``expandable_segments:True`` (``PYTORCH_CUDA_ALLOC_CONF``) each pool of each stream is one segment of virtual
+address space that grows by mapping pages at its end (``ExpandableSegment``: 2 MiB pages for the small pool, 20 MiB
+for the large): when no free block fits, only the shortfall beyond a free block at the end is mapped, so memory
+freed earlier in the segment is reused instead of stranding a whole new segment. Under pressure the pages that lie
+entirely inside free blocks are unmapped, and mapped again when a block that spans them is handed out.
 """
 
 from __future__ import annotations
@@ -64,8 +70,11 @@ class AllocatorOutOfMemory(Exception):
 
 
 class CachingAllocatorModel:
-    def __init__(self, capacity: int | None = None) -> None:
+    def __init__(self, capacity: int | None = None, *, expandable: bool = False) -> None:
         self.capacity = capacity
+        self.expandable = expandable
+        self._tails: dict[tuple[str, bool], Block] = {}
+        self._unmapped: dict[int, int] = {}  # id(free block) -> bytes of it not mapped (expandable only)
         self.allocated = 0
         self.reserved = 0
         self.peak_allocated = 0
@@ -82,6 +91,10 @@ class CachingAllocatorModel:
         i = bisect.bisect_left(free, (size, -1, -1), key=lambda e: e[0])
         if i < len(free):
             block = free.pop(i)[1]
+            if self.expandable:
+                self._map(self._unmapped.pop(id(block), 0))
+        elif self.expandable:
+            block = self._grow(pool, size)
         else:
             seg_size = allocation_size(size)
             if self.capacity is not None and self.reserved + seg_size > self.capacity:
@@ -100,6 +113,8 @@ class CachingAllocatorModel:
                 block.next.prev = rest
             block.next = rest
             block.size = size
+            if self._tails.get(pool) is block:
+                self._tails[pool] = rest
             self._insert(rest)
         block.allocated = True
         self.allocated += block.size
@@ -112,6 +127,12 @@ class CachingAllocatorModel:
         for neighbour in (block.prev, block.next):
             if neighbour is not None and not neighbour.allocated:
                 self._remove(neighbour)
+                if self.expandable:
+                    unmapped = self._unmapped.pop(id(neighbour), 0)
+                    if unmapped:
+                        self._unmapped[id(block)] = self._unmapped.get(id(block), 0) + unmapped
+                    if self._tails.get(block.pool) is neighbour:
+                        self._tails[block.pool] = block
                 if neighbour is block.prev:
                     block.addr, block.prev = neighbour.addr, neighbour.prev
                     if neighbour.prev is not None:
@@ -123,7 +144,47 @@ class CachingAllocatorModel:
                 block.size += neighbour.size
         self._insert(block)
 
+    def _map(self, nbytes: int) -> None:
+        if nbytes and self.capacity is not None and self.reserved + nbytes > self.capacity:
+            self.num_alloc_retries += 1
+            self._release_cached()
+            if self.reserved + nbytes > self.capacity:
+                raise AllocatorOutOfMemory(f"{nbytes} bytes more than the {self.capacity} bytes capacity")
+        self.reserved += nbytes
+        self.peak_reserved = max(self.peak_reserved, self.reserved)
+
+    def _grow(self, pool: tuple[str, bool], size: int) -> Block:
+        """Map pages at the end of the pool's expandable segment until its last block holds ``size`` bytes."""
+        page = SMALL_BUFFER if pool[1] else LARGE_BUFFER
+        tail = self._tails.get(pool)
+        spare = tail.size if tail is not None and not tail.allocated else 0
+        grow = -(-(size - spare) // page) * page
+        if spare:
+            self._remove(tail)
+            self._map(self._unmapped.pop(id(tail), 0))
+        self._map(grow)
+        if spare:
+            tail.size += grow
+            return tail
+        end = tail.addr + tail.size if tail is not None else 0
+        block = Block(size=grow, addr=end, segment=0, pool=pool, prev=tail)
+        if tail is not None:
+            tail.next = block
+        self._tails[pool] = block
+        return block
+
     def _release_cached(self) -> None:
+        if self.expandable:
+            # Unmap every page that lies entirely inside a free block.
+            for free in self._free.values():
+                for _, block in free:
+                    page = SMALL_BUFFER if block.pool[1] else LARGE_BUFFER
+                    start, end = -(-block.addr // page) * page, (block.addr + block.size) // page * page
+                    whole = max(0, end - start) - self._unmapped.get(id(block), 0)
+                    if whole > 0:
+                        self._unmapped[id(block)] = self._unmapped.get(id(block), 0) + whole
+                        self.reserved -= whole
+            return
         for pool, free in self._free.items():
             whole = [e for e in free if e[1].prev is None and e[1].next is None]
             for entry in whole:
@@ -148,9 +209,10 @@ class Replay:
     num_alloc_retries: int
 
 
-def replay(events: list[tuple[int, int, int, str]], capacity: int | None = None) -> Replay:
+def replay(events: list[tuple[int, int, int, str]], capacity: int | None = None, *,
+           expandable: bool = False) -> Replay:
     """Run a recorded sequence of ``(op, id, bytes, stream)`` events (op 1 = malloc, 0 = free) through the model."""
-    model = CachingAllocatorModel(capacity)
+    model = CachingAllocatorModel(capacity, expandable=expandable)
     blocks: dict[int, Block] = {}
     try:
         for op, uid, nbytes, stream in events:

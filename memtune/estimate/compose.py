@@ -33,7 +33,7 @@ from memtune.specs.model import ModelSpec
 DEFAULT_MARGIN = 0.02
 """Share of the GPU's memory kept free for the ``fits`` verdict."""
 
-TRACE_FORMAT = 2
+TRACE_FORMAT = 3
 
 
 def sdpa_backend(spec: ModelSpec, plan: Plan, gpu: GpuSpec) -> str:
@@ -112,7 +112,7 @@ def estimate(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, margin: float = DEFAU
     margin_bytes = int(margin * gpu.memory_bytes)
     capacity = gpu.memory_bytes - runtime - workspace
     verdict, reason, gpu_reserved = _verdict(traces[-1] if not fast else None, reserved, capacity, margin_bytes,
-                                             scale_res)
+                                             scale_res, plan.expandable_segments)
     return MemoryBreakdown(
         model=spec.name, gpu=gpu.name, plan=plan, phases=phases, peak_reserved_bytes=reserved + workspace,
         gpu_reserved_bytes=None if gpu_reserved is None else gpu_reserved + workspace,
@@ -122,19 +122,22 @@ def estimate(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, margin: float = DEFAU
 
 
 def _verdict(trace: TraceResult | None, reserved: int, capacity: int, margin: int,
-             scale: float) -> tuple[str, str, int | None]:
+             scale: float, expandable: bool = False) -> tuple[str, str, int | None]:
     """(verdict, reason, pool bytes on the GPU) for a pool of ``reserved`` bytes without a limit and ``capacity``
     bytes left to PyTorch on the card. ``trace`` (full depth) lets the allocator be replayed under the limit."""
 
     def replayed(limit: int) -> int | None:
         if trace is None:
             return None  # the fast path has no full-depth allocation sequence to replay
-        outcome = _replay(trace, int(limit / scale))
+        outcome = _replay(trace, int(limit / scale), expandable)
         return round(outcome.peak_reserved * scale) if outcome.fits else None
 
     if reserved <= capacity - margin:
         return "fits", "the allocator's pool fits with the safety margin to spare", reserved
     squeezed = replayed(capacity - margin)
+    if squeezed is not None and expandable:
+        return ("fits", "fits with the safety margin once the allocator unmaps free pages (expandable segments "
+                "strand no memory to fragmentation)", squeezed)
     if squeezed is not None:
         return ("borderline", "fits only once the allocator releases its cache under memory pressure, where "
                 "fragmentation is least predictable: validate it on the card", squeezed)
@@ -144,11 +147,11 @@ def _verdict(trace: TraceResult | None, reserved: int, capacity: int, margin: in
 
 
 @functools.lru_cache(maxsize=256)
-def _replay(trace: TraceResult, capacity: int):
+def _replay(trace: TraceResult, capacity: int, expandable: bool = False):
     """The step's allocations replayed under the memory a smaller card leaves to PyTorch's pool."""
     from memtune.estimate.allocator import replay
 
-    return replay(list(trace.events), capacity)
+    return replay(list(trace.events), capacity, expandable=expandable)
 
 
 def _landmarks(traces: list[TraceResult], depth: int) -> dict[tuple[Phase, str], dict[MemCategory, int]]:

@@ -72,12 +72,12 @@ class _Tracker(TorchDispatchMode):
     """Sees every tensor an op creates, books its storage into the caching-allocator model, frees it when the
     storage dies, and keeps, for each (phase, segment), the live storages at its highest point."""
 
-    def __init__(self, vocab_size: int, logits_numel: int):
+    def __init__(self, vocab_size: int, logits_numel: int, *, expandable_segments: bool = False):
         super().__init__()
         self.vocab_size, self.logits_numel = vocab_size, logits_numel
         self.live: dict[int, _Storage] = {}
         self._refs: dict[int, weakref.ref] = {}
-        self.allocator = CachingAllocatorModel()
+        self.allocator = CachingAllocatorModel(expandable=expandable_segments)
         self.events: list[tuple[int, int, int, str]] = []
         self._uids = itertools.count()
         self.phase = "setup"
@@ -328,7 +328,8 @@ def trace_step(spec: ModelSpec, plan: Plan, num_layers: int, *, sdpa_backend: st
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     tokens = plan.batch_size * plan.seq_len
-    tracker = _Tracker(spec.vocab_size, logits_numel=tokens * spec.vocab_size // 2)
+    tracker = _Tracker(spec.vocab_size, logits_numel=tokens * spec.vocab_size // 2,
+                       expandable_segments=plan.expandable_segments)
     with _fake_process_group(plan) as mesh:
         model = recipe.build_model(spec, plan, device="meta", num_layers=num_layers, mesh=mesh, emulate_quant=True)
         with FakeTensorMode(allow_non_fake_inputs=True):

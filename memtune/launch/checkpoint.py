@@ -18,9 +18,12 @@ plus, for a random-init base, that base under ``final/base``.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import random
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,6 +117,14 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns that it saves in a single process when there is no process group: that is the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _barrier() -> None:
     if _distributed():
         dist.barrier()
@@ -144,7 +155,8 @@ def save_checkpoint(output_dir: Path, *, step: int, plan: Plan, model, optimizer
         shutil.rmtree(path)
     _barrier()
     state = _TrainState(model, optimizer, scheduler, counters, ignore_frozen=ignore_frozen)
-    dcp.save({"train": state}, checkpoint_id=str(path), no_dist=not _distributed())
+    with _single_process_quiet():
+        dcp.save({"train": state}, checkpoint_id=str(path), no_dist=not _distributed())
     own = {"rng": rng if rng is not None else rng_state(), "scaler": scaler.state_dict() if scaler is not None else None}
     torch.save(own, path / f"rank{rank}.pt")
     _barrier()
@@ -165,7 +177,8 @@ def load_checkpoint(saved: SavedCheckpoint, *, model, optimizer, scheduler, scal
     size is the same (each rank gets its own)."""
     state = _TrainState(model, optimizer, scheduler, counters, ignore_frozen=ignore_frozen,
                         with_optimizer=with_optimizer)
-    dcp.load({"train": state}, checkpoint_id=str(saved.path), no_dist=not _distributed())
+    with _single_process_quiet():
+        dcp.load({"train": state}, checkpoint_id=str(saved.path), no_dist=not _distributed())
     own_file = saved.path / f"rank{rank}.pt"
     if saved.world_size == world_size and own_file.is_file():
         own = torch.load(own_file, weights_only=False)
@@ -175,11 +188,17 @@ def load_checkpoint(saved: SavedCheckpoint, *, model, optimizer, scheduler, scal
     return state.counters
 
 
-def export_final(path: Path, model, plan: Plan, *, rank: int, base_is_random: bool, base_source: str | None,
+def export_final(path: Path, model, plan: Plan, spec, *, rank: int, base_is_random: bool, base_source: str | None,
                  tokenizer=None) -> Path:
     """Write ``final/``: loadable with ``AutoModelForCausalLM.from_pretrained`` (full fine-tune) or
-    ``PeftModel.from_pretrained(base, path)`` (LoRA; the base under ``path/base`` when it was a random init)."""
+    ``PeftModel.from_pretrained(base, path)`` (LoRA; the base under ``path/base`` when it was a random init).
+
+    The trained weights are gathered on rank 0 (``full_state_dict``) into a plain copy of the model built on the meta
+    device - no sharding, checkpoint wrappers or quantization - whose ``save_pretrained`` writes the usual files.
+    """
     from transformers.utils import logging as hf_logging
+
+    from memtune.train import recipe
 
     hf_logging.disable_progress_bar()
     lora = plan.peft == "lora"
@@ -189,15 +208,21 @@ def export_final(path: Path, model, plan: Plan, *, rank: int, base_is_random: bo
         if path.exists():
             shutil.rmtree(path)
         path.mkdir(parents=True)
+        plain = dataclasses.replace(plan, sharding="none", num_gpus=1, nodes=1, checkpointing="none",
+                                    quantization="none")
+        clean = recipe.build_model(spec, plain, device="meta")
+        unexpected = clean.load_state_dict(full, strict=False, assign=True).unexpected_keys
+        if unexpected:
+            raise RuntimeError(f"the trained model's weights do not match a plain {spec.name}: {unexpected[:3]}")
         if lora:
+            base = path / "base" if base_is_random else base_source
+            for config in clean.peft_config.values():
+                config.base_model_name_or_path = str(base) if base else None
+            clean.save_pretrained(path)
             if base_is_random:
-                base = {k.removeprefix("base_model.model.").replace(".base_layer.", "."): v
-                        for k, v in full.items() if "lora_" not in k}
-                model.get_base_model().save_pretrained(path / "base", state_dict=base)
-                base_source = str(path / "base")
-            for config in model.peft_config.values():
-                config.base_model_name_or_path = base_source
-        model.save_pretrained(path, state_dict=full)
+                clean.unload().save_pretrained(path / "base")
+        else:
+            clean.save_pretrained(path)
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
             if lora and base_is_random:

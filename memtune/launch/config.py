@@ -69,8 +69,8 @@ class RunConfig:
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.0
     """Decoupled weight decay (AdamW) of every trainable parameter."""
-    max_grad_norm: float | None = 1.0
-    """Clip the global gradient norm to this (None or 0: no clipping; the norm is logged either way)."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping; the norm is logged either way)."""
     log_every: int = 1
     checkpoint_every: int = 0
     """Save a sharded checkpoint every this many steps (0: only when interrupted and at the end)."""
@@ -110,7 +110,7 @@ class RunConfig:
             errors.append("run min_lr_ratio must be in [0, 1]")
         if self.weight_decay < 0:
             errors.append("run weight_decay must be 0 or more")
-        if self.max_grad_norm is not None and self.max_grad_norm < 0:
+        if self.max_grad_norm < 0:
             errors.append("run max_grad_norm must be 0 or more")
         if errors:
             raise ConfigError("; ".join(errors))

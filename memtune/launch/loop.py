@@ -259,7 +259,7 @@ class Trainer:
         if ckpt.latest_checkpoint(self.output_dir) is None or ckpt.latest_checkpoint(self.output_dir).step != step:
             self.save(step)
         base = self.spec.weights_dir or self.spec.hub_id
-        ckpt.export_final(self.output_dir / "final", self.model, self.plan, rank=self.rank,
+        ckpt.export_final(self.output_dir / "final", self.model, self.plan, self.spec, rank=self.rank,
                           base_is_random=self.run.random_init, base_source=base, tokenizer=self.tokenizer)
         self.print(f"finished {step} steps; model exported to {self.output_dir / 'final'}")
         return Outcome(status="finished", at_step=step)

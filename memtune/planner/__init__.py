@@ -41,6 +41,8 @@ class PlanResult:
     """llama-cookbook's default path for the same job (no FSDP, so no checkpointing), for comparison."""
     data: dict | None = None
     """Token-length statistics of the dataset the plan was made for."""
+    model: str | None = None
+    gpu: str | None = None
 
     def to_json(self) -> dict:
         def one(c: Candidate) -> dict:
@@ -51,6 +53,8 @@ class PlanResult:
                     "required_bytes": c.breakdown.required_bytes if c.breakdown else None,
                     "headroom_bytes": c.breakdown.headroom_bytes if c.breakdown else None,
                     "estimated_tokens_per_s": c.cost.tokens_per_s if c.cost else None,
+                    "components": ({k.value: v for k, v in c.breakdown.components.items()} if c.breakdown
+                                   else None),
                     "cost": c.cost.to_json() if c.cost else None}
 
         closest = None
@@ -58,6 +62,8 @@ class PlanResult:
             ran = [c for c in self.candidates if c.breakdown is not None]
             closest = one(min(ran, key=lambda c: c.breakdown.required_bytes)) if ran else None
         return {
+            "model": self.model,
+            "gpu": self.gpu,
             "chosen": self.chosen.plan.to_dict() if self.chosen else None,
             "closest_miss": closest,
             "estimate": self.chosen.breakdown.to_json() if self.chosen else None,
@@ -190,10 +196,19 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
         learned[twin] = full.required_bytes / c.breakdown.required_bytes
         confirmed = dataclasses.replace(c, breakdown=full, reason=_reason(full))
         candidates[candidates.index(c)] = confirmed
-        if full.fits:
+        if not full.fits and not c.plan.expandable_segments and _fragmentation_pays(full):
+            # The allocated peak fits; the allocator's cache does not: try expandable segments (full depth, so
+            # the allocator can be replayed under the card's limit).
+            plan = dataclasses.replace(c.plan, expandable_segments=True)
+            grown = estimate(spec, plan, gpu)
+            confirmed = Candidate(label=describe(plan), plan=plan, breakdown=grown, reason=_reason(grown),
+                                  cost=c.cost)
+            candidates.append(confirmed)
+        if confirmed.fits:
             chosen = confirmed
             break
-    return PlanResult(candidates=tuple(candidates), chosen=chosen, reference=reference, data=data)
+    return PlanResult(candidates=tuple(candidates), chosen=chosen, reference=reference, data=data, model=spec.name,
+                      gpu=gpu.name)
 
 
 def describe(plan: Plan) -> str:
@@ -205,7 +220,13 @@ def describe(plan: Plan) -> str:
             + {"adamw-8bit": " + 8-bit AdamW", "adamw-fused": " + fused AdamW"}.get(plan.optimizer, "")
             + (f", {plan.precision}" if plan.precision not in ("bf16", "fp16") else "")
             + (", no resharding" if plan.sharding == "fsdp-grad-op" else "")
+            + (", expandable segments" if plan.expandable_segments else "")
             + (f" ({plan.batch_size} x {plan.grad_accum})" if plan.grad_accum > 1 else ""))
+
+
+def _fragmentation_pays(b: MemoryBreakdown) -> bool:
+    """The allocated peak, with the workspaces and the runtime, fits inside the margin: only the cache is too big."""
+    return b.peak_allocated_bytes + b.runtime_overhead_bytes <= b.device_usable_bytes - b.margin_bytes
 
 
 def _rank(c: Candidate) -> tuple:

@@ -134,7 +134,7 @@ def validation_chart(phases: pd.DataFrame, categories: pd.DataFrame | None) -> M
             step = categories[categories["phase"] == "optimizer_step"]
             _grouped(axes[0][1], [category_name(c) for c in step["category"]], step["estimated"], step["measured"],
                      "At the optimizer step, by category")
-        axes[0][0].legend(loc="lower left")
+        axes[0][0].legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncol=2, borderaxespad=0.2)
         fig.tight_layout()
         return to_svg(fig)
 

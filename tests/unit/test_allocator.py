@@ -1,6 +1,8 @@
 """The caching-allocator model against the rules of c10/cuda/CUDACachingAllocator.cpp."""
 
-from memtune.estimate.allocator import CachingAllocatorModel, allocation_size, round_size
+import pytest
+
+from memtune.estimate.allocator import AllocatorOutOfMemory, CachingAllocatorModel, allocation_size, round_size
 
 MiB = 2**20
 
@@ -60,3 +62,39 @@ def test_under_a_capacity_the_cache_is_released_before_running_out():
     capped = replay(events, capacity=100 * MiB)  # the free 60 MiB segment is released, then 80 MiB fits
     assert capped.fits and capped.num_alloc_retries == 1 and capped.peak_reserved == 80 * MiB
     assert not replay(events, capacity=70 * MiB).fits
+
+
+def _fragmenting(model: CachingAllocatorModel) -> None:
+    """60 MiB freed, 25 MiB carved out of it, then 50 MiB: the 35 MiB left is too small and cannot be released."""
+    model.free(model.malloc(60 * MiB))
+    model.malloc(25 * MiB)
+    model.malloc(50 * MiB)
+
+
+def test_expandable_segments_grow_one_segment_in_20mib_pages():
+    model = CachingAllocatorModel(expandable=True)
+    a = model.malloc(30 * MiB)
+    assert model.reserved == 40 * MiB  # two 20 MiB pages
+    model.malloc(5 * MiB)  # fits in the mapped rest of the segment: nothing new is mapped
+    assert model.reserved == 40 * MiB
+    model.free(a)
+    model.malloc(25 * MiB)  # reuses the freed range at the start
+    assert model.reserved == 40 * MiB and model.allocated == 30 * MiB
+
+
+def test_expandable_segments_grow_where_fixed_segments_fragment():
+    capacity = 100 * MiB
+    with pytest.raises(AllocatorOutOfMemory):
+        _fragmenting(CachingAllocatorModel(capacity))  # a 60 MiB segment, partly used, and a new 50 MiB one: 110
+    model = CachingAllocatorModel(capacity, expandable=True)
+    _fragmenting(model)  # the free 35 MiB at the end of the segment grows by one 20 MiB page
+    assert model.reserved == 80 * MiB and model.allocated == 75 * MiB
+
+
+def test_under_pressure_expandable_segments_unmap_whole_free_pages():
+    model = CachingAllocatorModel(100 * MiB, expandable=True)
+    a = model.malloc(60 * MiB)
+    model.malloc(20 * MiB)
+    model.free(a)  # pages [0, 60) free, [60, 80) in use: 80 MiB mapped
+    model.malloc(30 * MiB, stream="other")  # another stream's segment: 40 MiB more would exceed 100 MiB
+    assert model.num_alloc_retries == 1 and model.reserved == 20 * MiB + 40 * MiB

@@ -48,3 +48,20 @@ def test_hf_trainer_config():
     assert acc["fsdp_config"]["fsdp_version"] == 2 and acc["fsdp_config"]["fsdp_activation_checkpointing"]
     q = hf_trainer_config("m", Plan(peft="lora", quantization="4bit"))
     assert q["model"]["quantization_config"]["bnb_4bit_quant_type"] == "nf4" and "lora_config" in q
+
+
+def test_expandable_segments_travel_as_the_allocator_environment():
+    plan = Plan(expandable_segments=True, sharding="fsdp", num_gpus=2)
+    cmd = llama_cookbook_command("meta-llama/Llama-Guard-3-1B", plan)
+    assert cmd[0] == "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" and cmd[1] == "torchrun"
+    assert shell(cmd).startswith("PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True torchrun ")
+    assert hf_trainer_config("m", plan)["environment"] == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    assert "environment" not in hf_trainer_config("m", Plan())
+
+
+def test_selective_checkpointing_is_not_expressible_in_llama_cookbook_or_the_trainer():
+    plan = Plan(checkpointing="selective")
+    with pytest.raises(InvalidPlanError, match="checkpoints whole layers only"):
+        llama_cookbook_kwargs("m", plan)
+    with pytest.raises(InvalidPlanError, match="checkpoints whole layers only"):
+        hf_trainer_config("m", plan)
