@@ -74,4 +74,22 @@ def quantized() -> list[dict]:
     ]
 
 
-GRIDS = {"single": single_gpu, "fsdp2": fsdp_2gpu, "quant": quantized}
+def knobs() -> list[dict]:
+    """The knobs the planner searches beyond the obvious: selective checkpointing, expandable segments, and FSDP2
+    CPU offload on one GPU (FSDP2 needs a process group: ``torchrun --nproc-per-node 1 bench/measure.py --grid
+    knobs``)."""
+    return [
+        _cfg("llama-guard-3-1b", precision="bf16", checkpointing="selective", batch_size=2, seq_len=2048),
+        _cfg("llama-guard-3-1b", precision="bf16", peft="lora", checkpointing="selective", batch_size=4,
+             seq_len=2048),
+        _cfg("llama-3.2-3b", precision="bf16", checkpointing="selective", batch_size=1, seq_len=4096),
+        _cfg("llama-guard-3-1b", precision="bf16", checkpointing="full", expandable_segments=True, batch_size=1,
+             seq_len=4096),
+        _cfg("qwen2.5-0.5b", precision="bf16", expandable_segments=True, batch_size=2, seq_len=4096),
+        _cfg("llama-guard-3-1b", precision="bf16", sharding="fsdp", offload=True, batch_size=2, seq_len=2048),
+        _cfg("llama-3.2-3b", precision="bf16", sharding="fsdp", offload=True, checkpointing="full", batch_size=2,
+             seq_len=4096),
+    ]
+
+
+GRIDS = {"single": single_gpu, "fsdp2": fsdp_2gpu, "quant": quantized, "knobs": knobs}

@@ -2,6 +2,7 @@
 
 Single GPU:  python bench/measure.py --grid single --out results.jsonl [--shard 0/2]
 FSDP:        torchrun --nproc-per-node 2 bench/measure.py --grid fsdp2 --out results.jsonl
+Knobs:       torchrun --nproc-per-node 1 bench/measure.py --grid knobs --out results.jsonl
 """
 
 from __future__ import annotations

@@ -22,7 +22,9 @@ PLANS = ({}, {"precision": "fp32"}, {"precision": "amp-bf16"}, {"peft": "lora"},
          {"peft": "lora", "quantization": "8bit"}, {"checkpointing": "full"}, {"checkpointing": "selective"},
          {"peft": "lora", "checkpointing": "full"}, {"peft": "lora", "checkpointing": "selective"},
          {"attention": "eager"}, {"sharding": "fsdp", "num_gpus": 8}, {"sharding": "fsdp", "num_gpus": 8, "peft": "lora"},
-         {"sharding": "fsdp-grad-op", "num_gpus": 8}, {"optimizer": "adamw-fused"}, {"optimizer": "adamw-8bit"},
+         {"sharding": "fsdp-grad-op", "num_gpus": 8}, {"sharding": "fsdp", "offload": True},
+         {"sharding": "fsdp", "num_gpus": 8, "offload": True, "checkpointing": "full"},
+         {"expandable_segments": True}, {"optimizer": "adamw-fused"}, {"optimizer": "adamw-8bit"},
          {"grad_accum": 4})
 SHAPES = ((1, 1024), (2, 4096))
 

@@ -53,6 +53,9 @@ class Plan:
     attention: Attention = "sdpa"
     grad_accum: int = 1
     """Micro-batches per optimizer step (gradients stay allocated across them)."""
+    offload: bool = False
+    """FSDP2's CPUOffloadPolicy: the sharded weights, gradients and optimizer states live in the host's pinned
+    memory and the optimizer step runs on the CPU; the GPU holds only the layers being computed and activations."""
     expandable_segments: bool = False
     """Run with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``: the caching allocator grows one segment per
     stream instead of caching fixed segments, which saves the memory fragmentation strands (gigabytes at long
@@ -80,6 +83,8 @@ class Plan:
             errors.append(f"{self.quantization} base weights are frozen: add --peft lora (QLoRA) or use --quantization none")
         if self.quantization != "none" and self.sharding != "none":
             errors.append(f"{self.quantization} quantized weights cannot be sharded with FSDP2 here: use --sharding none")
+        if self.offload and self.sharding == "none":
+            errors.append("CPU offload is FSDP2's: use --sharding fsdp (one GPU works too)")
         if self.peft == "lora" and not self.lora_targets:
             errors.append("lora-targets is empty")
         if errors:
@@ -88,6 +93,11 @@ class Plan:
     @property
     def world_size(self) -> int:
         return self.num_gpus * self.nodes
+
+    @property
+    def has_process_group(self) -> bool:
+        """torch.distributed (NCCL on GPUs) runs: several GPUs, or FSDP2 even on one."""
+        return self.world_size > 1 or self.sharding != "none"
 
     @property
     def shard_degree(self) -> int:

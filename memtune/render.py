@@ -21,6 +21,10 @@ def _plan_summary(plan) -> str:
     if plan.quantization != "none":
         parts.append(f"{plan.quantization} base weights")
     parts.append(plan.optimizer)
+    if plan.offload:
+        parts.append("weights, gradients and optimizer states offloaded to the CPU")
+    if plan.expandable_segments:
+        parts.append("expandable segments")
     if plan.attention != "sdpa":
         parts.append(f"{plan.attention} attention")
     return ", ".join(parts)
@@ -67,13 +71,16 @@ def render_plan(console: Console, spec, gpu, result, *, top: int = 12) -> None:
     estimated = [c for c in result.candidates if c.breakdown]
     usable = (f" ({gib(estimated[0].breakdown.device_usable_bytes - estimated[0].breakdown.margin_bytes):.1f} GiB usable)"
               if estimated else "")
-    table = Table(title=f"{escape(spec.name)} on {gpu.name}{usable}: the cheapest candidates", title_justify="left")
+    table = Table(title_justify="left")
     for col, just in (("candidate", "left"), ("batch x acc", "right"), ("GiB", "right"), ("tokens/s", "right"),
                       ("verdict", "left"), ("by", "left")):
         table.add_column(col, justify=just, no_wrap=col != "candidate")
     styles = {"fits": "green", "borderline": "yellow", "does not fit": "red"}
     ranked = sorted((c for c in estimated if c.cost), key=_rank)
-    shown = ranked[:top]
+    fitting = [c for c in ranked if c.fits]
+    shown = fitting[:top] if fitting else sorted(ranked, key=lambda c: c.breakdown.required_bytes)[:top]
+    table.title = (f"{escape(spec.name)} on {gpu.name}{usable}: "
+                   + ("the cheapest plans that fit" if fitting else "nothing fits; the closest"))
     if result.chosen is not None and result.chosen not in shown:
         shown.append(result.chosen)
     for c in shown:

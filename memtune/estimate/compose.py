@@ -93,14 +93,18 @@ def estimate(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, margin: float = DEFAU
     backend = sdpa_backend(spec, plan, gpu)
     workspace = overhead.cublas_workspace_bytes(gpu.compute_capability)
     depths = sorted(set(trace_depths(spec) if fast else (spec.num_layers,)))
+    # CPU offload: the same step with the sharded state on the host - traced on the device, then taken off it.
+    traced = dataclasses.replace(plan, offload=False) if plan.offload else plan
     if fast and plan.batch_size > 2:
-        one, two = (dataclasses.replace(plan, batch_size=b) for b in (1, 2))
+        one, two = (dataclasses.replace(traced, batch_size=b) for b in (1, 2))
         traces = [cached_trace(spec, two, d, backend) for d in depths]
         phases, reserved = _compose_batches([cached_trace(spec, one, d, backend) for d in depths], traces,
                                             spec.num_layers, plan.batch_size)
     else:
-        traces = [cached_trace(spec, plan, d, backend) for d in depths]
+        traces = [cached_trace(spec, traced, d, backend) for d in depths]
         phases, reserved = _compose(traces, spec.num_layers)
+    if plan.offload:
+        phases, reserved = _offloaded(traces, spec.num_layers, phases, reserved, fast and plan.batch_size > 2)
     factors = calibration_factors(spec, gpu) if calibrated else None
     scale_alloc, scale_res = factors[:2] if factors else (1.0, 1.0)
     if factors:
@@ -108,11 +112,11 @@ def estimate(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, margin: float = DEFAU
         reserved = max(round(reserved * scale_res), max(sum(c.values()) for c in phases.values()))
     for cats in phases.values():
         cats[MemCategory.WORKSPACE] = workspace
-    runtime = overhead.runtime_overhead_bytes(plan.world_size)
+    runtime = overhead.runtime_overhead_bytes(plan.has_process_group)
     margin_bytes = int(margin * gpu.memory_bytes)
     capacity = gpu.memory_bytes - runtime - workspace
-    verdict, reason, gpu_reserved = _verdict(traces[-1] if not fast else None, reserved, capacity, margin_bytes,
-                                             scale_res, plan.expandable_segments)
+    verdict, reason, gpu_reserved = _verdict(traces[-1] if not fast and not plan.offload else None, reserved,
+                                             capacity, margin_bytes, scale_res, plan.expandable_segments)
     return MemoryBreakdown(
         model=spec.name, gpu=gpu.name, plan=plan, phases=phases, peak_reserved_bytes=reserved + workspace,
         gpu_reserved_bytes=None if gpu_reserved is None else gpu_reserved + workspace,
@@ -178,6 +182,25 @@ def _peaks(landmarks: dict[tuple[Phase, str], dict[MemCategory, int]]) -> dict[P
 def _cache(trace: TraceResult) -> int:
     """The allocator cache at the end of a trace: reserved beyond its largest allocated peak."""
     return trace.peak_reserved - max(trace.phase_peak(p) for p in Phase)
+
+
+HOST_CATEGORIES = (MemCategory.PARAMETERS, MemCategory.GRADIENTS, MemCategory.OPTIMIZER_STATES)
+
+
+def _offloaded(traces: list[TraceResult], depth: int, phases, reserved: int, batches: bool):
+    """The step without what FSDP2's CPU offload keeps on the host: sharded weights, their gradients, the optimizer
+    states and the step's temporaries (the step runs on the CPU). The allocator keeps the cache it had."""
+    allocated = max(sum(c.values()) for c in phases.values())
+    landmarks = {k: dict(v) for k, v in _landmarks(traces, depth).items()} if not batches else None
+    if landmarks is None:  # extrapolated in the micro-batch: take the phase peaks as they are
+        landmarks = {(p, "peak"): dict(c) for p, c in phases.items()}
+    for (phase, _), cats in landmarks.items():
+        for c in HOST_CATEGORIES:
+            cats[c] = 0
+        if phase == Phase.OPTIMIZER_STEP:  # the step and its gradient shards (reduce-scatter outputs) are on the host
+            cats[MemCategory.TEMPORARIES] = cats[MemCategory.FSDP_BUFFERS] = 0
+    moved = _peaks(landmarks)
+    return moved, max(sum(c.values()) for c in moved.values()) + max(0, reserved - allocated)
 
 
 def _compose(traces: list[TraceResult], depth: int) -> tuple[dict[Phase, dict[MemCategory, int]], int]:

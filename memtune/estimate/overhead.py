@@ -28,5 +28,6 @@ def cublas_workspace_bytes(compute_capability: tuple[int, int]) -> int:
     return CUBLAS_HANDLES_PER_STEP * per_handle
 
 
-def runtime_overhead_bytes(world_size: int) -> int:
-    return CONTEXT_WITH_NCCL_BYTES if world_size > 1 else CONTEXT_BYTES
+def runtime_overhead_bytes(process_group: bool) -> int:
+    """``Plan.has_process_group``: NCCL adds its buffers to the CUDA context."""
+    return CONTEXT_WITH_NCCL_BYTES if process_group else CONTEXT_BYTES

@@ -12,7 +12,7 @@ i intermediate, V vocabulary, p the compute dtype's bytes, P the parameter count
   LLM.int8 1 B + fp32 row scale), divided by the shard degree under FSDP. LoRA adds ``r (in + out)`` per target.
 * Gradients: trainable parameters in their dtype (sharded under FSDP); they live from the backward to the step.
 * Optimizer states: AdamW ``2 x trainable x bytes`` (8-bit AdamW: 2 B + fp32 absmax per 256), sharded under FSDP,
-  PyTorch's foreach step adds temporaries as large as one state (``_foreach_sqrt``
+  none of the three on the device with CPU offload. PyTorch's foreach step adds temporaries as large as one state (``_foreach_sqrt``
   of exp_avg_sq, then the division), fused AdamW none.
 * Activations saved per layer and token, from what each op saves for backward (HF decoder layer: RMSNorm saves
   its fp32 input, and its output where its weight trains; a linear saves its input only where its weight trains,
@@ -98,6 +98,8 @@ def static_bytes(spec: ModelSpec, plan: Plan) -> dict[C, float]:
         states = trainable * (2 + 2 * 4 / 256)
     else:
         states = 2 * trainable * tbytes
+    if plan.offload:  # FSDP2's CPU offload keeps the sharded state on the host
+        return {C.PARAMETERS: 0.0, C.GRADIENTS: 0.0, C.OPTIMIZER_STATES: 0.0}
     return {C.PARAMETERS: params / shard, C.GRADIENTS: grads / shard, C.OPTIMIZER_STATES: states / shard}
 
 
@@ -164,7 +166,7 @@ def screen(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, margin: float = 0.02) -
     softcap = 4 if spec.config.get("final_logit_softcapping") else 0  # tanh's fp32 output
     logits = tokens * V * (12 + softcap)  # logits, fp32 log-softmax and the logits' gradient
     fsdp = 0.0
-    if plan.sharding != "none" and plan.shard_degree > 1:
+    if plan.sharding != "none" and (plan.shard_degree > 1 or plan.offload):
         pb = 2 if plan.precision != "fp32" else 4
         root = (spec.num_params - spec.num_layers * layer_params(spec)) * pb
         fsdp = root + 2 * layer_params(spec) * pb
@@ -178,7 +180,7 @@ def screen(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, margin: float = 0.02) -
     backward = {C.PARAMETERS: static[C.PARAMETERS], C.GRADIENTS: grads_in_backward,
                 C.OPTIMIZER_STATES: static[C.OPTIMIZER_STATES], C.ACTIVATIONS: acts, C.LOGITS: logits,
                 C.FSDP_BUFFERS: fsdp, C.WORKSPACE: workspace}
-    temporaries = static[C.OPTIMIZER_STATES] / 2 if plan.optimizer == "adamw" else 0.0
+    temporaries = static[C.OPTIMIZER_STATES] / 2 if plan.optimizer == "adamw" and not plan.offload else 0.0
     step = {C.PARAMETERS: static[C.PARAMETERS], C.GRADIENTS: static[C.GRADIENTS],
             C.OPTIMIZER_STATES: static[C.OPTIMIZER_STATES], C.TEMPORARIES: temporaries,
             C.FSDP_BUFFERS: fsdp / 4, C.WORKSPACE: workspace}
@@ -195,7 +197,7 @@ def screen(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, margin: float = 0.02) -
     # parameters (and gradients) they carry.
     stream_cache = comm * (FSDP_CACHE_FULL if plan.peft == "none" else FSDP_CACHE_LORA)
     reserved = int(peak * (1 + RESERVED_OVER_ALLOCATED) + stream_cache)
-    overhead = runtime_overhead_bytes(plan.world_size)
+    overhead = runtime_overhead_bytes(plan.has_process_group)
     margin_bytes = int(gpu.memory_bytes * margin)
     usable = gpu.memory_bytes - margin_bytes
     need = reserved + overhead

@@ -157,7 +157,8 @@ def save_checkpoint(output_dir: Path, *, step: int, plan: Plan, model, optimizer
     state = _TrainState(model, optimizer, scheduler, counters, ignore_frozen=ignore_frozen)
     with _single_process_quiet():
         dcp.save({"train": state}, checkpoint_id=str(path), no_dist=not _distributed())
-    own = {"rng": rng if rng is not None else rng_state(), "scaler": scaler.state_dict() if scaler is not None else None}
+    own = {"rng": rng if rng is not None else rng_state(),
+           "scaler": scaler.state_dict() if scaler is not None else None}
     torch.save(own, path / f"rank{rank}.pt")
     _barrier()
     if rank == 0:

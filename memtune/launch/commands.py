@@ -26,7 +26,7 @@ NoFallback = Annotated[bool, typer.Option("--no-fallback", help="End the run at 
 
 
 def launch(
-    plan_file: Annotated[str, typer.Argument(help="A plan file with a [run] table (TOML or JSON), e.g. "
+    plan_file: Annotated[str, typer.Argument(help="A plan file with a \\[run] table (TOML or JSON), e.g. "
                                                   "profiles/runs/tiny-cpu.toml.")],
     *,
     output_dir: OutputDir = None,
@@ -36,7 +36,7 @@ def launch(
     rdzv_endpoint: RdzvEndpoint = None,
     no_fallback: NoFallback = False,
 ) -> None:
-    """Run the fine-tune of a plan file: its plan, its [run] settings, its [[fallback]] plans after an OOM.
+    """Run the fine-tune of a plan file: its plan, its \\[run] settings, its \\[\\[fallback]] plans after an OOM.
 
     Writes metrics.jsonl, sharded checkpoints, the final model (save_pretrained) and report.html into the output
     folder; Ctrl-C or SIGTERM saves a checkpoint first, and the same command resumes exactly.
@@ -64,7 +64,7 @@ def launch(
 
 def tune(
     *,
-    run_file: Annotated[str, typer.Option("--run", help="A file with a [run] table (a plan file will do; its model "
+    run_file: Annotated[str, typer.Option("--run", help="A file with a \\[run] table (a plan file will do; its model "
                                                         "and gpu are the defaults).")],
     model: Annotated[str | None, typer.Option("--model", "-m", help="As for plan (default: the run file's).")] = None,
     gpu: Annotated[str | None, typer.Option("--gpu", "-g", help="The GPU to plan for (default: the run file's, "
@@ -86,8 +86,9 @@ def tune(
     output_dir: OutputDir = None,
     max_steps: MaxSteps = None,
     no_fallback: NoFallback = False,
-    no_launch: Annotated[bool, typer.Option("--no-launch", help="Stop after writing OUTPUT_DIR/plan.toml (start it "
-                                                                "with `memtune launch`, e.g. on several nodes).")] = False,
+    no_launch: Annotated[bool, typer.Option("--no-launch", help="Stop after writing OUTPUT_DIR/plan.toml (start "
+                                                                "it with `memtune launch`, e.g. on several "
+                                                                "nodes).")] = False,
 ) -> None:
     """Plan, validate the best candidates, and launch the best that validated (the others as its fallbacks).
 

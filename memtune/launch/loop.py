@@ -105,6 +105,8 @@ class Trainer:
         from memtune.train import recipe
 
         self.console = Console(highlight=False) if self.main else None
+        if self.device.type == "cuda":  # the plan's allocator setting, for the segments allocated from here on
+            torch.cuda.memory._set_allocator_settings(f"expandable_segments:{self.plan.expandable_segments}")
         torch.manual_seed(self.run.seed)
         random.seed(self.run.seed)
         spec = dataclasses.replace(_spec_from_config(self.job.model_name, self.job.model_config),
@@ -129,7 +131,9 @@ class Trainer:
         self.scheduler = self._scheduler()
         cuda = self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if self.plan.precision == "amp-fp16" and cuda else None
-        self.ignore_frozen = self.plan.peft == "lora" and not (self.run.random_init and self.plan.quantization == "none")
+        # A LoRA run's frozen base is loaded again on resume, unless it is a random init only the checkpoint has.
+        random_base = self.run.random_init and self.plan.quantization == "none"
+        self.ignore_frozen = self.plan.peft == "lora" and not random_base
         self._resume()
         if self.main:
             self._trim_metrics(self.counters["step"])
@@ -161,8 +165,9 @@ class Trainer:
                 for _ in range(step):
                     self.scheduler.step()
         per_step = self.plan.batch_size * self.plan.grad_accum * self.world_size
+        consumed = self.counters["micro_in_epoch"] * self.world_size * self.plan.batch_size
         same_geometry = saved.plan.batch_size * saved.plan.grad_accum * saved.world_size == per_step and \
-            self.counters["micro_in_epoch"] * self.world_size * self.plan.batch_size == self.counters["samples_in_epoch"]
+            consumed == self.counters["samples_in_epoch"]
         if not same_geometry:  # another batch geometry: continue at about the same sample of the epoch
             steps = min(self.counters["samples_in_epoch"] // per_step, self.steps_per_epoch)
             self.counters["micro_in_epoch"] = steps * self.plan.grad_accum
@@ -256,8 +261,7 @@ class Trainer:
 
     def _finish(self) -> Outcome:
         step = self.counters["step"]
-        if ckpt.latest_checkpoint(self.output_dir) is None or ckpt.latest_checkpoint(self.output_dir).step != step:
-            self.save(step)
+        self.save(step)
         base = self.spec.weights_dir or self.spec.hub_id
         ckpt.export_final(self.output_dir / "final", self.model, self.plan, self.spec, rank=self.rank,
                           base_is_random=self.run.random_init, base_source=base, tokenizer=self.tokenizer)
@@ -373,6 +377,10 @@ class Trainer:
         return float(totals[0] / totals[1].clamp(min=1))
 
     def save(self, step: int, *, rng: dict | None = None) -> int:
+        """Save the checkpoint of ``step`` (all ranks), unless it is the newest one already."""
+        latest = ckpt.latest_checkpoint(self.output_dir)
+        if latest is not None and latest.step == step:
+            return step
         ckpt.save_checkpoint(self.output_dir, step=step, plan=self.plan, model=self.model, optimizer=self.optimizer,
                              scheduler=self.scheduler, scaler=self.scaler, counters=self.counters,
                              ignore_frozen=self.ignore_frozen, rank=self.rank, world_size=self.world_size,

@@ -31,13 +31,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from memtune.errors import ConfigError
+from memtune.errors import ConfigError, MemtuneError
 from memtune.launch.config import RunConfig
 from memtune.launch.loop import STOP_FILE, Job, Outcome
 from memtune.plan import Plan
 from memtune.planfile import PlanFile
 
 RUN_JSON = "run.json"
+ERROR_LOG = "error.log"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -167,14 +168,17 @@ def launch(plan_file: PlanFile, *, base_dir: str | Path = ".", output_dir: str |
                   tokenizer=prep.tokenizer, plan=plan, run=prep.run, output_dir=str(out), attempt=index)
         try:
             outcome = _run_job(job, torchrun, console)
-        except BaseException as e:
-            (out / "error.log").write_text(traceback.format_exc())
+        except (MemtuneError, KeyboardInterrupt) as e:  # bad input found late, or a second Ctrl-C
             stopped = isinstance(e, KeyboardInterrupt)
             record["plans_tried"].append({"plan": plan.to_dict(), "outcome": "interrupted" if stopped else "failed",
                                           "at_step": _last_step(out)})
             _end(record, out, "interrupted" if stopped else "failed", writer, console,
-                 error=f"{type(e).__name__}: {e}")
+                 error=None if stopped else str(e))
             raise
+        except Exception as e:  # noqa: BLE001 - the run ends as failed, with the traceback kept for the user
+            (out / ERROR_LOG).write_text(traceback.format_exc())
+            outcome = Outcome(status="failed", at_step=_last_step(out),
+                              message=f"{type(e).__name__}: {e} (traceback in {out / ERROR_LOG})")
         record["plans_tried"].append({"plan": plan.to_dict(), "outcome": outcome.status, "at_step": outcome.at_step})
         if outcome.status == "oom" and n + 1 < len(queue):
             resume = outcome.saved_step if outcome.saved_step is not None else _latest_step(out)
@@ -268,6 +272,8 @@ def _describe(plan: Plan) -> str:
     parts = [plan.precision, "LoRA" if plan.peft == "lora" else "full fine-tune"]
     if plan.quantization != "none":
         parts.append(plan.quantization)
+    if plan.offload:
+        parts.append("CPU offload")
     if plan.checkpointing != "none":
         parts.append(f"{plan.checkpointing} checkpointing")
     if plan.sharding != "none":
@@ -293,7 +299,7 @@ def _last_step(out: Path) -> int:
 
 def _run_job(job: Job, torchrun: Torchrun, console: Console) -> Outcome:
     (Path(job.output_dir) / STOP_FILE).unlink(missing_ok=True)
-    if job.plan.world_size == 1:
+    if job.plan.world_size == 1 and job.plan.sharding == "none":  # FSDP2 needs a process group, even of one
         import torch
 
         from memtune.launch.loop import run_attempt
@@ -316,8 +322,10 @@ def _run_torchrun(job: Job, torchrun: Torchrun, console: Console) -> Outcome:
     job_path.write_text(json.dumps(job.to_json(), indent=2))
     # torchrun runs in its own session: a Ctrl-C reaches only this process, which asks the ranks (through the stop
     # file) to save and stop together; a second one stops them at once.
+    from memtune.validate.run import allocator_env
+
     proc = subprocess.Popen(torchrun_command(job_path, job.plan, torchrun), start_new_session=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **allocator_env(job.plan)})
     requests = []
 
     def stop(signum, frame):
@@ -344,7 +352,8 @@ def _run_torchrun(job: Job, torchrun: Torchrun, console: Console) -> Outcome:
     if oom:
         return Outcome(status="oom", at_step=min(o.at_step for o in oom), message=oom[0].message)
     if 0 in outcomes:
-        return outcomes[0]
+        ended = outcomes[0]
+        return ended if ended.status != "failed" else dataclasses.replace(ended, at_step=_last_step(out))
     if len(requests) > 1:
         return Outcome(status="interrupted", at_step=_last_step(out), message="stopped without a checkpoint")
     return Outcome(status="failed", at_step=_last_step(out), message=f"torchrun exited with code {code} and no rank "

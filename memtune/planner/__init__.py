@@ -88,7 +88,7 @@ def candidate_plans(gpu: GpuSpec, *, num_gpus: int, nodes: int, batch_size: int,
     weights; no, selective or full activation checkpointing; each precision the GPU runs (bf16 or, without it,
     fp16 weights for LoRA and fp16 autocast over fp32 weights for a full fine-tune; fp32 autocast too); foreach,
     fused or 8-bit AdamW; over several GPUs FSDP2 with and without resharding after the forward (HSDP across
-    nodes)."""
+    nodes); and for a full fine-tune FSDP2's CPU offload of the weights, gradients and AdamW states."""
     world = num_gpus * nodes
     shardings = ["none"] if world == 1 else (["hsdp", "fsdp"] if nodes > 1 else ["fsdp", "fsdp-grad-op"])
     half = "bf16" if gpu.bf16 else "fp16"
@@ -96,10 +96,16 @@ def candidate_plans(gpu: GpuSpec, *, num_gpus: int, nodes: int, batch_size: int,
              {"peft": "none", "precision": f"amp-{half}"}, {"peft": "lora", "precision": half}]
     if world == 1:
         kinds += [{"peft": "lora", "precision": half, "quantization": q} for q in ("8bit", "4bit")]
-    return [Plan(num_gpus=num_gpus, nodes=nodes, batch_size=batch_size, seq_len=seq_len, batching=batching,
-                 sharding=sharding, checkpointing=ac, optimizer=opt, **kind)
-            for kind in kinds if kind is not None for sharding in shardings
-            for ac in ("none", "selective", "full") for opt in OPTIMIZERS]
+    common = {"num_gpus": num_gpus, "nodes": nodes, "batch_size": batch_size, "seq_len": seq_len,
+              "batching": batching}
+    plans = [Plan(**common, sharding=sharding, checkpointing=ac, optimizer=opt, **kind)
+             for kind in kinds if kind is not None for sharding in shardings
+             for ac in ("none", "selective", "full") for opt in OPTIMIZERS]
+    # A full fine-tune can also keep its weights, gradients and AdamW states on the host (FSDP2 CPU offload).
+    plans += [Plan(**common, sharding="fsdp" if world == 1 else shardings[0], offload=True, checkpointing=ac,
+                   **kind)
+              for kind in kinds if kind is not None and kind["peft"] == "none" for ac in ("none", "selective", "full")]
+    return plans
 
 
 def llama_cookbook_default(gpu: GpuSpec, *, num_gpus: int = 1, batch_size: int = 1, seq_len: int,
@@ -220,6 +226,7 @@ def describe(plan: Plan) -> str:
             + {"adamw-8bit": " + 8-bit AdamW", "adamw-fused": " + fused AdamW"}.get(plan.optimizer, "")
             + (f", {plan.precision}" if plan.precision not in ("bf16", "fp16") else "")
             + (", no resharding" if plan.sharding == "fsdp-grad-op" else "")
+            + (", CPU offload" if plan.offload else "")
             + (", expandable segments" if plan.expandable_segments else "")
             + (f" ({plan.batch_size} x {plan.grad_accum})" if plan.grad_accum > 1 else ""))
 

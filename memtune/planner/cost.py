@@ -4,6 +4,9 @@ FLOPs per token (Kaplan et al. 2020; Korthikanti et al. 2022, causal attention h
 ``forward = 2 * N_linear + 2 * s * heads * head_dim * L`` where ``N_linear`` counts the weights of every matmul
 (decoder linears and the lm_head). Backward is twice the forward when the base weights train (gradients for inputs
 and weights) and once when they are frozen (LoRA/QLoRA: input gradients only; adapters are negligible).
+CPU offload (FSDP2's CPUOffloadPolicy) copies each rank's weight shards to the GPU for every all-gather and its
+gradient shards back for every micro-batch over PCIe, and runs the optimizer step on the CPU; neither is assumed
+to overlap with compute (``PCIE_GBS``, ``CPU_OPTIMIZER_GBS``: typical figures, not yet measured here).
 Full checkpointing adds one forward. Selective checkpointing recomputes only element-wise ops, which are bound by
 memory bandwidth, not FLOPs: ``2 x recomputed bytes / (bandwidth x 0.7)`` per layer, the recomputed bytes being
 what the norms (fp32 upcast and output), RoPE (q and k) and the MLP activation write per token. Time = FLOPs / (peak rate of the compute dtype x utilization); PyTorch runs fp32
@@ -64,6 +67,23 @@ def flops_per_token(spec: ModelSpec, plan: Plan) -> float:
 
 
 RECOMPUTE_BANDWIDTH_EFFICIENCY = 0.7
+PCIE_GBS = 25.0
+"""Effective host-device copy rate of PCIe 4.0 x16 (32 GB/s peak)."""
+CPU_OPTIMIZER_GBS = 10.0
+"""Bytes per second a CPU AdamW step streams (weights, gradients, two states: read and written)."""
+
+
+def offload_s(spec: ModelSpec, plan: Plan) -> float:
+    """Seconds a step spends on CPU offload's copies and the CPU optimizer step (zero without offload)."""
+    if not plan.offload:
+        return 0.0
+    shard = spec.num_params / plan.shard_degree
+    pbytes = 4 if plan.precision == "fp32" or plan.is_amp else 2
+    gathers = (2 if plan.sharding != "fsdp-grad-op" else 1) * plan.grad_accum
+    trainable = shard if plan.peft == "none" else 0.0
+    copies = (gathers * shard * pbytes + plan.grad_accum * trainable * pbytes) / (PCIE_GBS * 1e9)
+    step = trainable * (4 * pbytes + 2 * 8) / (CPU_OPTIMIZER_GBS * 1e9)
+    return copies + step
 
 
 def selective_recompute_s(spec: ModelSpec, plan: Plan, gpu: GpuSpec, tokens: int) -> float:
@@ -101,7 +121,7 @@ def step_cost(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, padding_efficiency: 
     tokens = plan.batch_size * plan.seq_len * plan.grad_accum
     util = utilization(spec, plan, gpu)
     compute = flops_per_token(spec, plan) * tokens / (peak_flops(gpu, plan) * util)
-    compute += selective_recompute_s(spec, plan, gpu, tokens)
+    compute += selective_recompute_s(spec, plan, gpu, tokens) + offload_s(spec, plan)
     comm = 0.0
     if plan.sharding != "none" and plan.shard_degree > 1:
         n = plan.shard_degree

@@ -32,6 +32,8 @@ def llama_cookbook_kwargs(model_name: str, plan: Plan) -> dict:
     if fsdp:
         kwargs["fsdp_activation_checkpointing"] = plan.checkpointing == "full"
         kwargs["sharding_strategy"] = _SHARDING.get(plan.sharding, "FULL_SHARD")
+        if plan.offload:
+            kwargs["fsdp_cpu_offload"] = True
         if plan.sharding == "hsdp":
             kwargs.update(hsdp=True, sharding_group_size=plan.num_gpus, replica_group_size=plan.nodes)
         precision = {"bf16": {"pure_bf16": True, "mixed_precision": False},
@@ -115,7 +117,7 @@ def hf_trainer_config(model_name: str, plan: Plan) -> dict:
         args["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
     if plan.sharding != "none":
         args["fsdp"] = {"fsdp": "full_shard auto_wrap", "fsdp-grad-op": "shard_grad_op auto_wrap",
-                        "hsdp": "hybrid_shard auto_wrap"}[plan.sharding]
+                        "hsdp": "hybrid_shard auto_wrap"}[plan.sharding] + (" offload" if plan.offload else "")
         args["fsdp_config"] = {"fsdp_version": 2, "reshard_after_forward": plan.sharding != "fsdp-grad-op"}
     out = {"model": model_kwargs, "training_arguments": args, "accelerate_config": accelerate_config(plan)}
     if plan.expandable_segments:
@@ -140,7 +142,8 @@ def accelerate_config(plan: Plan) -> dict:
             "fsdp_version": 2, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
             "fsdp_reshard_after_forward": plan.sharding != "fsdp-grad-op",
             "fsdp_activation_checkpointing": plan.checkpointing == "full",
-            "fsdp_state_dict_type": "SHARDED_STATE_DICT", "fsdp_cpu_ram_efficient_loading": True}
+            "fsdp_state_dict_type": "SHARDED_STATE_DICT", "fsdp_cpu_ram_efficient_loading": True,
+            "fsdp_offload_params": plan.offload}
     return config
 
 

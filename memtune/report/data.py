@@ -327,7 +327,8 @@ def candidate_components(result: dict, model: str, gpu: str, shown: pd.DataFrame
             components = _estimated_components(*specs, c) if all(specs) else None
         if components is None:
             plan = c.get("plan") or {}
-            runtime = overhead.runtime_overhead_bytes(plan.get("num_gpus", 1) * plan.get("nodes", 1))
+            runtime = overhead.runtime_overhead_bytes(plan.get("num_gpus", 1) * plan.get("nodes", 1) > 1
+                                                      or plan.get("sharding", "none") != "none")
             components = {MemCategory.RUNTIME.value: runtime, "pool": c["required_bytes"] - runtime}
             unsplit.append(row["display"])
         rows[row["display"]] = components

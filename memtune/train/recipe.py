@@ -136,10 +136,16 @@ def _shard(model: nn.Module, layers: nn.ModuleList, plan: Plan, mesh) -> None:
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype(plan), reduce_dtype=torch.float32) if plan.is_amp \
         else MixedPrecisionPolicy()
     reshard = plan.sharding != "fsdp-grad-op"
+    extra = {}
+    if plan.offload:
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        # Sharded weights, gradients and optimizer states on the host (pinned where there is a GPU to copy to).
+        extra["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     for layer in layers:
-        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp, **extra)
     # The root keeps embeddings, final norm and lm_head; it is gathered for the whole step anyway.
-    fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=mp)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=mp, **extra)
 
 
 @torch.no_grad()
@@ -246,8 +252,9 @@ class StepResult:
     """Total gradient norm before clipping (over all ranks' shards)."""
 
 
-def train_step_on_batches(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Sequence[dict[str, torch.Tensor]],
-                          plan: Plan, *, num_targets: torch.Tensor, scaler=None, max_grad_norm: float | None = None,
+def train_step_on_batches(model: nn.Module, optimizer: torch.optim.Optimizer,
+                          batches: Sequence[dict[str, torch.Tensor]], plan: Plan, *, num_targets: torch.Tensor,
+                          scaler=None, max_grad_norm: float | None = None,
                           on_phase: Callable[[str], None] = lambda phase: None) -> StepResult:
     """``train_step`` on real data: one forward/backward per micro-batch of ``batches``, the gradient norm (clipped
     to ``max_grad_norm``), the optimizer step and ``zero_grad(set_to_none=True)``.

@@ -138,11 +138,11 @@ def validate_plan(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, steps: int = 5, 
                           f"run on a machine with {plan.num_gpus} GPUs")
     out_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="memtune-validate-"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    cap = gpu.memory_bytes - overhead.runtime_overhead_bytes(plan.world_size) if emulate else None
+    cap = gpu.memory_bytes - overhead.runtime_overhead_bytes(plan.has_process_group) if emulate else None
     # Under emulation, attention runs the kernel the emulated GPU would pick (e.g. no flash attention on a V100).
     backend = sdpa_backend(spec, plan, gpu) if emulate else None
     snapshot_path = out_dir / "snapshot.pickle" if snapshot else None
-    if plan.world_size == 1:
+    if plan.sharding == "none":
         from memtune.validate.probe import measure_plan
 
         ranks = [measure_plan(spec, plan, steps=steps, memory_cap_bytes=cap, snapshot_path=snapshot_path,

@@ -3,6 +3,8 @@
 Sizes are CUDA caching-allocator blocks: every tensor takes a multiple of 512 bytes.
 """
 
+import dataclasses
+
 import pytest
 
 from memtune.errors import InvalidPlanError
@@ -163,3 +165,18 @@ def test_fused_adamw_has_no_foreach_copy_of_the_states(tiny, h200):
     weights, _ = _param_blocks(tiny, Plan(), 2)
     assert foreach[C.TEMPORARIES] - fused[C.TEMPORARIES] >= weights
     assert fused[C.OPTIMIZER_STATES] == foreach[C.OPTIMIZER_STATES]
+
+
+def test_cpu_offload_takes_the_sharded_state_off_the_device(tiny, h200):
+    from memtune.estimate.categories import MemCategory
+
+    sharded = Plan(sharding="fsdp", num_gpus=2, seq_len=64)
+    on_gpu, offloaded = estimate(tiny, sharded, h200), estimate(tiny, dataclasses.replace(sharded, offload=True), h200)
+    host = (MemCategory.PARAMETERS, MemCategory.GRADIENTS, MemCategory.OPTIMIZER_STATES)
+    # (FSDP2's gradient shards are its reduce-scatter outputs: they count as FSDP buffers)
+    assert all(on_gpu.phases[Phase.OPTIMIZER_STEP][c] > 0 for c in (MemCategory.PARAMETERS, MemCategory.OPTIMIZER_STATES))
+    assert all(cats.get(c, 0) == 0 for cats in offloaded.phases.values() for c in host)
+    assert offloaded.phases[Phase.BACKWARD][MemCategory.ACTIVATIONS] == on_gpu.phases[Phase.BACKWARD][MemCategory.ACTIVATIONS]
+    assert offloaded.peak_allocated_bytes < on_gpu.peak_allocated_bytes
+    with pytest.raises(InvalidPlanError, match="CPU offload is FSDP2's"):
+        Plan(offload=True)

@@ -37,7 +37,8 @@ def guard_spec():
 
 def test_plan_file_with_run_and_fallbacks_round_trips(tmp_path):
     run = RunConfig(dataset="data/train.jsonl", format="llama-guard", prompt_field="user_input",
-                    label_field="toxicity", eval_split=0.1, max_steps=50, lr=2e-4, max_grad_norm=0.0, category_field=None)
+                    label_field="toxicity", eval_split=0.1, max_steps=50, lr=2e-4, max_grad_norm=0.0,
+                    category_field=None)
     written = PlanFile(model="llama-guard-3-1b", gpu="L4-24GB", plan=Plan(seq_len=1139),
                        fallbacks=(Plan(seq_len=1139, checkpointing="full"), Plan(seq_len=1139, peft="lora")), run=run)
     path = tmp_path / "plan.toml"
@@ -124,7 +125,8 @@ def test_text_and_instruction_formats(tokenizer):
 
 
 def test_packing_cuts_the_stream_into_full_chunks():
-    samples = train_data.Samples(input_ids=[[1, 2, 3], [4, 5], [6, 7, 8, 9]], labels=[[1, 2, 3], [-100, 5], [6, 7, 8, 9]])
+    samples = train_data.Samples(input_ids=[[1, 2, 3], [4, 5], [6, 7, 8, 9]],
+                                 labels=[[1, 2, 3], [-100, 5], [6, 7, 8, 9]])
     packed = train_data.pack(samples, 4)
     assert packed.input_ids == [[1, 2, 3, 4], [5, 6, 7, 8]] and packed.labels == [[1, 2, 3, -100], [5, 6, 7, 8]]
 

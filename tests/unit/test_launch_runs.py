@@ -15,6 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from memtune.cli import app
+from memtune.launch.config import RunConfig
 from memtune.launch.loop import FAULT_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,15 +117,11 @@ def test_tiny_cpu_profile_runs_end_to_end(tmp_path):
     assert (out / "checkpoints" / "step_60" / ".metadata").is_file()
     assert (out / "checkpoints" / "step_40" / "meta.json").is_file()  # keep_checkpoints = 2
     assert not (out / "checkpoints" / "step_20").exists()
-    # The export is the trained model: its loss on held-out-style samples is far below the untrained one.
+    # The export is the trained model: its loss on the guard's answers is far below the untrained one's.
     model = AutoModelForCausalLM.from_pretrained(out / "final").eval()
     tokenizer = train_data.load_tokenizer(str(out / "final"))
-    run_config = train_data.read_dataset(MINI).select(range(16))
-    from memtune.launch.config import RunConfig
-
-    samples = train_data.tokenize(run_config, RunConfig(dataset=str(MINI), format="llama-guard",
-                                                        prompt_field="user_input", label_field="toxicity"),
-                                  tokenizer, seq_len=400)
+    guard = RunConfig(dataset=str(MINI), format="llama-guard", prompt_field="user_input", label_field="toxicity")
+    samples = train_data.tokenize(train_data.read_dataset(MINI).select(range(16)), guard, tokenizer, seq_len=400)
     batch = train_data.collate([samples[i] for i in range(16)], pad_token_id=tokenizer.pad_token_id)
     with torch.no_grad():
         assert model(**batch).loss < 1.0
@@ -184,10 +181,23 @@ def test_out_of_memory_without_a_fallback_fails_and_keeps_the_checkpoint(small_p
     assert (out / "checkpoints" / "step_1" / "meta.json").is_file()
 
 
+def test_an_error_in_training_fails_the_run_with_one_line_and_the_traceback_kept(small_plan, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setenv(FAULT_ENV, "error@2")
+    r = launch(small_plan, out)
+    assert r.exit_code == 1, r.output
+    assert "RuntimeError: injected failure after step 2" in r.output and "Traceback" not in r.output
+    assert "Traceback" in (out / "error.log").read_text()
+    run = record(out)
+    assert run["status"] == "failed" and run["plans_tried"][-1]["outcome"] == "failed"
+    assert (out / "checkpoints" / "step_2" / "meta.json").is_file()  # checkpoint_every = 2 came first
+
+
 def test_two_gloo_processes_run_fsdp2_and_resume_exactly(tmp_path, monkeypatch):
     plan = tmp_path / "fsdp.toml"
     plan.write_text(SMALL.format(plan='sharding = "fsdp"\nnum_gpus = 2').replace("max_steps = 8", "max_steps = 4")
-                    .replace("checkpoint_every = 2", "checkpoint_every = 0").replace("eval_every = 4", "eval_every = 0"))
+                    .replace("checkpoint_every = 2", "checkpoint_every = 0")
+                    .replace("eval_every = 4", "eval_every = 0"))
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     r = launch(plan, whole)
     assert r.exit_code == 0, r.output
@@ -205,6 +215,20 @@ def test_two_gloo_processes_run_fsdp2_and_resume_exactly(tmp_path, monkeypatch):
     r = launch(plan, stopped)
     assert r.exit_code == 0, r.output
     assert curve(stopped) == curve(whole)
+
+
+def test_an_out_of_memory_rank_makes_all_ranks_restart_with_the_next_plan(tmp_path, monkeypatch):
+    plan = tmp_path / "fsdp.toml"
+    plan.write_text(SMALL.format(plan='sharding = "fsdp"\nnum_gpus = 2').replace("max_steps = 8", "max_steps = 3")
+                    .replace("eval_every = 4", "eval_every = 0"))
+    out = tmp_path / "run"
+    monkeypatch.setenv(FAULT_ENV, "oom@3")
+    r = launch(plan, out)
+    assert r.exit_code == 0, r.output
+    assert "restarting from the checkpoint of step 2" in r.output
+    tried = [(t["outcome"], t["at_step"], t["plan"]["checkpointing"]) for t in record(out)["plans_tried"]]
+    assert tried == [("oom", 3, "none"), ("finished", 3, "full")]
+    assert [m["step"] for m in rows(out) if "loss" in m] == [1, 2, 3]
 
 
 def test_tune_plans_validates_and_launches(tmp_path):

@@ -140,9 +140,10 @@ def test_weights_are_loaded_when_the_folder_has_them(tiny_checkpoint, fields):
     assert not torch.equal(random.detach(), saved.detach().to(random.dtype))
 
 
-def test_fsdp_ranks_load_their_shards_of_the_checkpoint(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("offload", [False, True])
+def test_fsdp_ranks_load_their_shards_of_the_checkpoint(tiny_checkpoint, tmp_path, offload):
     job = tmp_path / "job.json"
-    plan = Plan(sharding="fsdp", num_gpus=2, peft="lora", seq_len=32, batch_size=2, precision="fp32")
+    plan = Plan(sharding="fsdp", num_gpus=2, peft="lora", seq_len=32, batch_size=2, precision="fp32", offload=offload)
     job.write_text(json.dumps({"model_config": tiny_checkpoint.config_json, "model_name": tiny_checkpoint.name,
                                "plan": plan.to_dict(), "steps": 1, "memory_cap_bytes": None, "snapshot": False,
                                "weights_dir": tiny_checkpoint.weights_dir}))
