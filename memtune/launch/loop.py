@@ -169,8 +169,12 @@ class Trainer:
         same_geometry = saved.plan.batch_size * saved.plan.grad_accum * saved.world_size == per_step and \
             consumed == self.counters["samples_in_epoch"]
         if not same_geometry:  # another batch geometry: continue at about the same sample of the epoch
-            steps = min(self.counters["samples_in_epoch"] // per_step, self.steps_per_epoch)
-            self.counters["micro_in_epoch"] = steps * self.plan.grad_accum
+            steps = self.counters["samples_in_epoch"] // per_step
+            if steps >= self.steps_per_epoch:
+                self.counters.update(epoch=self.counters["epoch"] + 1, micro_in_epoch=0, samples_in_epoch=0)
+            else:
+                self.counters["micro_in_epoch"] = steps * self.plan.grad_accum
+                self.counters["samples_in_epoch"] = steps * per_step
         self.print(f"resuming from the checkpoint of step {step} (epoch {self.counters['epoch']})")
 
     def _trim_metrics(self, step: int) -> None:
@@ -200,13 +204,7 @@ class Trainer:
             while c["step"] < self.total_steps:
                 step = c["step"] + 1
                 start_rng = ckpt.rng_state() if self.world_size == 1 else None
-                batches = []
-                for _ in range(self.plan.grad_accum):
-                    batch = next(loader, None)
-                    if batch is None:  # the epoch ended exactly at a step boundary before
-                        loader = self._loader()
-                        batch = next(loader)
-                    batches.append(batch)
+                batches = [next(loader) for _ in range(self.plan.grad_accum)]  # an epoch is whole steps
                 tokens = sum(int(b.pop("lengths").sum()) for b in batches)
                 targets = sum(train_data.count_targets(b) for b in batches)
                 stop = self.stop_requested or (self.main and (self.output_dir / STOP_FILE).exists())

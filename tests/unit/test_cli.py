@@ -36,9 +36,9 @@ def test_plan_picks_the_cheapest_plan_that_fits():
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     # T4 has no bf16: full fine-tune under fp16 autocast, LoRA on fp16, 8-bit and 4-bit weights; x no, selective
-    # and full checkpointing x three AdamW variants - every one screened.
+    # and full checkpointing x three AdamW variants, and the full fine-tune with CPU offload - every one screened.
     assert out["estimate"]["fits"] and out["estimate"]["method"] == "trace"
-    assert len(out["candidates"]) == 4 * 3 * 3
+    assert len(out["candidates"]) == 4 * 3 * 3 + 3
     assert {c["method"] for c in out["candidates"]} <= {"screen", "trace"}
     fitting = [c for c in out["candidates"] if c["fits"]]
     cheapest = min(c["cost"]["gpu_seconds_per_token"] for c in fitting)
