@@ -294,7 +294,8 @@ def plan(
     if out and result.chosen:
         from memtune.planfile import PlanFile, write_plan_file
 
-        write_plan_file(out, PlanFile(model=model, gpu=gpu_spec.name, plan=result.chosen.plan))
+        write_plan_file(out, PlanFile(model=model, gpu=gpu_spec.name, plan=result.chosen.plan,
+                                      fallbacks=result.fallbacks()))
     if as_json:
         print(json.dumps(result.to_json(), indent=2))
     else:

@@ -44,6 +44,15 @@ class PlanResult:
     model: str | None = None
     gpu: str | None = None
 
+    def fallbacks(self, limit: int = 3) -> tuple[Plan, ...]:
+        """Plans to switch to when the chosen one runs out of memory after all: the cheapest others that fit and
+        need less memory than it, in order of cost."""
+        if self.chosen is None:
+            return ()
+        need = self.chosen.breakdown.required_bytes
+        smaller = [c for c in self.candidates if c.fits and c is not self.chosen and c.breakdown.required_bytes < need]
+        return tuple(c.plan for c in sorted(smaller, key=_rank)[:limit])
+
     def to_json(self) -> dict:
         def one(c: Candidate) -> dict:
             return {"label": c.label, "plan": c.plan.to_dict(), "fits": c.fits, "reason": c.reason,
@@ -69,6 +78,7 @@ class PlanResult:
             "estimate": self.chosen.breakdown.to_json() if self.chosen else None,
             "candidates": [one(c) for c in self.candidates],
             "llama_cookbook_default": one(self.reference) if self.reference else None,
+            "fallbacks": [p.to_dict() for p in self.fallbacks()],
             "data": self.data,
         }
 

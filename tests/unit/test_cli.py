@@ -114,6 +114,11 @@ def test_plan_writes_a_plan_file_that_check_accepts(tmp_path):
     assert run("check", str(out)).exit_code == 0
     on_t4 = run("check", str(out), "--gpu", "T4-16GB")  # the plan chosen for the L4 is bf16
     assert on_t4.exit_code == 2 and "has no bf16" in on_t4.stderr
+    # The next cheapest plans that need less memory come along as fallbacks for an out-of-memory run.
+    from memtune.planfile import read_plan_file
+
+    written = read_plan_file(out)
+    assert 1 <= len(written.fallbacks) <= 3 and written.plan not in written.fallbacks
 
 
 def test_check_exit_codes(tmp_path):
