@@ -28,7 +28,8 @@ NumGpus = Annotated[int, typer.Option(help="GPUs per node.")]
 Nodes = Annotated[int, typer.Option(help="Nodes.")]
 Precision = Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16 | amp-bf16 | amp-fp16 "
                                              "(auto: bf16 where the GPU has it, else amp-fp16).")]
-Sharding = Annotated[str, typer.Option(help="auto | none | fsdp | fsdp-grad-op | hsdp (auto: fsdp on >1 GPU).")]
+Sharding = Annotated[str, typer.Option(help="auto | none | fsdp | fsdp-grad-op | hsdp (auto: fsdp on >1 GPU or "
+                                            "with --offload).")]
 Checkpointing = Annotated[str, typer.Option(help="none | selective (recompute element-wise ops, keep matmul outputs) | full "
                                                  "(recompute every decoder layer).")]
 PeftOpt = Annotated[str, typer.Option("--peft", help="none | lora")]
@@ -66,18 +67,19 @@ def _say_written(path, quiet: bool) -> None:
 
 def _plan_from_options(gpu, *, num_gpus, nodes, precision, sharding, checkpointing, peft, lora_rank, lora_targets,
                        lora_dropout, quantization, optimizer, batch_size, seq_len, attention, grad_accum,
-                       expandable_segments):
+                       offload, expandable_segments):
     from memtune.plan import Plan
 
     if precision == "auto":
         precision = "bf16" if gpu.bf16 else "amp-fp16"
     if sharding == "auto":
-        sharding = "none" if num_gpus * nodes == 1 else ("hsdp" if nodes > 1 else "fsdp")
+        sharding = "none" if num_gpus * nodes == 1 and not offload else ("hsdp" if nodes > 1 else "fsdp")
     targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
     return Plan(precision=precision, sharding=sharding, num_gpus=num_gpus, nodes=nodes, checkpointing=checkpointing,
                 peft=peft, lora_rank=lora_rank, lora_targets=targets, lora_dropout=lora_dropout,
                 quantization=quantization, optimizer=optimizer, batch_size=batch_size, seq_len=seq_len,
-                attention=attention, grad_accum=grad_accum, expandable_segments=expandable_segments)
+                attention=attention, grad_accum=grad_accum, offload=offload,
+                expandable_segments=expandable_segments)
 
 
 def _plan_knobs(
@@ -97,6 +99,8 @@ def _plan_knobs(
     seq_len: SeqLen = 2048,
     attention: Attention = "sdpa",
     grad_accum: GradAccum = 1,
+    offload: Annotated[bool, typer.Option(help="FSDP2 CPU offload: sharded weights, gradients and optimizer "
+                                               "states in host memory (needs --sharding fsdp; one GPU works).")] = False,
     expandable_segments: Annotated[bool, typer.Option(help="The allocator's expandable segments "
                                                            "(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True).")] = False,
 ) -> dict:
