@@ -11,9 +11,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from memtune.data.files import read_dataset
 from memtune.errors import ConfigError
-
-_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -64,16 +63,7 @@ def load_lengths(path: str | Path, *, text_field: str = "text", length_field: st
     Raises:
         ConfigError: missing file, unknown format or field, or no way to count tokens.
     """
-    path = Path(path)
-    fmt = _FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise ConfigError(f"dataset {path}: use a .jsonl, .json, .csv or .parquet file")
-    if not path.is_file():
-        raise ConfigError(f"dataset {path} does not exist")
-    import datasets
-
-    datasets.disable_progress_bars()
-    data = datasets.load_dataset(fmt, data_files=str(path), split="train")
+    data = read_dataset(path)
     if length_field is not None:
         if length_field not in data.column_names:
             raise ConfigError(f"dataset {path} has no column {length_field!r}; columns: {', '.join(data.column_names)}")

@@ -21,6 +21,8 @@ MaxSteps = Annotated[int | None, typer.Option(help="Optimizer steps to run (repl
 Nnodes = Annotated[int, typer.Option(help="Nodes taking part (torchrun --nnodes); start the same command on each.")]
 NodeRank = Annotated[int, typer.Option(help="This node's rank (torchrun --node-rank).")]
 RdzvEndpoint = Annotated[str | None, typer.Option(help="host:port of node 0 (torchrun --rdzv-endpoint).")]
+Report = Annotated[str | None, typer.Option(help="Also write the run's HTML report to this file (the run folder "
+                                                 "always gets report.html).")]
 NoFallback = Annotated[bool, typer.Option("--no-fallback", help="End the run at an out-of-memory error instead of "
                                                                  "restarting with the next plan.")]
 
@@ -35,6 +37,7 @@ def launch(
     node_rank: NodeRank = 0,
     rdzv_endpoint: RdzvEndpoint = None,
     no_fallback: NoFallback = False,
+    report: Report = None,
 ) -> None:
     """Run the fine-tune of a plan file: its plan, its \\[run] settings, its \\[\\[fallback]] plans after an OOM.
 
@@ -59,7 +62,7 @@ def launch(
     command = launch_command(path.resolve(), Path(out).resolve(), max_steps=max_steps, torchrun=torchrun,
                              fallback=not no_fallback) if out else None
     _run(pf, base_dir=path.resolve().parent, output_dir=out, max_steps=max_steps, torchrun=torchrun,
-         fallback=not no_fallback, command=command)
+         fallback=not no_fallback, command=command, report=report)
 
 
 def tune(
@@ -89,6 +92,7 @@ def tune(
     no_launch: Annotated[bool, typer.Option("--no-launch", help="Stop after writing OUTPUT_DIR/plan.toml (start "
                                                                 "it with `memtune launch`, e.g. on several "
                                                                 "nodes).")] = False,
+    report: Report = None,
 ) -> None:
     """Plan, validate the best candidates, and launch the best that validated (the others as its fallbacks).
 
@@ -125,11 +129,11 @@ def tune(
         return
     command = launch_command(plan_path, out_path, max_steps=max_steps, fallback=not no_fallback)
     _run(pf, base_dir=out_path, output_dir=out_path, max_steps=max_steps, fallback=not no_fallback, command=command,
-         console=console)
+         console=console, report=report)
 
 
 def _run(pf, *, base_dir: Path, output_dir, max_steps, fallback: bool, command, torchrun=None,
-         console: Console | None = None) -> None:
+         console: Console | None = None, report: str | None = None) -> None:
     from memtune.launch.runner import Torchrun
     from memtune.launch.runner import launch as run_launch
 
@@ -141,6 +145,12 @@ def _run(pf, *, base_dir: Path, output_dir, max_steps, fallback: bool, command, 
         console.print("stopped without a checkpoint; the newest one is kept")
         raise typer.Exit(code=EXIT_INTERRUPTED) from None
     _summary(console, result)
+    written = result.output_dir / "report.html"
+    if report and written.is_file():
+        import shutil
+
+        shutil.copyfile(written, report)
+        console.print(f"report written to {escape(report)}")
     if result.status == "interrupted":
         raise typer.Exit(code=EXIT_INTERRUPTED)
     if result.status != "finished":

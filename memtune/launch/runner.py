@@ -231,12 +231,9 @@ def _end(record: dict, out: Path, status: str, writer: bool, console: Console, *
 
 
 def write_report(out: Path, console: Console) -> Path | None:
-    """``report.html`` of the run folder (skipped with a note when the report module is unavailable)."""
-    try:
-        from memtune.report import write_report as render
-    except ImportError:
-        console.print("report skipped: memtune.report is not installed")
-        return None
+    """``report.html`` of the run folder; a failure to render it is a note, never the run's failure."""
+    from memtune.report import write_report as render
+
     try:
         return render(out, out / "report.html")
     except Exception as e:  # noqa: BLE001 - the run's results are on disk; a report failure must not hide them

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from memtune.launch.loop import Job, Outcome, run_attempt
+from memtune.train.distributed import init_worker
 
 OOM_EXIT = 3
 
@@ -33,14 +34,7 @@ def _mesh(job: Job, device: torch.device):
 
 def main(job_path: str) -> None:
     job = Job.from_json(json.loads(Path(job_path).read_text()))
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
+    rank, device = init_worker()
     report = Path(job.output_dir) / f".outcome-rank{rank}.json"
     try:
         outcome = run_attempt(job, device=device, mesh=_mesh(job, device), rank=rank,

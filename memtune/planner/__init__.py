@@ -247,10 +247,10 @@ def _fragmentation_pays(b: MemoryBreakdown) -> bool:
 
 
 def _rank(c: Candidate) -> tuple:
-    """Fewest GPU-seconds per trained token first (to 0.1 %); at equal cost no quantization, then the preferred
-    optimizer (``OPTIMIZERS``) and precision (``PRECISIONS``); then the most headroom."""
+    """Fewest GPU-seconds per trained token first (to three significant digits); at equal cost no quantization,
+    then the preferred optimizer (``OPTIMIZERS``) and precision (``PRECISIONS``); then the most headroom."""
     optimizer = OPTIMIZERS.index(c.plan.optimizer) if c.plan.optimizer in OPTIMIZERS else len(OPTIMIZERS)
-    return (round(c.cost.gpu_seconds_per_token, 12 - len(str(int(1 / c.cost.gpu_seconds_per_token)))),
+    return (float(f"{c.cost.gpu_seconds_per_token:.3g}"),
             c.plan.quantization != "none", optimizer, PRECISIONS.index(c.plan.precision),
             -c.breakdown.headroom_bytes)
 

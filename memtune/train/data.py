@@ -29,16 +29,15 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from memtune.data.files import read_dataset
 from memtune.errors import ConfigError
 
 IGNORE = -100
 """The label of tokens that are no targets (PyTorch's cross-entropy ``ignore_index``)."""
 
-_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 LLAMA_GUARD_3_CATEGORIES = (
     "Violent Crimes.", "Non-Violent Crimes.", "Sex Crimes.", "Child Exploitation.", "Defamation.",
@@ -125,30 +124,6 @@ def load_tokenizer(path: str, *, vocab_size: int | None = None):
         raise ConfigError(f"the tokenizer in {path} has {len(tokenizer)} tokens and the model's vocabulary "
                           f"{vocab_size}: use the model's own tokenizer")
     return tokenizer
-
-
-def read_dataset(path: str | Path):
-    """A ``datasets.Dataset`` of a local JSON/JSONL/CSV/parquet file.
-
-    Raises:
-        ConfigError: missing file or unknown format.
-    """
-    path = Path(path)
-    fmt = _FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise ConfigError(f"dataset {path}: use a .jsonl, .json, .csv or .parquet file")
-    if not path.is_file():
-        raise ConfigError(f"dataset {path} does not exist")
-    import datasets
-
-    datasets.disable_progress_bars()
-    try:
-        data = datasets.load_dataset(fmt, data_files=str(path), split="train")
-    except Exception as e:  # noqa: BLE001 - datasets raises many kinds for a malformed file
-        raise ConfigError(f"cannot read dataset {path}: {str(e).splitlines()[0]}") from None
-    if len(data) == 0:
-        raise ConfigError(f"dataset {path} is empty")
-    return data
 
 
 def tokenize(data, run, tokenizer, *, seq_len: int) -> Samples:

@@ -7,29 +7,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from memtune.plan import Plan
 from memtune.specs.model import _spec_from_config
+from memtune.train.distributed import init_worker
 from memtune.validate.probe import measure_plan
 
 
 def main(job_path: str) -> None:
     job = json.loads(Path(job_path).read_text())
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
+    rank, device = init_worker()
     try:
         plan = Plan.from_dict(job["plan"])
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
