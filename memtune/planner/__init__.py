@@ -88,6 +88,9 @@ OPTIMIZERS = ("adamw", "adamw-fused", "adamw-8bit")
 states), 8-bit states (they change the training)."""
 PRECISIONS = ("bf16", "amp-bf16", "fp16", "amp-fp16", "fp32")
 """In order of preference at equal cost."""
+FAST_RESERVED_ERROR = 0.23
+"""The fast estimate's largest reserved under-estimate against the full-depth trace (``bench/results/fast.json``):
+a fast fit closer to the limit than this is confirmed at full depth."""
 MAX_TRACED = 12
 """Candidates traced, cheapest first, before the search settles for the closest miss."""
 
@@ -155,7 +158,8 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
                     seq_len: int = 2048, batching: str = "padding", data: dict | None = None,
                     fixed: dict | None = None, global_batch: int | None = None, lengths=None) -> PlanResult:
     """Screen every candidate in closed form (``memtune.estimate.screen``) and cost it, then trace them cheapest
-    first - skipping those the screen puts clearly out of reach - until one is confirmed to fit. ``fixed`` holds
+    first - skipping those the screen puts clearly out of reach - until one is confirmed to fit (fast trace; at full
+    depth where the fast one is too close to the limit to call). ``fixed`` holds
     plan fields the user set (``{"peft": "none"}`` for a full fine-tune): they override every candidate. With
     ``global_batch`` (sequences per optimizer step) every split into micro-batch x gradient accumulation is a
     candidate too; with ``lengths`` (padding) each micro-batch gets its own padding waste. llama-cookbook's
@@ -209,6 +213,8 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
             continue
         traced += 1
         full = estimate(spec, c.plan, gpu, fast=True)
+        if full.fits and not _clear_fit(full):
+            full = estimate(spec, c.plan, gpu)  # close to the limit: the full-depth trace and its capped replay
         learned[twin] = full.required_bytes / c.breakdown.required_bytes
         confirmed = dataclasses.replace(c, breakdown=full, reason=_reason(full))
         candidates[candidates.index(c)] = confirmed
@@ -239,6 +245,12 @@ def describe(plan: Plan) -> str:
             + (", CPU offload" if plan.offload else "")
             + (", expandable segments" if plan.expandable_segments else "")
             + (f" ({plan.batch_size} x {plan.grad_accum})" if plan.grad_accum > 1 else ""))
+
+
+def _clear_fit(b: MemoryBreakdown) -> bool:
+    """A fast estimate whose pool would still fit with the fast path's largest reserved under-estimate."""
+    pool = b.device_usable_bytes - b.margin_bytes - b.runtime_overhead_bytes
+    return b.peak_reserved_bytes <= pool * (1 - FAST_RESERVED_ERROR)
 
 
 def _fragmentation_pays(b: MemoryBreakdown) -> bool:
