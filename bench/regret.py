@@ -1,7 +1,7 @@
 """Regret of the planner: measure the throughput of the top candidates on a capped H200 and compare the chosen
 plan with the best measured one.
 
-    python bench/regret.py OUT.json [--top 4]   # on a GPU machine
+    python bench/regret.py OUT.json [--top 4]   # on a GPU machine (the 2-GPU case needs two)
 """
 
 from __future__ import annotations
@@ -14,11 +14,33 @@ import time
 from pathlib import Path
 
 CASES = [
-    # (label, plan arguments): the seed case's full fine-tune on one L4, packed to 4,096 tokens
+    # (label, plan arguments, GPUs the case needs): the seed case's full fine-tune, packed to 4,096 tokens
     ("llama-guard-3-1b full FT on L4-24GB, packing 4096",
      ["--model", "llama-guard-3-1b", "--gpu", "L4-24GB", "--seq-len", "4096", "--batching", "packing",
-      "--peft", "none"]),
+      "--peft", "none"], 1),
+    ("llama-guard-3-1b full FT on V100-32GB, packing 4096",
+     ["--model", "llama-guard-3-1b", "--gpu", "V100-32GB", "--seq-len", "4096", "--batching", "packing",
+      "--peft", "none"], 1),
+    ("llama-3.2-3b on L4-24GB, global batch 16 x 2048",
+     ["--model", "llama-3.2-3b", "--gpu", "L4-24GB", "--seq-len", "2048", "--global-batch", "16"], 1),
+    ("llama-guard-3-1b full FT on 2 x V100-32GB, packing 4096",
+     ["--model", "llama-guard-3-1b", "--gpu", "V100-32GB", "--num-gpus", "2", "--seq-len", "4096",
+      "--batching", "packing", "--peft", "none"], 2),
 ]
+PLAN_OPTIONS = ("precision", "sharding", "num_gpus", "checkpointing", "peft", "quantization", "optimizer",
+                "batch_size", "seq_len", "attention", "grad_accum", "offload", "expandable_segments")
+
+
+def validate_options(plan: dict) -> list[str]:
+    """``memtune validate`` options that reproduce ``plan`` (a plan's JSON object)."""
+    cli = []
+    for key in PLAN_OPTIONS:
+        flag = "--" + key.replace("_", "-")
+        if isinstance(plan[key], bool):
+            cli.append(flag if plan[key] else "--no-" + key.replace("_", "-"))
+        else:
+            cli += [flag, str(plan[key])]
+    return cli
 
 
 def main() -> None:
@@ -26,8 +48,13 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--top", type=int, default=4)
     args = ap.parse_args()
+    import torch
+
     results = []
-    for label, plan_args in CASES:
+    for label, plan_args, gpus in CASES:
+        if gpus > torch.cuda.device_count():
+            print(f"skipped (needs {gpus} GPUs): {label}", flush=True)
+            continue
         plan = json.loads(subprocess.run([sys.executable, "-m", "memtune", "plan", *plan_args, "--json"],
                                          capture_output=True, text=True, check=True).stdout)
         gpu = plan_args[plan_args.index("--gpu") + 1]
@@ -35,10 +62,7 @@ def main() -> None:
         measured = []
         for c in fitting[:args.top]:
             p = c["plan"]
-            cli = ["--model", plan_args[1], "--emulate-gpu", gpu, "--steps", "5", "--json"]
-            for key in ("precision", "checkpointing", "peft", "quantization", "optimizer", "batch_size", "seq_len",
-                        "attention", "grad_accum"):
-                cli += [f"--{key.replace('_', '-')}", str(p[key])]
+            cli = ["--model", plan_args[1], "--emulate-gpu", gpu, "--steps", "5", "--json", *validate_options(p)]
             t0 = time.time()
             proc = subprocess.run([sys.executable, "-m", "memtune", "validate", *cli], capture_output=True, text=True)
             record = json.loads(proc.stdout) if proc.stdout.strip().startswith("{") else {"error": proc.stderr[-500:]}
