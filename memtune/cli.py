@@ -253,6 +253,14 @@ def plan(
     optimizer: Annotated[str | None, typer.Option("--optimizer", help="Fix the optimizer.")] = None,
     attention: Annotated[str | None, typer.Option(help="Fix attention: sdpa | eager.")] = None,
     grad_accum: Annotated[int | None, typer.Option(help="Fix gradient accumulation.")] = None,
+    sharding: Annotated[str | None, typer.Option(help="Fix sharding: none | fsdp | fsdp-grad-op | hsdp.")] = None,
+    offload: Annotated[bool | None, typer.Option("--offload/--no-offload", help="Fix FSDP2 CPU offload on or "
+                                                                              "off.")] = None,
+    expandable_segments: Annotated[bool | None, typer.Option(
+        "--expandable-segments/--no-expandable-segments", help="Fix the allocator's expandable segments.")] = None,
+    lora_rank: Annotated[int | None, typer.Option(help="LoRA rank r of the LoRA candidates.")] = None,
+    lora_targets: Annotated[str | None, typer.Option(help="Comma-separated linear layers the LoRA candidates "
+                                                          "adapt.")] = None,
     out: Annotated[str | None, typer.Option(help="Write the chosen plan to this plan file (TOML).")] = None,
     export: Annotated[str | None, typer.Option(help="llama-cookbook | hf | torchrun: print the chosen plan for "
                                                     "that tool.")] = None,
@@ -282,13 +290,19 @@ def plan(
         data = lengths.to_json()
         if batching == "padding":
             seq_len, data["padding_efficiency"] = lengths.padded(batch_size)
+    targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip()) if lora_targets is not None else None
     fixed = {k: v for k, v in {"precision": precision, "checkpointing": checkpointing, "peft": peft,
                                 "quantization": quantization, "optimizer": optimizer, "attention": attention,
-                                "grad_accum": grad_accum}.items() if v is not None}
+                                "grad_accum": grad_accum, "sharding": sharding, "offload": offload,
+                                "expandable_segments": expandable_segments, "lora_rank": lora_rank,
+                                "lora_targets": targets}.items() if v is not None}
     if fixed:
         from memtune.plan import Plan
 
-        Plan(**fixed)  # an unknown value is bad input, not a candidate that fails
+        # An unknown value is bad input, not a candidate that fails (offload brings FSDP2 along, as in the search).
+        Plan(**({"sharding": "fsdp"} | fixed if fixed.get("offload") else fixed))
+        if "lora_targets" in fixed:
+            Plan(peft="lora", lora_targets=fixed["lora_targets"], seq_len=1).check_model(spec)
     if global_tokens is not None:
         if global_batch is not None:
             raise ConfigError("give --global-batch (sequences) or --global-tokens, not both")

@@ -179,7 +179,10 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
     efficiency = {}
     for kind, (micro, accum) in ((k, sp) for k in kinds for sp in splits):
         try:
-            plan = dataclasses.replace(kind, batch_size=micro, grad_accum=accum, **(fixed or {}))
+            fields = {"batch_size": micro, "grad_accum": accum, **(fixed or {})}
+            if fields.get("offload") and kind.sharding == "none" and "sharding" not in fields:
+                fields["sharding"] = "fsdp"  # CPU offload is FSDP2's, over one GPU too
+            plan = dataclasses.replace(kind, **fields)
         except InvalidPlanError:
             continue  # the user's constraints rule this kind out (e.g. QLoRA under --peft none)
         if plan in seen:

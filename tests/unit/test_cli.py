@@ -194,3 +194,17 @@ def test_plan_and_validate_write_html_reports(tmp_path):
             "--report", str(tmp_path / "validate.html"))
     assert v.exit_code == 0, v.output
     assert "T4-16GB" in (tmp_path / "validate.html").read_text()
+
+
+def test_plan_fixes_offload_lora_targets_and_rejects_unknown_targets():
+    r = run("plan", "--model", str(TINY), "--gpu", "T4-16GB", "--seq-len", "128", "--peft", "none", "--offload",
+            "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["chosen"]["offload"] and out["chosen"]["sharding"] == "fsdp"  # FSDP2 over the one GPU
+    assert all(c["plan"]["offload"] for c in out["candidates"])
+    lora = json.loads(run("plan", "--model", str(TINY), "--gpu", "T4-16GB", "--seq-len", "128", "--peft", "lora",
+                          "--lora-targets", "q_proj,k_proj,v_proj", "--json").stdout)
+    assert lora["chosen"]["lora_targets"] == ["q_proj", "k_proj", "v_proj"]
+    bad = run("plan", "--model", str(TINY), "--gpu", "T4-16GB", "--lora-targets", "q_proj,foo")
+    assert bad.exit_code == 2 and "lora-targets foo not in" in bad.stderr
