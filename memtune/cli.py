@@ -232,9 +232,10 @@ def plan(
     num_gpus: NumGpus = 1,
     nodes: Nodes = 1,
     batch_size: BatchSize = 1,
-    seq_len: Annotated[int, typer.Option(help="Tokens per sequence; with --dataset and padding, the longest "
-                                              "padded batch instead; with packing, the chunk length.")] = 2048,
-    batching: Annotated[str, typer.Option(help="padding | packing")] = "padding",
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence; with --dataset, the packing chunk length "
+                                              "(padding pads to the longest sample of each batch).")] = 2048,
+    batching: Annotated[str | None, typer.Option(help="Fix padding | packing (default: padding, or with "
+                                                      "--dataset both searched).")] = None,
     global_batch: Annotated[int | None, typer.Option(help="Sequences per optimizer step over all GPUs: every split "
                                                           "into micro-batch x gradient accumulation is searched.")] = None,
     global_tokens: Annotated[int | None, typer.Option(help="The global batch in tokens instead (divided by the "
@@ -288,8 +289,10 @@ def plan(
         lengths = load_lengths(dataset, text_field=text_field, length_field=length_field, tokenizer=tokenizer,
                                extra_tokens=prompt_tokens)
         data = lengths.to_json()
-        if batching == "padding":
-            seq_len, data["padding_efficiency"] = lengths.padded(batch_size)
+        if batching != "packing":
+            data["padding_efficiency"] = lengths.padded(batch_size)[1]
+    if batching not in (None, "padding", "packing"):
+        raise ConfigError(f"--batching must be padding or packing, not {batching!r}")
     targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip()) if lora_targets is not None else None
     fixed = {k: v for k, v in {"precision": precision, "checkpointing": checkpointing, "peft": peft,
                                 "quantization": quantization, "optimizer": optimizer, "attention": attention,

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL, GPU = "llama-guard-3-1b", "L4-24GB"
 LENGTHS = "tests/assets/toxicchat/lengths.csv"
 COMMAND = (f"memtune plan --model {MODEL} --gpu {GPU} --peft none --dataset {LENGTHS} --length-field user_tokens "
-           f"--prompt-tokens 214")
+           f"--prompt-tokens 214 --batching padding")
 
 
 def plan_result() -> dict:
@@ -27,8 +27,8 @@ def plan_result() -> dict:
 
     lengths = load_lengths(ROOT / LENGTHS, length_field="user_tokens", extra_tokens=214)
     data = lengths.to_json() | {"source": LENGTHS}
-    seq_len, data["padding_efficiency"] = lengths.padded(1)
-    result = plan_candidates(resolve_model(MODEL), resolve_gpu(GPU), seq_len=seq_len, data=data,
+    data["padding_efficiency"] = lengths.padded(1)[1]
+    result = plan_candidates(resolve_model(MODEL), resolve_gpu(GPU), batching="padding", data=data,
                              fixed={"peft": "none"}, lengths=lengths)
     return result.to_json()
 

@@ -38,9 +38,15 @@ class LengthStats:
 
     def padded(self, batch_size: int) -> tuple[int, float]:
         """(longest padded sequence, share of real tokens among padded ones) for length-grouped batches."""
-        padded = sum(max(self.lengths[i:i + batch_size]) * len(self.lengths[i:i + batch_size])
-                     for i in range(0, self.count, batch_size))
-        return self.max, self.total_tokens / padded
+        return self.max, self.total_tokens / self._padded_tokens(batch_size)
+
+    def mean_padded(self, batch_size: int) -> float:
+        """The average padded sequence of length-grouped batches: what an average step computes."""
+        return self._padded_tokens(batch_size) / self.count
+
+    def _padded_tokens(self, batch_size: int) -> int:
+        return sum(max(self.lengths[i:i + batch_size]) * len(self.lengths[i:i + batch_size])
+                   for i in range(0, self.count, batch_size))
 
     def packed_steps(self, context_length: int, batch_size: int) -> int:
         """Micro-batches of ``batch_size`` full ``context_length`` chunks in one epoch."""

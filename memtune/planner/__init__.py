@@ -155,17 +155,25 @@ def _screened_or_traced(spec: ModelSpec, plan: Plan, gpu: GpuSpec) -> MemoryBrea
 
 
 def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: int = 1, batch_size: int = 1,
-                    seq_len: int = 2048, batching: str = "padding", data: dict | None = None,
+                    seq_len: int = 2048, batching: str | None = None, data: dict | None = None,
                     fixed: dict | None = None, global_batch: int | None = None, lengths=None) -> PlanResult:
     """Screen every candidate in closed form (``memtune.estimate.screen``) and cost it, then trace them cheapest
     first - skipping those the screen puts clearly out of reach - until one is confirmed to fit (fast trace; at full
-    depth where the fast one is too close to the limit to call). ``fixed`` holds
-    plan fields the user set (``{"peft": "none"}`` for a full fine-tune): they override every candidate. With
-    ``global_batch`` (sequences per optimizer step) every split into micro-batch x gradient accumulation is a
-    candidate too; with ``lengths`` (padding) each micro-batch gets its own padding waste. llama-cookbook's
-    default path is estimated too, as the reference the chosen plan is compared with."""
-    ref_plan = llama_cookbook_default(gpu, batch_size=batch_size, seq_len=seq_len, batching=batching)
-    ref_plan.check_model(spec)  # a sequence longer than the model's context is bad input, not a miss
+    depth where the fast one is too close to the limit to call).
+
+    ``fixed`` holds plan fields the user set (``{"peft": "none"}`` for a full fine-tune): they override every
+    candidate. With ``global_batch`` (sequences per optimizer step) every split into micro-batch x gradient
+    accumulation is a candidate too. With ``lengths`` (a dataset's token lengths) and no ``batching``, padding and
+    packing are both searched: padding's memory is set by the longest sample and its time by the average padded
+    sequence of length-grouped batches of each micro-batch size; packing fills ``seq_len``-token chunks.
+    llama-cookbook's default path is estimated too, as the reference the chosen plan is compared with."""
+    batchings = ("padding", "packing") if lengths is not None and batching is None else (batching or "padding",)
+    seq_for = {b: lengths.max if b == "padding" and lengths is not None else seq_len for b in batchings}
+    ref_batching = batching or "padding"
+    ref_plan = llama_cookbook_default(gpu, batch_size=batch_size, batching=ref_batching,
+                                      seq_len=lengths.max if ref_batching == "padding" and lengths else seq_len)
+    for b in batchings:  # a sequence longer than the model's context is bad input, not a miss
+        dataclasses.replace(ref_plan, seq_len=seq_for[b]).check_model(spec)
     try:
         ref_estimate = _screened_or_traced(spec, ref_plan, gpu)
         reference = Candidate(label="llama-cookbook default (no FSDP, so no checkpointing)", plan=ref_plan,
@@ -174,9 +182,9 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
         reference = Candidate(label="llama-cookbook default", plan=ref_plan, breakdown=None, reason=str(e))
     candidates, seen = [], set()
     splits = micro_batches(global_batch, batch_size, num_gpus * nodes)
-    kinds = candidate_plans(gpu, num_gpus=num_gpus, nodes=nodes, batch_size=batch_size, seq_len=seq_len,
-                            batching=batching)
-    efficiency = {}
+    kinds = [k for b in batchings for k in candidate_plans(gpu, num_gpus=num_gpus, nodes=nodes,
+                                                             batch_size=batch_size, seq_len=seq_for[b], batching=b)]
+    shapes: dict[tuple[str, int], tuple[float, float | None]] = {}  # (batching, micro-batch) -> (efficiency, mean)
     for kind, (micro, accum) in ((k, sp) for k in kinds for sp in splits):
         try:
             fields = {"batch_size": micro, "grad_accum": accum, **(fixed or {})}
@@ -198,13 +206,18 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
                 seen.add((label, str(e)))
                 candidates.append(Candidate(label=label, plan=plan, breakdown=None, reason=str(e)))
             continue
-        if plan.batch_size not in efficiency:
-            efficiency[plan.batch_size] = (lengths.padded(plan.batch_size)[1] if lengths is not None
-                                           and batching == "padding" else
-                                           (data or {}).get("padding_efficiency", 1.0) if batching == "padding"
-                                           else 1.0)
+        key = (plan.batching, plan.batch_size)
+        if key not in shapes:
+            if plan.batching == "padding" and lengths is not None:
+                shapes[key] = (lengths.padded(plan.batch_size)[1], lengths.mean_padded(plan.batch_size))
+            elif plan.batching == "padding":
+                shapes[key] = ((data or {}).get("padding_efficiency", 1.0), None)
+            else:
+                shapes[key] = (1.0, None)
+        efficiency, mean_seq_len = shapes[key]
         candidates.append(Candidate(label=label, plan=plan, breakdown=breakdown, reason=_reason(breakdown),
-                                    cost=step_cost(spec, plan, gpu, padding_efficiency=efficiency[plan.batch_size])))
+                                    cost=step_cost(spec, plan, gpu, padding_efficiency=efficiency,
+                                                   mean_seq_len=mean_seq_len)))
     chosen, traced = None, 0
     learned: dict[Plan, float] = {}  # trace / screen of the plans traced so far, by everything but the optimizer
     order = sorted((c for c in candidates if c.breakdown is not None), key=_rank)
@@ -247,6 +260,7 @@ def describe(plan: Plan) -> str:
             + (", no resharding" if plan.sharding == "fsdp-grad-op" else "")
             + (", CPU offload" if plan.offload else "")
             + (", expandable segments" if plan.expandable_segments else "")
+            + (f", packed to {plan.seq_len}" if plan.batching == "packing" else "")
             + (f" ({plan.batch_size} x {plan.grad_accum})" if plan.grad_accum > 1 else ""))
 
 

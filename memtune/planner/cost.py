@@ -20,6 +20,7 @@ per step, over the GPU's interconnect, overlapped with compute. Padding wastes t
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from memtune.plan import Plan
@@ -117,7 +118,12 @@ def utilization(spec: ModelSpec, plan: Plan, gpu: GpuSpec) -> float:
     return min(MAX_UTILIZATION, model["u_max"] * x / (x + model["x_half"]) * factor)
 
 
-def step_cost(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, padding_efficiency: float = 1.0) -> CostEstimate:
+def step_cost(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, padding_efficiency: float = 1.0,
+              mean_seq_len: float | None = None) -> CostEstimate:
+    """``mean_seq_len``: the average padded sequence of length-grouped padding, which sets the time of an average
+    step (``plan.seq_len``, the longest, sets the memory); ``padding_efficiency``: real tokens among them."""
+    if mean_seq_len is not None and round(mean_seq_len) < plan.seq_len:
+        plan = dataclasses.replace(plan, seq_len=max(1, round(mean_seq_len)))
     tokens = plan.batch_size * plan.seq_len * plan.grad_accum
     util = utilization(spec, plan, gpu)
     compute = flops_per_token(spec, plan) * tokens / (peak_flops(gpu, plan) * util)

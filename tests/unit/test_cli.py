@@ -129,19 +129,30 @@ def test_check_exit_codes(tmp_path):
     assert run("check", str(tmp_path / "missing.toml")).exit_code == 2
 
 
-def test_plan_from_a_dataset_uses_the_longest_padded_batch():
+def test_plan_from_a_dataset_searches_padding_and_packing():
     from tests.conftest import ASSETS
 
     r = run("plan", "--model", str(TINY), "--gpu", "L4-24GB", "--dataset", str(ASSETS / "toxicchat" / "lengths.csv"),
-            "--length-field", "user_tokens", "--json")
+            "--length-field", "user_tokens", "--seq-len", "256", "--json")
     assert r.exit_code == 2 and "longer than" in r.stderr  # 925 tokens > the tiny model's 512 context
-    r = run("plan", "--model", "qwen2.5-0.5b", "--gpu", "L4-24GB", "--dataset",
-            str(ASSETS / "toxicchat" / "lengths.csv"), "--length-field", "user_tokens", "--prompt-tokens", "214",
-            "--batch-size", "4", "--json")
+    args = ["plan", "--model", "qwen2.5-0.5b", "--gpu", "L4-24GB", "--dataset", str(ASSETS / "toxicchat" / "lengths.csv"),
+            "--length-field", "user_tokens", "--prompt-tokens", "214", "--batch-size", "4", "--seq-len", "4096",
+            "--json"]
+    r = run(*args)
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
-    assert out["chosen"]["seq_len"] == 1139 and out["data"]["max"] == 1139
-    assert 0.9 < out["data"]["padding_efficiency"] <= 1.0
+    assert out["data"]["max"] == 1139 and 0.9 < out["data"]["padding_efficiency"] <= 1.0
+    shapes = {(c["plan"]["batching"], c["plan"]["seq_len"]) for c in out["candidates"]}
+    assert shapes == {("padding", 1139), ("packing", 4096)}  # padding: memory for the longest sample
+    # Padding's steps are as long as the average padded batch (~260 tokens), packing's are full 4,096-token chunks:
+    # at the same micro-batch and knobs, packing trains more tokens per second.
+    def speed(batching):
+        return next(c["estimated_tokens_per_s"] for c in out["candidates"] if c["plan"]["batching"] == batching
+                    and c["plan"]["peft"] == "lora" and c["plan"]["checkpointing"] == "full"
+                    and c["plan"]["optimizer"] == "adamw" and c["plan"]["quantization"] == "none")
+    assert speed("packing") > speed("padding")
+    padded = json.loads(run(*args, "--batching", "padding").stdout)
+    assert {c["plan"]["batching"] for c in padded["candidates"]} == {"padding"} and padded["chosen"]["seq_len"] == 1139
 
 
 def test_unknown_export_is_bad_input():
