@@ -1,0 +1,42 @@
+"""The planner's search: screen, fast trace, full-depth confirmation where the fast estimate is too close to call."""
+
+import pytest
+
+import memtune.planner as planner
+from memtune.estimate import estimate
+from memtune.planner import plan_candidates
+from memtune.specs import resolve_gpu
+
+
+@pytest.mark.parametrize(("error", "depth"), [(0.0, "fast"), (1.0, "full")])
+def test_a_fit_too_close_to_call_is_confirmed_at_full_depth(tiny, monkeypatch, error, depth):
+    gpu = resolve_gpu("T4-16GB")
+    monkeypatch.setattr(planner, "FAST_RESERVED_ERROR", {"none": error, "checkpointed": error})
+    chosen = plan_candidates(tiny, gpu, seq_len=128).chosen
+    assert chosen is not None and chosen.breakdown.method == "trace"
+    expected = estimate(tiny, chosen.plan, gpu, fast=depth == "fast")
+    assert chosen.breakdown == expected
+
+
+def test_only_candidates_the_screen_puts_within_reach_are_traced():
+    from memtune.estimate.screen import screen
+    from memtune.specs import resolve_model
+
+    spec, gpu = resolve_model("llama-guard-3-1b"), resolve_gpu("T4-16GB")
+    result = plan_candidates(spec, gpu, seq_len=4096, fixed={"peft": "none"})
+    traced = [c for c in result.candidates if c.breakdown is not None and c.breakdown.method == "trace"]
+    screened = [c for c in result.candidates if c.breakdown is not None and c.breakdown.method == "screen"]
+    assert traced and screened and result.chosen in traced
+    for c in traced:
+        quick = screen(spec, c.plan, gpu)
+        assert quick.required_bytes <= (quick.device_usable_bytes - quick.margin_bytes) * (1 + planner.SCREEN_BAND)
+    # Everything cheaper than the chosen plan was traced, screened clearly out of reach, or has a traced twin (the
+    # same plan with another optimizer) that did not fit.
+    import dataclasses
+
+    missed = {dataclasses.replace(c.plan, optimizer="adamw") for c in traced if not c.fits}
+    for c in screened:
+        if planner._rank(c) < planner._rank(result.chosen):
+            usable = c.breakdown.device_usable_bytes - c.breakdown.margin_bytes
+            assert (c.breakdown.required_bytes > usable * (1 + planner.SCREEN_BAND)
+                    or dataclasses.replace(c.plan, optimizer="adamw") in missed)
