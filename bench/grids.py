@@ -23,7 +23,6 @@ def single_gpu() -> list[dict]:
         _cfg("llama-guard-3-1b", precision="amp-bf16", peft="lora", lora_rank=16,
              lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), batch_size=2, seq_len=2048),
         _cfg("llama-guard-3-1b", precision="amp-fp16", batch_size=2, seq_len=1024),
-        _cfg("llama-guard-3-1b", precision="bf16", optimizer="adamw-fused", batch_size=2, seq_len=1024),
         _cfg("qwen2.5-0.5b", precision="fp16", peft="lora", batch_size=2, seq_len=2048),
         _cfg("llama-3.2-3b", precision="bf16", batch_size=1, seq_len=2048),
         _cfg("llama-3.2-3b", precision="bf16", checkpointing="full", batch_size=4, seq_len=2048),
@@ -75,10 +74,11 @@ def quantized() -> list[dict]:
 
 
 def knobs() -> list[dict]:
-    """The knobs the planner searches beyond the obvious: selective checkpointing, expandable segments, and FSDP2
-    CPU offload on one GPU (FSDP2 needs a process group: ``torchrun --nproc-per-node 1 bench/measure.py --grid
-    knobs``)."""
+    """The knobs the planner searches beyond the obvious: fused AdamW, selective checkpointing, expandable segments,
+    and FSDP2 CPU offload on one GPU (FSDP2 needs a process group: ``torchrun --nproc-per-node 1 bench/measure.py
+    --grid knobs``)."""
     return [
+        _cfg("llama-guard-3-1b", precision="bf16", optimizer="adamw-fused", batch_size=2, seq_len=1024),
         _cfg("llama-guard-3-1b", precision="bf16", checkpointing="selective", batch_size=2, seq_len=2048),
         _cfg("llama-guard-3-1b", precision="bf16", peft="lora", checkpointing="selective", batch_size=4,
              seq_len=2048),

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The GPU measurements not yet recorded in bench/results, in parts that each fit one device call (< 10 min):
+#
+#   bash bench/gpu_session.sh knobs    # fused AdamW, selective checkpointing, expandable segments, CPU offload
+#   bash bench/gpu_session.sh regret   # the planner's top candidates under L4 / V100 caps (2-GPU case on 2 GPUs)
+#   bash bench/gpu_session.sh launch   # Llama-Guard-3-1B full FT and LoRA runs on ToxicChat: tokens/s, MFU, memory
+#
+# Results go to $OUT (or ./gpu-out). Wheels for what the machine lacks (bitsandbytes, datasets, dill, multiprocess)
+# are installed from .whl/ when it exists; the ToxicChat training prompts are read from .data/toxicchat-train.jsonl
+# when it exists (else the 400-row sample in profiles/runs/data).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-gpu-out}"
+mkdir -p "$out"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONUNBUFFERED=1
+case "${1:-}" in
+    knobs)
+        torchrun --standalone --nproc-per-node 1 bench/measure.py --grid knobs --out "$out/knobs.jsonl" 2>&1 \
+            | tee "$out/knobs.log" ;;
+    regret)
+        python3 bench/regret.py "$out/regret.json" 2>&1 | tee "$out/regret.log" ;;
+    launch)
+        data=profiles/runs/data/toxicchat-mini.jsonl
+        [ -f .data/toxicchat-train.jsonl ] && data=.data/toxicchat-train.jsonl
+        python3 bench/launch_h200.py --out "$out/launch" --data "$data" 2>&1 | tee "$out/launch.log" ;;
+    *)
+        echo "usage: bash bench/gpu_session.sh knobs|regret|launch" >&2
+        exit 2 ;;
+esac
