@@ -359,6 +359,9 @@ def validate_command(model: str, gpu: str, plan: dict, *, mode: str = "emulated"
                 cmd += [f"--{name.replace('_', '-')}", str(getattr(p, name))]
         if p.lora_targets != default.lora_targets:
             cmd += ["--lora-targets", ",".join(p.lora_targets)]
+    for name in ("offload", "expandable_segments"):
+        if getattr(p, name):
+            cmd.append(f"--{name.replace('_', '-')}")
     cmd += ["--batch-size", str(p.batch_size), "--seq-len", str(p.seq_len)]
     if steps and steps != 5:
         cmd += ["--steps", str(steps)]
