@@ -44,16 +44,16 @@ from memtune.specs.model import ModelSpec
 
 SCREEN_BAND = 0.25
 """A plan whose screened requirement is within this fraction above the usable memory is still traced."""
+# Reserved beyond allocated - a share of the peak, and under FSDP2 a multiple of its communication buffers (full
+# fine-tune, LoRA) - fitted to the trace's allocator replay over the grid of ``bench/screen.py``.
 RESERVED_OVER_ALLOCATED = 0.05
 FSDP_CACHE_FULL, FSDP_CACHE_LORA = 1.6, 0.8
-"""Reserved beyond allocated, from the trace's allocator replay over the grid of ``bench/screen.py``."""
 
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "amp-bf16": 4, "amp-fp16": 4}
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
 
 
-def _dims(spec: ModelSpec) -> dict[str, int]:
+def _dims(spec: ModelSpec) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each linear of a decoder layer."""
     h, q, kv = spec.hidden_size, spec.num_attention_heads * spec.head_dim, spec.num_key_value_heads * spec.head_dim
     i = spec.intermediate_size
     return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
