@@ -202,7 +202,8 @@ def launch(plan_file: PlanFile, *, base_dir: str | Path = ".", output_dir: str |
 def _start_record(prep: _Prepared, out: Path, command: list[str] | None, torch) -> dict:
     path = out / RUN_JSON
     now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    base = {"model": prep.plan_file.model, "gpu": prep.gpu.name, "plan": prep.plans[0].to_dict(),
+    base = {"model": prep.plan_file.model, "model_path": prep.spec.name, "gpu": prep.gpu.name,
+            "plan": prep.plans[0].to_dict(),
             "fallbacks": [p.to_dict() for p in prep.plans[1:]], "run": prep.run.to_dict(),
             "world_size": prep.plans[0].world_size, "device": _device_name(torch, prep.plans[0]), "estimate": None,
             "status": "running", "plans_tried": [], "started": now, "finished": None,

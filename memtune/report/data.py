@@ -77,6 +77,12 @@ class Sources:
         return self._name("model")
 
     @property
+    def model_path(self) -> str:
+        """Where the model's config is: a run records the path it resolved (its ``model`` may be relative to the
+        plan file)."""
+        return str(self.run["model_path"]) if self.run and self.run.get("model_path") else self.model
+
+    @property
     def gpu(self) -> str:
         return self._name("gpu")
 

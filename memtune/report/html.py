@@ -212,7 +212,7 @@ def _plan_section(sources: data.Sources) -> dict | None:
     out["chart_subset"] = (f"the {len(shown)} cheapest of the {len(estimated)} estimated candidates"
                            if len(shown) < len(estimated) else None)
     if len(shown):
-        components, note = data.candidate_components(result, sources.model, sources.gpu, shown)
+        components, note = data.candidate_components(result, sources.model_path, sources.gpu, shown)
         device = sources.estimate["device_usable_bytes"] if sources.estimate else None
         gpu = data.resolve_gpu(sources.gpu)
         device = device or (gpu.memory_bytes if gpu else None)
@@ -383,7 +383,7 @@ def plan_file_text(model: str, gpu: str, plan: dict) -> str:
 def _reproduce(sources: data.Sources) -> list[dict]:
     from memtune.planner.export import hf_trainer_config, llama_cookbook_command, llama_cookbook_kwargs, shell
 
-    plan, model, gpu = sources.plan, sources.model, sources.gpu
+    plan, model, gpu = sources.plan, sources.model_path, sources.gpu
     items = []
     if sources.run and sources.run.get("command"):
         items.append({"title": "The run's command", "text": _shell(sources.run["command"]), "lang": "shell"})
@@ -431,7 +431,7 @@ def build_context(sources: data.Sources, *, estimate_timeline: bool = True) -> d
     ctx = {
         "title": title, "kind": kind, "model": sources.model, "gpu": sources.gpu, "origin": sources.origin,
         "generated": generated.strftime("%Y-%m-%d %H:%M UTC"), "generated_iso": generated.isoformat(),
-        "version": __version__, "gpu_facts": _gpu_facts(sources.gpu), "model_facts": _model_facts(sources.model),
+        "version": __version__, "gpu_facts": _gpu_facts(sources.gpu), "model_facts": _model_facts(sources.model_path),
         "plan_summary": plan_summary(sources.plan) if sources.plan else None,
         "plan_label": plan_label(sources.plan) if sources.plan else None,
         "breakdown": _breakdown_section(est) if est else None,
