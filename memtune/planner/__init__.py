@@ -192,8 +192,12 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
             if fields.get("offload") and kind.sharding == "none" and "sharding" not in fields:
                 fields["sharding"] = "fsdp"  # CPU offload is FSDP2's, over one GPU too
             plan = dataclasses.replace(kind, **fields)
-        except InvalidPlanError:
-            continue  # the user's constraints rule this kind out (e.g. QLoRA under --peft none)
+        except InvalidPlanError as e:  # the user's constraints rule this kind out (e.g. QLoRA under --peft none)
+            if str(e) not in seen:
+                seen.add(str(e))
+                candidates.append(Candidate(label=f"{describe(kind)} under the options given", plan=kind,
+                                            breakdown=None, reason=str(e)))
+            continue
         if plan in seen:
             continue
         seen.add(plan)
@@ -203,8 +207,8 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
             plan.check_gpu(gpu)
             breakdown = screen(spec, plan, gpu)
         except InvalidPlanError as e:
-            if (label, str(e)) not in seen:  # one row per kind of plan that cannot run, with the reason
-                seen.add((label, str(e)))
+            if str(e) not in seen:  # one row per reason a plan cannot run
+                seen.add(str(e))
                 candidates.append(Candidate(label=label, plan=plan, breakdown=None, reason=str(e)))
             continue
         key = (plan.batching, plan.batch_size)
