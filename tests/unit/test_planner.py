@@ -11,7 +11,7 @@ from memtune.specs import resolve_gpu
 @pytest.mark.parametrize(("error", "depth"), [(0.0, "fast"), (1.0, "full")])
 def test_a_fit_too_close_to_call_is_confirmed_at_full_depth(tiny, monkeypatch, error, depth):
     gpu = resolve_gpu("T4-16GB")
-    monkeypatch.setattr(planner, "FAST_RESERVED_ERROR", {"none": error, "checkpointed": error})
+    monkeypatch.setattr(planner, "FAST_RESERVED_ERROR", {"none": (error, error), "checkpointed": (error, error)})
     chosen = plan_candidates(tiny, gpu, seq_len=128).chosen
     assert chosen is not None and chosen.breakdown.method == "trace"
     expected = estimate(tiny, chosen.plan, gpu, fast=depth == "fast")
