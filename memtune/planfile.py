@@ -42,14 +42,19 @@ class PlanFile:
     """The ``[run]`` table, if the file has one."""
 
 
+def read_table_file(path: Path, kind: str) -> dict:
+    """The top-level table of a TOML file (or a JSON object); ConfigError for a missing or malformed file."""
+    try:
+        text = path.read_text()
+        return json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {kind} file {path}: {e}") from None
+
+
 def read_plan_file(path: str | Path) -> PlanFile:
     """Raises ConfigError for a missing or malformed file (InvalidPlanError for bad plan values)."""
     path = Path(path)
-    try:
-        text = path.read_text()
-        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read plan file {path}: {e}") from None
+    data = read_table_file(path, "plan")
     missing = [k for k in ("model", "gpu", "plan") if k not in data]
     if missing:
         raise ConfigError(f"plan file {path} lacks {', '.join(missing)}; it needs model, gpu and a [plan] table")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from rich.markup import escape
 
 from memtune.errors import ConfigError
 from memtune.launch.config import RunConfig
-from memtune.planfile import PlanFile, write_plan_file
+from memtune.planfile import PlanFile, read_table_file, write_plan_file
 
 PLAN_FILE = "plan.toml"
 
@@ -38,11 +37,7 @@ class RunFile:
 def read_run_file(path: str | Path) -> RunFile:
     """Raises ConfigError for a missing or malformed file, or one without a ``[run]`` table."""
     path = Path(path)
-    try:
-        text = path.read_text()
-        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read run file {path}: {e}") from None
+    data = read_table_file(path, "run")
     if "run" not in data:
         raise ConfigError(f"{path} has no [run] table; add one with at least dataset = PATH")
     folder = path.resolve().parent
