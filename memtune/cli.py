@@ -231,6 +231,7 @@ def plan(
     gpu: GpuOpt,
     num_gpus: NumGpus = 1,
     nodes: Nodes = 1,
+    network_gbs: Annotated[float, typer.Option(help="Bandwidth between nodes per GPU, GB/s (200 Gb/s: 25).")] = 25.0,
     batch_size: BatchSize = 1,
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence; with --dataset, the packing chunk length "
                                               "(padding pads to the longest sample of each batch).")] = 2048,
@@ -291,6 +292,8 @@ def plan(
         data = lengths.to_json()
         if batching != "packing":
             data["padding_efficiency"] = lengths.padded(batch_size)[1]
+    if network_gbs <= 0:
+        raise ConfigError("--network-gbs must be positive")
     if batching not in (None, "padding", "packing"):
         raise ConfigError(f"--batching must be padding or packing, not {batching!r}")
     targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip()) if lora_targets is not None else None
@@ -311,7 +314,8 @@ def plan(
             raise ConfigError("give --global-batch (sequences) or --global-tokens, not both")
         global_batch = max(1, round(global_tokens / seq_len))
     result = plan_candidates(spec, gpu_spec, num_gpus=num_gpus, nodes=nodes, batch_size=batch_size, seq_len=seq_len,
-                             batching=batching, data=data, fixed=fixed, global_batch=global_batch, lengths=lengths)
+                             batching=batching, data=data, fixed=fixed, global_batch=global_batch, lengths=lengths,
+                             network_gbs=network_gbs)
     if out and result.chosen:
         from memtune.planfile import PlanFile, write_plan_file
 

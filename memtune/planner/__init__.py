@@ -14,7 +14,7 @@ from memtune.errors import InvalidPlanError
 from memtune.estimate import MemoryBreakdown, estimate
 from memtune.estimate.screen import SCREEN_BAND, screen
 from memtune.plan import Plan
-from memtune.planner.cost import CostEstimate, step_cost
+from memtune.planner.cost import NETWORK_GBS, CostEstimate, step_cost
 from memtune.specs.gpu import GpuSpec
 from memtune.specs.model import ModelSpec
 
@@ -157,7 +157,8 @@ def _screened_or_traced(spec: ModelSpec, plan: Plan, gpu: GpuSpec) -> MemoryBrea
 
 def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: int = 1, batch_size: int = 1,
                     seq_len: int = 2048, batching: str | None = None, data: dict | None = None,
-                    fixed: dict | None = None, global_batch: int | None = None, lengths=None) -> PlanResult:
+                    fixed: dict | None = None, global_batch: int | None = None, lengths=None,
+                    network_gbs: float = NETWORK_GBS) -> PlanResult:
     """Screen every candidate in closed form (``memtune.estimate.screen``) and cost it, then trace them cheapest
     first - skipping those the screen puts clearly out of reach - until one is confirmed to fit (fast trace; at full
     depth where the fast one is too close to the limit to call).
@@ -167,7 +168,8 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
     accumulation is a candidate too. With ``lengths`` (a dataset's token lengths) and no ``batching``, padding and
     packing are both searched: padding's memory is set by the longest sample and its time by the average padded
     sequence of length-grouped batches of each micro-batch size; packing fills ``seq_len``-token chunks.
-    llama-cookbook's default path is estimated too, as the reference the chosen plan is compared with."""
+    ``network_gbs`` is the bandwidth between nodes per GPU. llama-cookbook's default path is estimated too, as the
+    reference the chosen plan is compared with."""
     batchings = ("padding", "packing") if lengths is not None and batching is None else (batching or "padding",)
     seq_for = {b: lengths.max if b == "padding" and lengths is not None else seq_len for b in batchings}
     ref_batching = batching or "padding"
@@ -222,7 +224,7 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
         efficiency, mean_seq_len = shapes[key]
         candidates.append(Candidate(label=label, plan=plan, breakdown=breakdown, reason=_reason(breakdown),
                                     cost=step_cost(spec, plan, gpu, padding_efficiency=efficiency,
-                                                   mean_seq_len=mean_seq_len)))
+                                                   mean_seq_len=mean_seq_len, network_gbs=network_gbs)))
     chosen, traced = None, 0
     learned: dict[Plan, float] = {}  # trace / screen of the plans traced so far, by everything but the optimizer
     order = sorted((c for c in candidates if c.breakdown is not None), key=_rank)
@@ -263,6 +265,7 @@ def describe(plan: Plan) -> str:
             + {"adamw-8bit": " + 8-bit AdamW", "adamw-fused": " + fused AdamW"}.get(plan.optimizer, "")
             + (f", {plan.precision}" if plan.precision not in ("bf16", "fp16") else "")
             + (", no resharding" if plan.sharding == "fsdp-grad-op" else "")
+            + ((", HSDP" if plan.sharding == "hsdp" else ", FSDP across nodes") if plan.nodes > 1 else "")
             + (", CPU offload" if plan.offload else "")
             + (", expandable segments" if plan.expandable_segments else "")
             + (f", packed to {plan.seq_len}" if plan.batching == "packing" else "")

@@ -4,18 +4,23 @@ FLOPs per token (Kaplan et al. 2020; Korthikanti et al. 2022, causal attention h
 ``forward = 2 * N_linear + 2 * s * heads * head_dim * L`` where ``N_linear`` counts the weights of every matmul
 (decoder linears and the lm_head). Backward is twice the forward when the base weights train (gradients for inputs
 and weights) and once when they are frozen (LoRA/QLoRA: input gradients only; adapters are negligible).
-CPU offload (FSDP2's CPUOffloadPolicy) copies each rank's weight shards to the GPU for every all-gather and its
-gradient shards back for every micro-batch over PCIe, and runs the optimizer step on the CPU; neither is assumed
-to overlap with compute (``PCIE_GBS``, ``CPU_OPTIMIZER_GBS``: typical figures, not yet measured here).
 Full checkpointing adds one forward. Selective checkpointing recomputes only element-wise ops, which are bound by
 memory bandwidth, not FLOPs: ``2 x recomputed bytes / (bandwidth x 0.7)`` per layer, the recomputed bytes being
-what the norms (fp32 upcast and output), RoPE (q and k) and the MLP activation write per token. Time = FLOPs / (peak rate of the compute dtype x utilization); PyTorch runs fp32
-matmuls at the plain fp32 rate by default (TF32 off). Utilization grows with the size of the matmuls:
-``u = u_max * x / (x + x_half) * class_factor`` with x = tokens per micro-batch x hidden size, fitted by
-``bench/calibrate.py`` to the steps the accuracy benchmark measured (``profiles/calibration``), with a factor per
-compute dtype and quantization (bitsandbytes' dequantization makes k-bit steps slower). FSDP moves the parameters twice per
-micro-batch (all-gather in forward and, with resharding, again in backward) and reduce-scatters the gradients once
-per step, over the GPU's interconnect, overlapped with compute. Padding wastes the padded share of the tokens.
+what the norms (fp32 upcast and output), RoPE (q and k) and the MLP activation write per token.
+
+Time = FLOPs / (peak rate of the compute dtype x utilization); PyTorch runs fp32 matmuls at the plain fp32 rate by
+default (TF32 off). Utilization grows with the size of the matmuls: ``u = u_max * x / (x + x_half) *
+class_factor`` with x = tokens per micro-batch x hidden size, fitted by ``bench/calibrate.py`` to the steps the
+accuracy benchmark measured (``profiles/calibration``), with a factor per compute dtype and quantization
+(bitsandbytes' dequantization makes k-bit steps slower).
+
+FSDP moves the parameters twice per micro-batch (all-gather in forward and, with resharding, again in backward)
+and reduce-scatters the gradients once per step, over the GPU's interconnect - or the network between nodes, for
+FSDP across nodes - overlapped with compute; HSDP shards within a node and all-reduces the gradient shards between
+nodes. CPU offload (FSDP2's CPUOffloadPolicy) copies each rank's weight shards to the GPU for every all-gather and
+its gradient shards back for every micro-batch over PCIe, and runs the optimizer step on the CPU; neither is
+assumed to overlap with compute (``PCIE_GBS``, ``CPU_OPTIMIZER_GBS``, ``NETWORK_GBS``: typical figures, not yet
+measured here). Padding wastes the padded share of the tokens.
 """
 
 from __future__ import annotations
@@ -60,6 +65,13 @@ def linear_params(spec: ModelSpec) -> int:
     return spec.num_layers * (2 * h * q + 2 * h * kv + mlp) + h * spec.vocab_size
 
 
+def lora_params_count(spec: ModelSpec, plan: Plan) -> int:
+    """r (in + out) per adapted linear of every layer."""
+    from memtune.estimate.screen import lora_params
+
+    return lora_params(spec, plan)
+
+
 def flops_per_token(spec: ModelSpec, plan: Plan) -> float:
     forward = 2 * linear_params(spec) + 2 * plan.seq_len * spec.num_attention_heads * spec.head_dim * spec.num_layers
     backward = forward * (1 if plan.peft == "lora" else 2)
@@ -68,6 +80,8 @@ def flops_per_token(spec: ModelSpec, plan: Plan) -> float:
 
 
 RECOMPUTE_BANDWIDTH_EFFICIENCY = 0.7
+NETWORK_GBS = 25.0
+"""Bandwidth between nodes per GPU, GB/s: 200 Gb/s InfiniBand or RoCE per GPU (``--network-gbs`` sets it)."""
 PCIE_GBS = 25.0
 """Effective host-device copy rate of PCIe 4.0 x16 (32 GB/s peak)."""
 CPU_OPTIMIZER_GBS = 10.0
@@ -119,9 +133,10 @@ def utilization(spec: ModelSpec, plan: Plan, gpu: GpuSpec) -> float:
 
 
 def step_cost(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, padding_efficiency: float = 1.0,
-              mean_seq_len: float | None = None) -> CostEstimate:
+              mean_seq_len: float | None = None, network_gbs: float = NETWORK_GBS) -> CostEstimate:
     """``mean_seq_len``: the average padded sequence of length-grouped padding, which sets the time of an average
-    step (``plan.seq_len``, the longest, sets the memory); ``padding_efficiency``: real tokens among them."""
+    step (``plan.seq_len``, the longest, sets the memory); ``padding_efficiency``: real tokens among them;
+    ``network_gbs``: the bandwidth between nodes per GPU."""
     if mean_seq_len is not None and round(mean_seq_len) < plan.seq_len:
         plan = dataclasses.replace(plan, seq_len=max(1, round(mean_seq_len)))
     tokens = plan.batch_size * plan.seq_len * plan.grad_accum
@@ -129,14 +144,21 @@ def step_cost(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, padding_efficiency: 
     compute = flops_per_token(spec, plan) * tokens / (peak_flops(gpu, plan) * util)
     compute += selective_recompute_s(spec, plan, gpu, tokens) + offload_s(spec, plan)
     comm = 0.0
-    if plan.sharding != "none" and plan.shard_degree > 1:
+    if plan.sharding != "none" and plan.world_size > 1:
         n = plan.shard_degree
         param_bytes = spec.num_params * (4 if plan.precision == "fp32" else 2)
         gathers = (2 if plan.sharding != "fsdp-grad-op" else 1) * plan.grad_accum
         grad_bytes = spec.num_params * 4 if plan.is_amp else param_bytes
         if plan.peft == "lora":
-            grad_bytes = 0
-        comm = (gathers * param_bytes + grad_bytes) * (n - 1) / n / (gpu.interconnect_gbs * 1e9)
+            grad_bytes = lora_params_count(spec, plan) * (4 if plan.is_amp else 2)
+        # FSDP over several nodes runs its collectives at the network's pace; HSDP shards within a node and
+        # all-reduces the gradient shards across nodes.
+        sharded_gbs = gpu.interconnect_gbs if plan.nodes == 1 or plan.sharding == "hsdp" else \
+            min(gpu.interconnect_gbs, network_gbs)
+        comm = (gathers * param_bytes + grad_bytes) * (n - 1) / n / (sharded_gbs * 1e9) if n > 1 else 0.0
+        if plan.sharding == "hsdp":
+            replicas = plan.nodes
+            comm += 2 * grad_bytes / n * (replicas - 1) / replicas / (network_gbs * 1e9)
     step = max(compute, comm)
     return CostEstimate(step_time_s=step, compute_s=compute, communication_s=comm,
                         tokens_per_s=tokens * padding_efficiency / step, utilization=util)

@@ -23,3 +23,17 @@ def test_step_cost_counts_padding_and_fsdp_traffic(tiny):
     sharded = step_cost(tiny, Plan(seq_len=128, batch_size=2, sharding="fsdp", num_gpus=8), gpu)
     # all-gather twice (forward, backward) and reduce-scatter once, 7/8 of the bf16 bytes, over PCIe 4.0 x16
     assert sharded.communication_s == pytest.approx(3 * tiny.num_params * 2 * 7 / 8 / 32e9)
+
+
+def test_across_nodes_hsdp_keeps_the_weights_traffic_inside_a_node():
+    from memtune.planner.cost import step_cost
+    from memtune.specs import resolve_gpu, resolve_model
+
+    spec, gpu = resolve_model("llama-3.1-8b"), resolve_gpu("H100-80GB")
+    hsdp = Plan(sharding="hsdp", num_gpus=8, nodes=2, seq_len=4096)
+    fsdp = Plan(sharding="fsdp", num_gpus=8, nodes=2, seq_len=4096)
+    slow, fast = (step_cost(spec, fsdp, gpu, network_gbs=g) for g in (25.0, 400.0))
+    assert slow.communication_s > fast.communication_s  # FSDP over both nodes runs at the network's pace
+    assert step_cost(spec, hsdp, gpu).communication_s < slow.communication_s
+    # HSDP's only traffic between nodes is the all-reduce of the gradient shards
+    assert step_cost(spec, hsdp, gpu, network_gbs=1.0).communication_s > step_cost(spec, hsdp, gpu).communication_s
