@@ -200,6 +200,8 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
                 candidates.append(Candidate(label=f"{describe(kind)} under the options given", plan=kind,
                                             breakdown=None, reason=str(e)))
             continue
+        if plan.peft == "none" and plan.precision == "fp16" and "precision" not in (fixed or {}):
+            continue  # a LoRA kind made a full fine-tune: pure fp16 weights and states would lose the updates
         if plan in seen:
             continue
         seen.add(plan)
@@ -231,8 +233,12 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
     for c in order:
         usable = c.breakdown.device_usable_bytes - c.breakdown.margin_bytes
         twin = dataclasses.replace(c.plan, optimizer="adamw")
-        band = 1.0 if twin in learned else 1 + SCREEN_BAND
-        if c.breakdown.required_bytes * learned.get(twin, 1.0) > usable * band or traced >= MAX_TRACED:
+        if twin in learned and c.breakdown.required_bytes * learned[twin] > usable:
+            # its twin (the same plan with AdamW) was traced: the screen is that far off for this plan too
+            scaled = _scaled(c.breakdown, learned[twin])
+            candidates[candidates.index(c)] = dataclasses.replace(c, breakdown=scaled, reason=_reason(scaled))
+            continue
+        if c.breakdown.required_bytes > usable * (1 + SCREEN_BAND) or traced >= MAX_TRACED:
             continue
         traced += 1
         full = estimate(spec, c.plan, gpu, fast=True)
@@ -270,6 +276,13 @@ def describe(plan: Plan) -> str:
             + (", expandable segments" if plan.expandable_segments else "")
             + (f", packed to {plan.seq_len}" if plan.batching == "packing" else "")
             + (f" ({plan.batch_size} x {plan.grad_accum})" if plan.grad_accum > 1 else ""))
+
+
+def _scaled(b: MemoryBreakdown, ratio: float) -> MemoryBreakdown:
+    """A screen corrected by the trace/screen ratio of a traced twin: it no longer fits."""
+    return dataclasses.replace(b, peak_reserved_bytes=round(b.peak_reserved_bytes * ratio), gpu_reserved_bytes=None,
+                               verdict="does not fit",
+                               verdict_reason="screen corrected by the trace of the same plan with AdamW")
 
 
 def _close_call(b: MemoryBreakdown) -> bool:

@@ -40,3 +40,27 @@ def test_only_candidates_the_screen_puts_within_reach_are_traced():
             usable = c.breakdown.device_usable_bytes - c.breakdown.margin_bytes
             assert (c.breakdown.required_bytes > usable * (1 + planner.SCREEN_BAND)
                     or dataclasses.replace(c.plan, optimizer="adamw") in missed)
+
+
+def test_a_full_fine_tune_is_never_pure_fp16_unless_asked(tiny):
+    gpu = resolve_gpu("V100-32GB")  # no bf16: LoRA runs on fp16 weights, a full fine-tune under fp16 autocast
+    searched = plan_candidates(tiny, gpu, seq_len=128, fixed={"peft": "none"}).candidates
+    assert {c.plan.precision for c in searched if c.breakdown is not None} == {"amp-fp16"}
+    asked = plan_candidates(tiny, gpu, seq_len=128, fixed={"peft": "none", "precision": "fp16"}).candidates
+    assert {c.plan.precision for c in asked if c.breakdown is not None} == {"fp16"}
+
+
+def test_a_screen_its_traced_twin_proved_wrong_is_shown_corrected():
+    from memtune.specs import resolve_model
+
+    # On the L4, full fine-tuning without checkpointing is traced and misses; its fused-AdamW twin is then not
+    # traced but corrected by the same trace/screen ratio.
+    result = plan_candidates(resolve_model("llama-guard-3-1b"), resolve_gpu("L4-24GB"), seq_len=4096,
+                             batching="packing", fixed={"peft": "none"})
+    corrected = [c for c in result.candidates if c.breakdown is not None
+                 and c.breakdown.verdict_reason.startswith("screen corrected")]
+    assert corrected
+    for c in corrected:
+        assert not c.fits and c.reason.startswith("does not fit")
+        usable = c.breakdown.device_usable_bytes - c.breakdown.margin_bytes
+        assert c.breakdown.required_bytes > usable
