@@ -16,7 +16,7 @@ i intermediate, V vocabulary, p the compute dtype's bytes, P the parameter count
   of exp_avg_sq, then the division), fused AdamW none.
 * Activations saved per layer and token, from what each op saves for backward (HF decoder layer: RMSNorm saves
   its fp32 input, and its output where its weight trains; a linear saves its input only where its weight trains,
-  LoRA saves its dropout output and mask; SDPA saves q, k, v, output and log-sum-exp; eager attention
+  LoRA saves its fp32 dropout output and mask; SDPA saves q, k, v, output and log-sum-exp; eager attention
   ``2 x heads x s`` scores and probabilities; the gated MLP saves gate, activation and up outputs, and their
   product where down_proj trains). k-bit layers run attention in fp32 (peft upcasts the norms) and keep a
   dequantized copy of their input's dtype. Full checkpointing keeps one layer input per layer plus one layer's
@@ -118,8 +118,10 @@ def layer_activation_bytes(spec: ModelSpec, plan: Plan, tokens: int, backend: st
     per_token += norms * 4 * h  # fp32 upcast of each norm's input
     if full or kbit or (lora & {"q_proj", "k_proj", "v_proj"} and not dropout):
         per_token += norms * p * h  # norm outputs: inputs of trainable projections (and of the norm weights' grads)
-    for name in lora:  # dropout output and mask, and the adapter's rank-r output
-        per_token += ((p + 1) * dims[name][0] if dropout else 0.0) + p * plan.lora_rank
+    # LoRA: dropout output and mask, and the adapter's rank-r output - in fp32, since peft keeps the adapters in
+    # fp32 over half-precision weights (get_peft_model's autocast_adapter_dtype) and casts their input to it.
+    for name in lora:
+        per_token += ((4 + 1) * dims[name][0] if dropout else 0.0) + 4 * plan.lora_rank
     if backend in ("flash", "efficient"):
         per_token += p * (2 * q + 2 * kv) + 4 * spec.num_attention_heads  # q, k, v, output, log-sum-exp
     else:  # math kernel or eager: k and v repeated to every head, and the s x s probabilities
