@@ -363,7 +363,7 @@ def check(
     pf = read_plan_file(plan_file)
     gpu_spec = resolve_gpu(gpu or pf.gpu)
     b = run_estimate(resolve_model(pf.model), pf.plan, gpu_spec)
-    usable = b.device_usable_bytes - b.margin_bytes
+    usable = b.usable_bytes
     line = f"{b.verdict} on {gpu_spec.name}: needs {b.required_bytes / 2**30:.2f} GiB of {usable / 2**30:.2f} GiB usable"
     if b.fits:
         console.print(f"[green]{escape(line)}[/]")

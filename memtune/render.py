@@ -46,7 +46,7 @@ def render_breakdown(console: Console, spec, b: MemoryBreakdown) -> None:
             table.add_row(cat.value.replace("_", " "), *(f"{gib(v):.2f}" for v in values))
     table.add_row("[bold]allocated[/]", *(f"[bold]{gib(b.phase_peak(p)):.2f}[/]" for p in Phase), end_section=True)
     console.print(table)
-    usable = b.device_usable_bytes - b.margin_bytes
+    usable = b.usable_bytes
     pool = b.gpu_reserved_bytes if b.gpu_reserved_bytes is not None else b.peak_reserved_bytes
     squeezed = (f" (the allocator releases its cache under pressure: {fmt_gib(b.peak_reserved_bytes)} without a limit)"
                 if pool != b.peak_reserved_bytes else "")
@@ -69,7 +69,7 @@ def render_plan(console: Console, spec, gpu, result, *, top: int = 12) -> None:
     from memtune.planner import _rank
 
     estimated = [c for c in result.candidates if c.breakdown]
-    usable = (f" ({gib(estimated[0].breakdown.device_usable_bytes - estimated[0].breakdown.margin_bytes):.1f} GiB usable)"
+    usable = (f" ({gib(estimated[0].breakdown.usable_bytes):.1f} GiB usable)"
               if estimated else "")
     table = Table(title_justify="left")
     for col, just in (("candidate", "left"), ("batch x acc", "right"), ("GiB", "right"), ("tokens/s", "right"),

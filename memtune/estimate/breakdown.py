@@ -69,8 +69,13 @@ class MemoryBreakdown:
         return pool + self.runtime_overhead_bytes
 
     @property
+    def usable_bytes(self) -> int:
+        """The GPU's memory less the safety margin: what ``required_bytes`` must stay within."""
+        return self.device_usable_bytes - self.margin_bytes
+
+    @property
     def headroom_bytes(self) -> int:
-        return self.device_usable_bytes - self.margin_bytes - self.required_bytes
+        return self.usable_bytes - self.required_bytes
 
     def to_json(self) -> dict:
         return {

@@ -149,7 +149,7 @@ def micro_batches(global_batch: int | None, batch_size: int, world_size: int) ->
 def _screened_or_traced(spec: ModelSpec, plan: Plan, gpu: GpuSpec) -> MemoryBreakdown:
     """The screen where it is clear by a wide margin, the trace where it is close."""
     quick = screen(spec, plan, gpu)
-    usable = quick.device_usable_bytes - quick.margin_bytes
+    usable = quick.usable_bytes
     if quick.required_bytes > usable * (1 + SCREEN_BAND) or quick.required_bytes < usable * (1 - SCREEN_BAND):
         return quick
     return estimate(spec, plan, gpu, fast=True)
@@ -231,7 +231,7 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
     learned: dict[Plan, float] = {}  # trace / screen of the plans traced so far, by everything but the optimizer
     order = sorted((c for c in candidates if c.breakdown is not None), key=_rank)
     for c in order:
-        usable = c.breakdown.device_usable_bytes - c.breakdown.margin_bytes
+        usable = c.breakdown.usable_bytes
         twin = dataclasses.replace(c.plan, optimizer="adamw")
         if twin in learned and c.breakdown.required_bytes * learned[twin] > usable:
             # its twin (the same plan with AdamW) was traced: the screen is that far off for this plan too
@@ -287,14 +287,14 @@ def _scaled(b: MemoryBreakdown, ratio: float) -> MemoryBreakdown:
 
 def _close_call(b: MemoryBreakdown) -> bool:
     """A fast estimate whose verdict the fast path's largest reserved error could turn."""
-    pool = b.device_usable_bytes - b.margin_bytes - b.runtime_overhead_bytes
+    pool = b.usable_bytes - b.runtime_overhead_bytes
     under, over = FAST_RESERVED_ERROR["none" if b.plan.checkpointing == "none" else "checkpointed"]
     return pool * (1 - under) < b.peak_reserved_bytes <= pool * (1 + over)
 
 
 def _fragmentation_pays(b: MemoryBreakdown) -> bool:
     """The allocated peak, with the workspaces and the runtime, fits inside the margin: only the cache is too big."""
-    return b.peak_allocated_bytes + b.runtime_overhead_bytes <= b.device_usable_bytes - b.margin_bytes
+    return b.peak_allocated_bytes + b.runtime_overhead_bytes <= b.usable_bytes
 
 
 def _rank(c: Candidate) -> tuple:
@@ -309,6 +309,6 @@ def _rank(c: Candidate) -> tuple:
 def _reason(b: MemoryBreakdown) -> str:
     from memtune.units import fmt_gib
 
-    usable = b.device_usable_bytes - b.margin_bytes
+    usable = b.usable_bytes
     text = f"{b.verdict}: needs {fmt_gib(b.required_bytes)} of {fmt_gib(usable)} usable"
     return text if b.verdict != "borderline" else f"{text} ({b.verdict_reason})"

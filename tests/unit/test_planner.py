@@ -29,7 +29,7 @@ def test_only_candidates_the_screen_puts_within_reach_are_traced():
     assert traced and screened and result.chosen in traced
     for c in traced:
         quick = screen(spec, c.plan, gpu)
-        assert quick.required_bytes <= (quick.device_usable_bytes - quick.margin_bytes) * (1 + planner.SCREEN_BAND)
+        assert quick.required_bytes <= quick.usable_bytes * (1 + planner.SCREEN_BAND)
     # Everything cheaper than the chosen plan was traced, screened clearly out of reach, or has a traced twin (the
     # same plan with another optimizer) that did not fit.
     import dataclasses
@@ -37,7 +37,7 @@ def test_only_candidates_the_screen_puts_within_reach_are_traced():
     missed = {dataclasses.replace(c.plan, optimizer="adamw") for c in traced if not c.fits}
     for c in screened:
         if planner._rank(c) < planner._rank(result.chosen):
-            usable = c.breakdown.device_usable_bytes - c.breakdown.margin_bytes
+            usable = c.breakdown.usable_bytes
             assert (c.breakdown.required_bytes > usable * (1 + planner.SCREEN_BAND)
                     or dataclasses.replace(c.plan, optimizer="adamw") in missed)
 
@@ -62,5 +62,5 @@ def test_a_screen_its_traced_twin_proved_wrong_is_shown_corrected():
     assert corrected
     for c in corrected:
         assert not c.fits and c.reason.startswith("does not fit")
-        usable = c.breakdown.device_usable_bytes - c.breakdown.margin_bytes
+        usable = c.breakdown.usable_bytes
         assert c.breakdown.required_bytes > usable
