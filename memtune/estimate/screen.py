@@ -52,22 +52,14 @@ FSDP_CACHE_FULL, FSDP_CACHE_LORA = 1.6, 0.8
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "amp-bf16": 4, "amp-fp16": 4}
 
 
-def _dims(spec: ModelSpec) -> dict[str, tuple[int, int]]:
-    """(in, out) features of each linear of a decoder layer."""
-    h, q, kv = spec.hidden_size, spec.num_attention_heads * spec.head_dim, spec.num_key_value_heads * spec.head_dim
-    i = spec.intermediate_size
-    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-
-
 def layer_params(spec: ModelSpec) -> int:
-    return sum(a * b for a, b in _dims(spec).values()) + 2 * spec.hidden_size
+    return sum(a * b for a, b in spec.layer_linears.values()) + 2 * spec.hidden_size
 
 
 def lora_params(spec: ModelSpec, plan: Plan) -> int:
     if plan.peft != "lora":
         return 0
-    dims = _dims(spec)
+    dims = spec.layer_linears
     return spec.num_layers * sum(plan.lora_rank * (a + b) for name, (a, b) in dims.items() if name in plan.lora_targets)
 
 
@@ -81,7 +73,7 @@ def static_bytes(spec: ModelSpec, plan: Plan) -> dict[C, float]:
     """Parameters, gradients and optimizer states per rank."""
     shard = plan.shard_degree
     pbytes = _BYTES[plan.precision]
-    linears = spec.num_layers * sum(a * b for a, b in _dims(spec).values())
+    linears = spec.num_layers * sum(a * b for a, b in spec.layer_linears.values())
     other = spec.num_params - linears
     lora = lora_params(spec, plan)
     if plan.quantization != "none":
@@ -112,7 +104,7 @@ def layer_activation_bytes(spec: ModelSpec, plan: Plan, tokens: int, backend: st
     full = plan.peft == "none"
     lora = set(plan.lora_targets) if plan.peft == "lora" else set()
     dropout = plan.lora_dropout > 0
-    dims = _dims(spec)
+    dims = spec.layer_linears
     per_token = 0.0
     norms = 4 if spec.model_type.startswith("gemma") else 2
     per_token += norms * 4 * h  # fp32 upcast of each norm's input
@@ -145,7 +137,7 @@ def _checkpoint_bytes(spec: ModelSpec, plan: Plan, tokens: int, layer: float) ->
     # activation functions are recomputed.
     h, q, kv, i = (spec.hidden_size, spec.num_attention_heads * spec.head_dim,
                    spec.num_key_value_heads * spec.head_dim, spec.intermediate_size)
-    dims = _dims(spec)
+    dims = spec.layer_linears
     kept = p * (h + 2 * q + 2 * kv + 2 * h + 2 * i) + 4 * spec.num_attention_heads
     if plan.peft == "lora":
         kept += sum(p * (dims[name][1] + plan.lora_rank) for name in plan.lora_targets)

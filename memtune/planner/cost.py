@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from memtune.estimate.screen import lora_params
 from memtune.plan import Plan
 from memtune.profiles import calibrations
 from memtune.specs.gpu import GpuSpec
@@ -60,16 +61,8 @@ class CostEstimate:
 
 def linear_params(spec: ModelSpec) -> int:
     """Weights that take part in matmuls: attention and MLP projections of every layer, and the lm_head."""
-    h, q, kv = spec.hidden_size, spec.num_attention_heads * spec.head_dim, spec.num_key_value_heads * spec.head_dim
-    mlp = 3 * h * spec.intermediate_size  # gated MLPs (gate, up, down); every shipped architecture has one
-    return spec.num_layers * (2 * h * q + 2 * h * kv + mlp) + h * spec.vocab_size
-
-
-def lora_params_count(spec: ModelSpec, plan: Plan) -> int:
-    """r (in + out) per adapted linear of every layer."""
-    from memtune.estimate.screen import lora_params
-
-    return lora_params(spec, plan)
+    per_layer = sum(a * b for a, b in spec.layer_linears.values())
+    return spec.num_layers * per_layer + spec.hidden_size * spec.vocab_size
 
 
 def flops_per_token(spec: ModelSpec, plan: Plan) -> float:
@@ -150,7 +143,7 @@ def step_cost(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, padding_efficiency: 
         gathers = (2 if plan.sharding != "fsdp-grad-op" else 1) * plan.grad_accum
         grad_bytes = spec.num_params * 4 if plan.is_amp else param_bytes
         if plan.peft == "lora":
-            grad_bytes = lora_params_count(spec, plan) * (4 if plan.is_amp else 2)
+            grad_bytes = lora_params(spec, plan) * (4 if plan.is_amp else 2)
         # FSDP over several nodes runs its collectives at the network's pace; HSDP shards within a node and
         # all-reduces the gradient shards across nodes.
         sharded_gbs = gpu.interconnect_gbs if plan.nodes == 1 or plan.sharding == "hsdp" else \

@@ -41,6 +41,14 @@ class ModelSpec:
     """The folder holding the model's weights (safetensors or PyTorch bins) next to its config, if any."""
 
     @property
+    def layer_linears(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each projection of a decoder layer (attention and gated MLP)."""
+        h, i = self.hidden_size, self.intermediate_size
+        q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    @property
     def config(self) -> dict:
         return json.loads(self.config_json)
 
