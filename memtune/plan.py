@@ -95,6 +95,11 @@ class Plan:
         return self.num_gpus * self.nodes
 
     @property
+    def allocator_env(self) -> dict[str, str]:
+        """The environment that gives a process the plan's caching-allocator setting."""
+        return {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"} if self.expandable_segments else {}
+
+    @property
     def has_process_group(self) -> bool:
         """torch.distributed (NCCL on GPUs) runs: several GPUs, or FSDP2 even on one."""
         return self.world_size > 1 or self.sharding != "none"

@@ -105,8 +105,7 @@ class Trainer:
         from memtune.train import recipe
 
         self.console = Console(highlight=False) if self.main else None
-        if self.device.type == "cuda":  # the plan's allocator setting, for the segments allocated from here on
-            torch.cuda.memory._set_allocator_settings(f"expandable_segments:{self.plan.expandable_segments}")
+        recipe.use_plan_allocator(self.plan, self.device)
         torch.manual_seed(self.run.seed)
         random.seed(self.run.seed)
         spec = dataclasses.replace(_spec_from_config(self.job.model_name, self.job.model_config),

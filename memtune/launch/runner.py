@@ -320,10 +320,8 @@ def _run_torchrun(job: Job, torchrun: Torchrun, console: Console) -> Outcome:
     job_path.write_text(json.dumps(job.to_json(), indent=2))
     # torchrun runs in its own session: a Ctrl-C reaches only this process, which asks the ranks (through the stop
     # file) to save and stop together; a second one stops them at once.
-    from memtune.validate.run import allocator_env
-
     proc = subprocess.Popen(torchrun_command(job_path, job.plan, torchrun), start_new_session=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **allocator_env(job.plan)})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **job.plan.allocator_env})
     requests = []
 
     def stop(signum, frame):

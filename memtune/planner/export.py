@@ -15,7 +15,6 @@ from memtune.errors import InvalidPlanError
 from memtune.plan import Plan
 
 LLAMA_COOKBOOK_MODULE = "llama_cookbook.finetuning"
-ALLOCATOR_ENV = "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"
 _SHARDING = {"fsdp": "FULL_SHARD", "fsdp-grad-op": "SHARD_GRAD_OP", "hsdp": "HYBRID_SHARD"}
 
 
@@ -77,7 +76,7 @@ def llama_cookbook_command(model_name: str, plan: Plan, *, rdzv_endpoint: str = 
             flags += [f"--{key}", ",".join(value)]
         else:
             flags += [f"--{key}", str(value)]
-    env = [ALLOCATOR_ENV] if plan.expandable_segments else []
+    env = [f"{k}={v}" for k, v in plan.allocator_env.items()]
     if not kwargs["enable_fsdp"]:
         return [*env, "python", "-m", LLAMA_COOKBOOK_MODULE, *flags]
     return [*env, *torchrun_prefix(plan, rdzv_endpoint=rdzv_endpoint), "-m", LLAMA_COOKBOOK_MODULE, *flags]
@@ -120,8 +119,8 @@ def hf_trainer_config(model_name: str, plan: Plan) -> dict:
                         "hsdp": "hybrid_shard auto_wrap"}[plan.sharding] + (" offload" if plan.offload else "")
         args["fsdp_config"] = {"fsdp_version": 2, "reshard_after_forward": plan.sharding != "fsdp-grad-op"}
     out = {"model": model_kwargs, "training_arguments": args, "accelerate_config": accelerate_config(plan)}
-    if plan.expandable_segments:
-        out["environment"] = dict([ALLOCATOR_ENV.split("=", 1)])
+    if plan.allocator_env:
+        out["environment"] = plan.allocator_env
     if plan.peft == "lora":
         out["lora_config"] = {"r": plan.lora_rank, "lora_alpha": plan.lora_alpha, "lora_dropout": plan.lora_dropout,
                               "target_modules": list(plan.lora_targets), "task_type": "CAUSAL_LM"}

@@ -85,6 +85,13 @@ def build_model(spec: ModelSpec, plan: Plan, *, device: str | torch.device, num_
     return model
 
 
+def use_plan_allocator(plan: Plan, device: torch.device) -> None:
+    """The plan's caching-allocator setting in this process (processes torchrun starts get it from
+    ``Plan.allocator_env``); it takes effect for the segments allocated from here on."""
+    if device.type == "cuda":
+        torch.cuda.memory._set_allocator_settings(f"expandable_segments:{plan.expandable_segments}")
+
+
 def _saved_ops() -> set:
     aten = torch.ops.aten
     names = ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",

@@ -43,9 +43,7 @@ def measure_plan(spec: ModelSpec, plan: Plan, *, steps: int = 2, mesh=None, devi
     if cuda and memory_cap_bytes is not None:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, memory_cap_bytes / total), device)
-    if cuda:
-        # Takes effect for the segments allocated from here on; the plan's own allocator setting.
-        torch.cuda.memory._set_allocator_settings(f"expandable_segments:{plan.expandable_segments}")
+    recipe.use_plan_allocator(plan, device)
     with _sdpa_kernel(sdpa_backend):
         return _measure(spec, plan, steps, mesh, device, cuda, memory_cap_bytes, snapshot_path, load_weights)
 

@@ -171,11 +171,6 @@ def _dry_run(spec, plan, gpu, est, tolerance) -> ValidationRecord:
                             notes=[f"traced {plan.world_size} rank(s) with a fake process group"])
 
 
-def allocator_env(plan: Plan) -> dict[str, str]:
-    """The environment that gives a process the plan's allocator setting."""
-    return {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"} if plan.expandable_segments else {}
-
-
 def _torchrun(spec: ModelSpec, plan: Plan, *, steps: int, cap: int | None, out_dir: Path, snapshot: bool,
               backend: str | None, weights_dir: str | None) -> list[dict]:
     job = out_dir / "job.json"
@@ -186,7 +181,7 @@ def _torchrun(spec: ModelSpec, plan: Plan, *, steps: int, cap: int | None, out_d
            "-m", "memtune.validate.worker", str(job)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT_S,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1", **allocator_env(plan)})
+                              env={**os.environ, "PYTHONUNBUFFERED": "1", **plan.allocator_env})
     except subprocess.TimeoutExpired:
         raise ConfigError(f"the {plan.num_gpus}-GPU validation did not finish in {TORCHRUN_TIMEOUT_S} s "
                           "(a rank may have run out of memory while the others waited)") from None
