@@ -99,12 +99,10 @@ def estimate(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, margin: float = DEFAU
         one, two = (dataclasses.replace(traced, batch_size=b) for b in (1, 2))
         traces = [cached_trace(spec, two, d, backend) for d in depths]
         phases, reserved = _compose_batches([cached_trace(spec, one, d, backend) for d in depths], traces,
-                                            spec.num_layers, plan.batch_size)
+                                            spec.num_layers, plan.batch_size, offload=plan.offload)
     else:
         traces = [cached_trace(spec, traced, d, backend) for d in depths]
-        phases, reserved = _compose(traces, spec.num_layers)
-    if plan.offload:
-        phases, reserved = _offloaded(traces, spec.num_layers, phases, reserved, fast and plan.batch_size > 2)
+        phases, reserved = _compose(traces, spec.num_layers, offload=plan.offload)
     factors = calibration_factors(spec, gpu) if calibrated else None
     scale_alloc, scale_res = factors[:2] if factors else (1.0, 1.0)
     if factors:
@@ -187,39 +185,45 @@ def _cache(trace: TraceResult) -> int:
 HOST_CATEGORIES = (MemCategory.PARAMETERS, MemCategory.GRADIENTS, MemCategory.OPTIMIZER_STATES)
 
 
-def _offloaded(traces: list[TraceResult], depth: int, phases, reserved: int, batches: bool):
-    """The step without what FSDP2's CPU offload keeps on the host: sharded weights, their gradients, the optimizer
-    states and the step's temporaries (the step runs on the CPU). The allocator keeps the cache it had."""
-    allocated = max(sum(c.values()) for c in phases.values())
-    landmarks = {k: dict(v) for k, v in _landmarks(traces, depth).items()} if not batches else None
-    if landmarks is None:  # extrapolated in the micro-batch: take the phase peaks as they are
-        landmarks = {(p, "peak"): dict(c) for p, c in phases.items()}
-    for (phase, _), cats in landmarks.items():
-        for c in HOST_CATEGORIES:
-            cats[c] = 0
-        if phase == Phase.OPTIMIZER_STEP:  # the step and its gradient shards (reduce-scatter outputs) are on the host
+def _on_device(landmarks: dict[tuple[Phase, str], dict[MemCategory, int]]):
+    """The landmarks without what FSDP2's CPU offload keeps on the host: sharded weights, their gradients, the
+    optimizer states, and in the optimizer step its temporaries and gradient shards (the step runs on the CPU)."""
+    out = {}
+    for (phase, segment), cats in landmarks.items():
+        cats = {**cats, **{c: 0 for c in HOST_CATEGORIES}}
+        if phase == Phase.OPTIMIZER_STEP:
             cats[MemCategory.TEMPORARIES] = cats[MemCategory.FSDP_BUFFERS] = 0
-    moved = _peaks(landmarks)
-    return moved, max(sum(c.values()) for c in moved.values()) + max(0, reserved - allocated)
+        out[(phase, segment)] = cats
+    return out
 
 
-def _compose(traces: list[TraceResult], depth: int) -> tuple[dict[Phase, dict[MemCategory, int]], int]:
-    """Per-phase categories at each phase's peak and the reserved bytes, at ``depth`` layers."""
-    phases = _peaks(_landmarks(traces, depth))
+def _finish(landmarks, reserved_of, offload: bool) -> tuple[dict[Phase, dict[MemCategory, int]], int]:
+    """Phase peaks and reserved bytes from ``landmarks``; ``reserved_of(allocated)`` gives the reserved bytes of the
+    traced step. With CPU offload the step keeps only what stays on the device, and the allocator the cache it had."""
+    phases = _peaks(landmarks)
     allocated = max(sum(c.values()) for c in phases.values())
+    reserved = reserved_of(allocated)
+    if not offload:
+        return phases, reserved
+    moved = _peaks(_on_device(landmarks))
+    return moved, max(sum(c.values()) for c in moved.values()) + reserved - allocated
+
+
+def _compose(traces: list[TraceResult], depth: int, *,
+             offload: bool = False) -> tuple[dict[Phase, dict[MemCategory, int]], int]:
+    """Per-phase categories at each phase's peak and the reserved bytes, at ``depth`` layers."""
     if traces[0].num_layers == traces[-1].num_layers:
-        return phases, max(allocated, traces[-1].peak_reserved)
-    return phases, allocated + max(0, _cache(traces[-1]))
+        return _finish(_landmarks(traces, depth), lambda allocated: max(allocated, traces[-1].peak_reserved), offload)
+    return _finish(_landmarks(traces, depth), lambda allocated: allocated + max(0, _cache(traces[-1])), offload)
 
 
-def _compose_batches(one: list[TraceResult], two: list[TraceResult], depth: int,
-                     batch_size: int) -> tuple[dict[Phase, dict[MemCategory, int]], int]:
+def _compose_batches(one: list[TraceResult], two: list[TraceResult], depth: int, batch_size: int, *,
+                     offload: bool = False) -> tuple[dict[Phase, dict[MemCategory, int]], int]:
     """Landmarks are linear in the micro-batch at a fixed sequence length too: extrapolate from batches 1 and 2."""
     l1, l2 = _landmarks(one, depth), _landmarks(two, depth)
     scaled = {k: {c: max(0, l1[k][c] + (batch_size - 1) * (l2[k][c] - l1[k][c])) for c in l1[k]}
               for k in l1.keys() & l2.keys()}
-    phases = _peaks(scaled)
-    return phases, max(sum(c.values()) for c in phases.values()) + max(0, _cache(two[-1]))
+    return _finish(scaled, lambda allocated: allocated + max(0, _cache(two[-1])), offload)
 
 
 # --- trace cache ----------------------------------------------------------------------------------------------
