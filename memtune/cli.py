@@ -304,9 +304,9 @@ def plan(
                                 "lora_targets": targets}.items() if v is not None}
     if fixed:
         from memtune.plan import Plan
+        from memtune.planner import with_fixed
 
-        # An unknown value is bad input, not a candidate that fails (offload brings FSDP2 along, as in the search).
-        Plan(**({"sharding": "fsdp"} | fixed if fixed.get("offload") else fixed))
+        with_fixed(Plan(), fixed)  # an unknown value or impossible combination is bad input, not a failed candidate
         if "lora_targets" in fixed:
             Plan(peft="lora", lora_targets=fixed["lora_targets"], seq_len=1).check_model(spec)
     if global_tokens is not None:

@@ -146,6 +146,15 @@ def micro_batches(global_batch: int | None, batch_size: int, world_size: int) ->
     return pairs
 
 
+def with_fixed(kind: Plan, fixed: dict, **fields) -> Plan:
+    """``kind`` with the ``fields`` of a search and the knobs the user fixed; CPU offload brings FSDP2 along (over
+    one GPU too) unless the sharding is fixed as well. Raises InvalidPlanError when they cannot go together."""
+    fields = {**fields, **fixed}
+    if fields.get("offload") and kind.sharding == "none" and "sharding" not in fields:
+        fields["sharding"] = "fsdp"
+    return dataclasses.replace(kind, **fields)
+
+
 def _screened_or_traced(spec: ModelSpec, plan: Plan, gpu: GpuSpec) -> MemoryBreakdown:
     """The screen where it is clear by a wide margin, the trace where it is close."""
     quick = screen(spec, plan, gpu)
@@ -190,10 +199,7 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
     shapes: dict[tuple[str, int], tuple[float, float | None]] = {}  # (batching, micro-batch) -> (efficiency, mean)
     for kind, (micro, accum) in ((k, sp) for k in kinds for sp in splits):
         try:
-            fields = {"batch_size": micro, "grad_accum": accum, **(fixed or {})}
-            if fields.get("offload") and kind.sharding == "none" and "sharding" not in fields:
-                fields["sharding"] = "fsdp"  # CPU offload is FSDP2's, over one GPU too
-            plan = dataclasses.replace(kind, **fields)
+            plan = with_fixed(kind, fixed or {}, batch_size=micro, grad_accum=accum)
         except InvalidPlanError as e:  # the user's constraints rule this kind out (e.g. QLoRA under --peft none)
             if str(e) not in seen:
                 seen.add(str(e))
@@ -229,14 +235,15 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
                                                    mean_seq_len=mean_seq_len, network_gbs=network_gbs)))
     chosen, traced = None, 0
     learned: dict[Plan, float] = {}  # trace / screen of the plans traced so far, by everything but the optimizer
-    order = sorted((c for c in candidates if c.breakdown is not None), key=_rank)
-    for c in order:
+    order = sorted((i for i, c in enumerate(candidates) if c.breakdown is not None), key=lambda i: _rank(candidates[i]))
+    for i in order:
+        c = candidates[i]
         usable = c.breakdown.usable_bytes
         twin = dataclasses.replace(c.plan, optimizer="adamw")
         if twin in learned and c.breakdown.required_bytes * learned[twin] > usable:
             # its twin (the same plan with AdamW) was traced: the screen is that far off for this plan too
             scaled = _scaled(c.breakdown, learned[twin])
-            candidates[candidates.index(c)] = dataclasses.replace(c, breakdown=scaled, reason=_reason(scaled))
+            candidates[i] = dataclasses.replace(c, breakdown=scaled, reason=_reason(scaled))
             continue
         if c.breakdown.required_bytes > usable * (1 + SCREEN_BAND) or traced >= MAX_TRACED:
             continue
@@ -246,7 +253,7 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
             full = estimate(spec, c.plan, gpu)  # the full-depth trace and its allocator replay under the limit
         learned[twin] = full.required_bytes / c.breakdown.required_bytes
         confirmed = dataclasses.replace(c, breakdown=full, reason=_reason(full))
-        candidates[candidates.index(c)] = confirmed
+        candidates[i] = confirmed
         if not full.fits and not c.plan.expandable_segments and _fragmentation_pays(full):
             # The allocated peak fits; the allocator's cache does not: try expandable segments (full depth, so
             # the allocator can be replayed under the card's limit).
