@@ -24,22 +24,18 @@ SHAPES = ((1, 2048), (4, 1024), (2, 4096))
 
 
 def main() -> None:
+    from grids import plan_grid
     from memtune.estimate import estimate
-    from memtune.plan import Plan
-    from memtune.specs import resolve_gpu, resolve_model
+    from memtune.specs import resolve_gpu
 
     gpu = resolve_gpu("H200-141GB")
     rows = []
-    for model in MODELS:
-        spec = resolve_model(model)
-        for fields in PLANS:
-            for batch, seq in SHAPES:
-                plan = Plan(batch_size=batch, seq_len=seq, **fields)
-                full, fast = estimate(spec, plan, gpu), estimate(spec, plan, gpu, fast=True)
-                rows.append({"model": model, "plan": fields, "batch_size": batch, "seq_len": seq,
-                             "allocated_error": fast.peak_allocated_bytes / full.peak_allocated_bytes - 1,
-                             "reserved_error": fast.peak_reserved_bytes / full.peak_reserved_bytes - 1})
-                print(rows[-1], flush=True)
+    for model, spec, fields, plan in plan_grid(MODELS, PLANS, SHAPES):
+        full, fast = estimate(spec, plan, gpu), estimate(spec, plan, gpu, fast=True)
+        rows.append({"model": model, "plan": fields, "batch_size": plan.batch_size, "seq_len": plan.seq_len,
+                     "allocated_error": fast.peak_allocated_bytes / full.peak_allocated_bytes - 1,
+                     "reserved_error": fast.peak_reserved_bytes / full.peak_reserved_bytes - 1})
+        print(rows[-1], flush=True)
     summary = {}
     for key in ("allocated_error", "reserved_error"):
         errors = [r[key] for r in rows]

@@ -92,4 +92,17 @@ def knobs() -> list[dict]:
     ]
 
 
+def plan_grid(models, plans, shapes):
+    """``(model, spec, plan fields, plan)`` for every model x plan fields x (micro-batch, sequence length): the
+    CPU-only comparisons of the estimator's paths (``bench/fast.py``, ``bench/screen.py``) walk this."""
+    from memtune.plan import Plan
+    from memtune.specs import resolve_model
+
+    for model in models:
+        spec = resolve_model(model)
+        for fields in plans:
+            for batch, seq in shapes:
+                yield model, spec, fields, Plan(batch_size=batch, seq_len=seq, **fields)
+
+
 GRIDS = {"single": single_gpu, "fsdp2": fsdp_2gpu, "quant": quantized, "knobs": knobs}

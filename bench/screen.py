@@ -30,24 +30,20 @@ SHAPES = ((1, 1024), (2, 4096))
 
 
 def main() -> None:
+    from grids import plan_grid
     from memtune.estimate import estimate
     from memtune.estimate.screen import SCREEN_BAND, screen
-    from memtune.plan import Plan
-    from memtune.specs import resolve_gpu, resolve_model
+    from memtune.specs import resolve_gpu
 
     gpu = resolve_gpu("H200-141GB")
     rows = []
-    for model in MODELS:
-        spec = resolve_model(model)
-        for fields in PLANS:
-            for batch, seq in SHAPES:
-                plan = Plan(batch_size=batch, seq_len=seq, **fields)
-                traced, screened = estimate(spec, plan, gpu, fast=True), screen(spec, plan, gpu)
-                rows.append({"model": model, "plan": fields, "batch_size": batch, "seq_len": seq,
-                             "traced_required_bytes": traced.required_bytes,
-                             "screened_required_bytes": screened.required_bytes,
-                             "error": screened.required_bytes / traced.required_bytes - 1})
-                print(model, fields, batch, seq, f"{100 * rows[-1]['error']:+.1f} %", flush=True)
+    for model, spec, fields, plan in plan_grid(MODELS, PLANS, SHAPES):
+        traced, screened = estimate(spec, plan, gpu, fast=True), screen(spec, plan, gpu)
+        rows.append({"model": model, "plan": fields, "batch_size": plan.batch_size, "seq_len": plan.seq_len,
+                     "traced_required_bytes": traced.required_bytes,
+                     "screened_required_bytes": screened.required_bytes,
+                     "error": screened.required_bytes / traced.required_bytes - 1})
+        print(model, fields, plan.batch_size, plan.seq_len, f"{100 * rows[-1]['error']:+.1f} %", flush=True)
     errors = [r["error"] for r in rows]
     summary = {"rows": len(rows), "median_abs_error": statistics.median(abs(e) for e in errors),
                "max_over": max(errors), "max_under": min(errors),
