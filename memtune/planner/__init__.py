@@ -51,7 +51,7 @@ class PlanResult:
             return ()
         need = self.chosen.breakdown.required_bytes
         smaller = [c for c in self.candidates if c.fits and c is not self.chosen and c.breakdown.required_bytes < need]
-        return tuple(c.plan for c in sorted(smaller, key=_rank)[:limit])
+        return tuple(c.plan for c in sorted(smaller, key=rank)[:limit])
 
     def to_json(self) -> dict:
         def one(c: Candidate) -> dict:
@@ -66,6 +66,8 @@ class PlanResult:
                                    else None),
                     "cost": c.cost.to_json() if c.cost else None}
 
+        order = sorted((c for c in self.candidates if c.cost is not None), key=rank)
+        position = {id(c): i for i, c in enumerate(order)}
         closest = None
         if self.chosen is None:
             ran = [c for c in self.candidates if c.breakdown is not None]
@@ -76,7 +78,7 @@ class PlanResult:
             "chosen": self.chosen.plan.to_dict() if self.chosen else None,
             "closest_miss": closest,
             "estimate": self.chosen.breakdown.to_json() if self.chosen else None,
-            "candidates": [one(c) for c in self.candidates],
+            "candidates": [one(c) | {"rank": position.get(id(c))} for c in self.candidates],
             "llama_cookbook_default": one(self.reference) if self.reference else None,
             "fallbacks": [p.to_dict() for p in self.fallbacks()],
             "data": self.data,
@@ -235,7 +237,7 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
                                                    mean_seq_len=mean_seq_len, network_gbs=network_gbs)))
     chosen, traced = None, 0
     learned: dict[Plan, float] = {}  # trace / screen of the plans traced so far, by everything but the optimizer
-    order = sorted((i for i, c in enumerate(candidates) if c.breakdown is not None), key=lambda i: _rank(candidates[i]))
+    order = sorted((i for i, c in enumerate(candidates) if c.breakdown is not None), key=lambda i: rank(candidates[i]))
     for i in order:
         c = candidates[i]
         usable = c.breakdown.usable_bytes
@@ -304,7 +306,7 @@ def _fragmentation_pays(b: MemoryBreakdown) -> bool:
     return b.peak_allocated_bytes + b.runtime_overhead_bytes <= b.usable_bytes
 
 
-def _rank(c: Candidate) -> tuple:
+def rank(c: Candidate) -> tuple:
     """Fewest GPU-seconds per trained token first (to three significant digits); at equal cost no quantization,
     then the preferred optimizer (``OPTIMIZERS``) and precision (``PRECISIONS``); then the most headroom."""
     optimizer = OPTIMIZERS.index(c.plan.optimizer) if c.plan.optimizer in OPTIMIZERS else len(OPTIMIZERS)

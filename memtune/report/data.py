@@ -266,8 +266,11 @@ def candidates_frame(result: dict) -> pd.DataFrame:
 
 
 def _rank(candidate: dict) -> tuple:
-    """The planner's order: those it estimated first; the most tokens/s per GPU (to 4 significant digits); at
+    """The planner's order: its own ``rank`` where the record has it (those it could not estimate last); records
+    made before it kept one are ordered as it did then: the most tokens/s per GPU (to 4 significant digits); at
     equal cost no quantization, then its preferred optimizer and precision; then the most headroom."""
+    if "rank" in candidate:
+        return (candidate["rank"] is None, candidate["rank"] or 0, 0, 0, 0, 0)
     from memtune import planner
 
     optimizers = getattr(planner, "OPTIMIZERS", ())

@@ -49,6 +49,7 @@ def test_plan_picks_the_cheapest_plan_that_fits():
         "lora", "none", "adamw", "none")
     entry = [c for c in fitting if c["plan"] == chosen][0]
     assert entry["method"] == "trace" and entry["cost"]["gpu_seconds_per_token"] == pytest.approx(cheapest, rel=1e-3)
+    assert entry["rank"] == min(c["rank"] for c in fitting)  # the planner's order, as reports show it
 
 
 def test_plan_constraints_fix_a_knob():

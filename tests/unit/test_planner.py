@@ -36,7 +36,7 @@ def test_only_candidates_the_screen_puts_within_reach_are_traced():
 
     missed = {dataclasses.replace(c.plan, optimizer="adamw") for c in traced if not c.fits}
     for c in screened:
-        if planner._rank(c) < planner._rank(result.chosen):
+        if planner.rank(c) < planner.rank(result.chosen):
             usable = c.breakdown.usable_bytes
             assert (c.breakdown.required_bytes > usable * (1 + planner.SCREEN_BAND)
                     or dataclasses.replace(c.plan, optimizer="adamw") in missed)
