@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements not yet recorded in bench/results, in parts that each fit one device call (< 10 min):
 #
-#   bash bench/gpu_session.sh knobs    # fused AdamW, selective checkpointing, expandable segments, CPU offload;
-#                                      # then the GPU tests (tests/gpu)
+#   bash bench/gpu_session.sh knobs    # fused AdamW, selective checkpointing, expandable segments, CPU offload
+#                                      # (memory; then its copy / CPU-AdamW rates and step times); the GPU tests
 #   bash bench/gpu_session.sh regret   # the planner's top candidates under L4 / V100 caps (2-GPU case on 2 GPUs)
 #   bash bench/gpu_session.sh launch   # Llama-Guard-3-1B full FT and LoRA runs on ToxicChat: tokens/s, MFU, memory
 #
@@ -22,6 +22,7 @@ case "${1:-}" in
     knobs)
         torchrun --standalone --nproc-per-node 1 bench/measure.py --grid knobs --out "$out/knobs.jsonl" 2>&1 \
             | tee "$out/knobs.log"
+        python3 bench/offload.py "$out/offload.json" 2>&1 | tee "$out/offload.log"
         python3 -m pytest -q tests/gpu 2>&1 | tee "$out/gpu_tests.log" ;;
     regret)
         python3 bench/regret.py "$out/regret.json" 2>&1 | tee "$out/regret.log" ;;

@@ -1,0 +1,115 @@
+"""Measure what the cost model assumes for FSDP2 CPU offload: the host<->device copy rate (``PCIE_GBS``), the rate a
+CPU AdamW step streams bytes at (``CPU_OPTIMIZER_GBS``), and whole offloaded steps against the cost model.
+
+    python bench/offload.py OUT.json          # on a GPU machine
+
+Part 1 times pinned-memory copies (512 MiB, both ways) with CUDA events. Part 2 times ``torch.optim.AdamW``
+(foreach, the default FSDP2's offloaded optimizer runs) over CPU tensors of 250 M elements in bf16 and fp32 and
+converts the time into the bytes ``memtune.planner.cost.offload_s`` counts for it. Part 3 runs ``memtune validate``
+on Llama-Guard-3-1B with FSDP2 on one GPU, with and without offload, and records measured tokens/s against
+``memtune.planner.cost.step_cost``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+COPY_BYTES = 512 * 2**20
+ADAM_NUMEL = 250_000_000
+VALIDATE_PLANS = [
+    ["--precision", "bf16", "--sharding", "fsdp", "--batch-size", "2", "--seq-len", "2048"],
+    ["--precision", "bf16", "--sharding", "fsdp", "--offload", "--batch-size", "2", "--seq-len", "2048"],
+    ["--precision", "bf16", "--sharding", "fsdp", "--offload", "--checkpointing", "full", "--batch-size", "8",
+     "--seq-len", "2048"],
+]
+
+
+def copy_rates() -> dict:
+    host = torch.empty(COPY_BYTES, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(COPY_BYTES, dtype=torch.uint8, device="cuda")
+    rates = {}
+    for name, dst, src in (("h2d", dev, host), ("d2h", host, dev)):
+        times = []
+        for _ in range(6):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src, non_blocking=True)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        rates[f"{name}_gbs"] = COPY_BYTES / statistics.median(times[1:]) / 1e9
+    return rates
+
+
+def adamw_rates() -> dict:
+    from memtune.planner.cost import CPU_OPTIMIZER_GBS
+
+    rows = {}
+    for dtype, pbytes in ((torch.bfloat16, 2), (torch.float32, 4)):
+        param = torch.nn.Parameter(torch.randn(ADAM_NUMEL, dtype=dtype))
+        param.grad = torch.randn_like(param)
+        opt = torch.optim.AdamW([param], lr=1e-5, foreach=True)
+        times = []
+        for _ in range(4):
+            t0 = time.perf_counter()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+        seconds = statistics.median(times[1:])
+        counted = ADAM_NUMEL * (4 * pbytes + 2 * 8)  # the bytes offload_s counts per trainable element
+        rows[str(dtype).removeprefix("torch.")] = {"step_s": seconds, "counted_gbs": counted / seconds / 1e9,
+                                                    "assumed_gbs": CPU_OPTIMIZER_GBS}
+        del opt, param
+    return {"threads": torch.get_num_threads(), "cpus": os.cpu_count(), **rows}
+
+
+def offloaded_steps() -> list[dict]:
+    from memtune.plan import Plan
+    from memtune.planner.cost import offload_s, step_cost
+    from memtune.specs import resolve_gpu, resolve_model
+
+    spec, gpu = resolve_model("llama-guard-3-1b"), resolve_gpu("H200-141GB")
+    rows = []
+    for options in VALIDATE_PLANS:
+        cli = [sys.executable, "-m", "memtune", "validate", "--model", "llama-guard-3-1b", "--gpu", "H200-141GB",
+               "--steps", "6", "--json", *options]
+        proc = subprocess.run(cli, capture_output=True, text=True, cwd=ROOT)
+        if not proc.stdout.strip().startswith("{"):
+            rows.append({"options": options, "error": proc.stderr[-800:]})
+            continue
+        record = json.loads(proc.stdout)
+        plan = Plan.from_dict(record["plan"])
+        cost = step_cost(spec, plan, gpu)
+        measured = (record.get("ranks") or [{}])[0].get("tokens_per_s")
+        rows.append({"options": options, "plan": record["plan"], "verdict": record.get("verdict"),
+                     "measured_tokens_per_s": measured, "estimated_tokens_per_s": cost.tokens_per_s,
+                     "estimated_offload_s": offload_s(spec, plan), "estimated_step_s": cost.step_time_s,
+                     "measured_step_s": plan.batch_size * plan.seq_len * plan.grad_accum / measured
+                     if measured else None})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    result = {"command": " ".join([sys.executable, *sys.argv]), "gpu": torch.cuda.get_device_name(),
+              "torch": torch.__version__, "copies": copy_rates()}
+    print(json.dumps(result["copies"]), flush=True)
+    result["cpu_adamw"] = adamw_rates()
+    print(json.dumps(result["cpu_adamw"]), flush=True)
+    result["steps"] = offloaded_steps()
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
