@@ -29,7 +29,14 @@ case "${1:-}" in
     launch)
         data=profiles/runs/data/toxicchat-mini.jsonl
         [ -f .data/toxicchat-train.jsonl ] && data=.data/toxicchat-train.jsonl
-        python3 bench/launch_h200.py --out "$out/launch" --data "$data" 2>&1 | tee "$out/launch.log" ;;
+        # run folders (checkpoints, final weights) stay on the machine; their metrics and reports come back
+        python3 bench/launch_h200.py --out /tmp/launch --data "$data" 2>&1 | tee "$out/launch.log"
+        cp /tmp/launch/launch.json "$out/"
+        for mode in /tmp/launch/*/; do
+            m=$(basename "$mode")
+            cp "$mode/metrics.jsonl" "$out/$m-metrics.jsonl"
+            [ -f "$mode/report.html" ] && cp "$mode/report.html" "$out/$m-report.html"
+        done ;;
     *)
         echo "usage: bash bench/gpu_session.sh knobs|regret|launch" >&2
         exit 2 ;;
