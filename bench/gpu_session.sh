@@ -5,6 +5,8 @@
 #                                      # (memory; then its copy / CPU-AdamW rates and step times); the GPU tests
 #   bash bench/gpu_session.sh regret   # the planner's top candidates under L4 / V100 caps (2-GPU case on 2 GPUs)
 #   bash bench/gpu_session.sh launch   # Llama-Guard-3-1B full FT and LoRA runs on ToxicChat: tokens/s, MFU, memory
+#   bash bench/gpu_session.sh offload | v100 | launch-packed   # CPU offload alone; the V100 case's plans with
+#                                      # more steps; the full fine-tune on packed 4,096-token sequences
 #
 # Results go to $OUT (or ./gpu-out). Wheels for what the machine lacks (bitsandbytes, datasets, dill, multiprocess)
 # are installed from .whl/ when it exists; the ToxicChat training prompts are read from .data/toxicchat-train.jsonl
@@ -37,7 +39,29 @@ case "${1:-}" in
             cp "$mode/metrics.jsonl" "$out/$m-metrics.jsonl"
             [ -f "$mode/report.html" ] && cp "$mode/report.html" "$out/$m-report.html"
         done ;;
+    offload)
+        # FSDP2 CPU offload alone: its memory, its step times, its GPU test
+        torchrun --standalone --nproc-per-node 1 bench/measure.py --grid knobs --match '"offload": true' \
+            --out "$out/offload-knobs.jsonl" 2>&1 | tee "$out/offload.log"
+        python3 bench/offload.py "$out/offload.json" 2>&1 | tee -a "$out/offload.log"
+        python3 -m pytest -q tests/gpu -k offload 2>&1 | tee -a "$out/offload.log" ;;
+    v100)
+        # the V100 case's two cheapest plans, validated under the V100 cap with more steps (records as JSON lines)
+        for extra in "--optimizer adamw-8bit --no-expandable-segments" "--optimizer adamw --expandable-segments" \
+                     "--optimizer adamw-fused --expandable-segments"; do
+            python3 -m memtune validate --model llama-guard-3-1b --emulate-gpu V100-32GB --precision amp-fp16 \
+                --checkpointing full --batch-size 1 --seq-len 4096 --steps 12 --json $extra \
+                | tr -d '\n' >> "$out/v100-validate.jsonl"
+            echo >> "$out/v100-validate.jsonl"
+        done ;;
+    launch-packed)
+        # full fine-tune on sequences packed to 4,096 tokens: the throughput of full batches
+        python3 bench/launch_h200.py --out /tmp/launch-packed --data "$(ls .data/toxicchat-train.jsonl \
+            2>/dev/null || echo profiles/runs/data/toxicchat-mini.jsonl)" --modes full-bf16 --batching packing \
+            --seq-len 4096 --batch-size 4 --steps 120
+        cp /tmp/launch-packed/launch.json "$out/launch-packed.json"
+        cp /tmp/launch-packed/full-bf16/metrics.jsonl "$out/full-bf16-packed-metrics.jsonl" ;;
     *)
-        echo "usage: bash bench/gpu_session.sh knobs|regret|launch" >&2
+        echo "usage: bash bench/gpu_session.sh knobs|offload|regret|v100|launch|launch-packed" >&2
         exit 2 ;;
 esac

@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip", type=int, default=10, help="warm-up steps left out of the throughput median")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--batching", choices=("padding", "packing"), default="padding",
+                        help="padding: length-grouped batches of whole samples; packing: full sequences of --seq-len")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated: {', '.join(MODES)}")
     return parser.parse_args(argv)
 
@@ -65,7 +67,7 @@ def run_mode(mode: str, args: argparse.Namespace, out: Path) -> dict:
 
     spec, gpu = resolve_model(args.model), resolve_gpu(args.gpu)
     seq_len = min(args.seq_len, spec.max_position_embeddings or args.seq_len)
-    plan = Plan(batch_size=args.batch_size, seq_len=seq_len, **MODES[mode])
+    plan = Plan(batch_size=args.batch_size, seq_len=seq_len, batching=args.batching, **MODES[mode])
     run = RunConfig(dataset=str(Path(args.data).resolve()), format="llama-guard", prompt_field="user_input",
                     label_field="toxicity", tokenizer=str(Path(args.tokenizer).resolve()), max_steps=args.steps,
                     lr=LR[mode], warmup_steps=min(10, args.steps), log_every=1, random_init=True)
@@ -117,6 +119,7 @@ def main(argv: list[str] | None = None) -> Path:
     path.write_text(json.dumps({
         "command": " ".join([sys.executable, *sys.argv]), "model": args.model, "gpu_profile": args.gpu,
         "data": args.data, "tokenizer": args.tokenizer, "batch_size": args.batch_size, "seq_len": args.seq_len,
+        "batching": args.batching,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
         "rows": rows}, indent=2) + "\n")

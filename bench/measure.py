@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--grid", choices=sorted(GRIDS), required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--shard", default="0/1", help="i/n: run every n-th configuration starting at i")
+    ap.add_argument("--match", default="", help="only the configurations whose JSON contains this text")
     args = ap.parse_args()
     index, count = (int(x) for x in args.shard.split("/"))
 
@@ -59,7 +60,7 @@ def main() -> None:
     torch.cuda.synchronize()
     workspace = torch.cuda.memory_allocated()
     info = versions()
-    grid = GRIDS[args.grid]()[index::count]
+    grid = [c for c in GRIDS[args.grid]()[index::count] if args.match in json.dumps(c)]
     out = open(args.out, "a") if rank == 0 else None
     for cfg in grid:
         spec = resolve_model(cfg["model"])

@@ -77,7 +77,13 @@ def build_model(spec: ModelSpec, plan: Plan, *, device: str | torch.device, num_
     if plan.sharding != "none":
         _shard(model, layers, plan, mesh)
         if device.type != "meta":
-            model.to_empty(device=device)
+            # CPU offload keeps the sharded parameters on the host (FSDP2 requires them there); buffers such as
+            # RoPE's inverse frequencies are used in the forward and live on the compute device.
+            model.to_empty(device="cpu" if plan.offload else device)
+            if plan.offload:
+                for module in model.modules():
+                    for name, buf in module.named_buffers(recurse=False):
+                        module._buffers[name] = buf.to(device)
             _init_materialized(model, device)
             if weights:
                 _load_sharded(base, weights)
