@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from memtune.plan import Plan  # noqa: E402
-from memtune.planner.cost import flops_per_token, peak_flops, plan_class  # noqa: E402
+from memtune.planner.cost import (  # noqa: E402
+    flops_per_token, optimizer_s, peak_flops, plan_class, selective_recompute_s)
 from memtune.specs import resolve_gpu, resolve_model  # noqa: E402
 
 
@@ -25,7 +26,8 @@ def utilization(raw_paths: list[Path], gpu: str) -> dict:
 
     Model FLOPs utilization grows with the matmul size: ``u = u_max * x / (x + x_half)`` with x = tokens per
     micro-batch x hidden size, fitted (least squares in log space, grid search) on 16-bit steps without
-    quantization; other classes (fp32, 4-bit, 8-bit weights) get the median ratio of their measurements to it.
+    quantization, over the step's time less what the cost model books outside the FLOPs (the optimizer step,
+    selective checkpointing's recompute; offloaded steps are left out); other classes (fp32, 4-bit, 8-bit weights) get the median ratio of their measurements to it.
     """
     points: list[tuple[str, float, float]] = []
     for path in raw_paths:
@@ -33,8 +35,13 @@ def utilization(raw_paths: list[Path], gpu: str) -> dict:
             r = json.loads(line)
             if "error" in r or r.get("num_gpus", 1) != 1 or resolve_gpu(r["gpu_name"]).name != gpu:
                 continue
-            plan, spec = Plan.from_dict(r["plan"]), resolve_model(r["model"])
-            achieved = flops_per_token(spec, plan) * r["tokens_per_s"] / peak_flops(resolve_gpu(gpu), plan)
+            plan, spec, card = Plan.from_dict(r["plan"]), resolve_model(r["model"]), resolve_gpu(gpu)
+            if plan.offload:  # its step is bound by PCIe and the CPU (cost.offload_s), not by the GPU's FLOPs
+                continue
+            tokens = r["tokens_per_s"] * r["step_time_s"]
+            flop_time = r["step_time_s"] - optimizer_s(spec, plan, card) - selective_recompute_s(spec, plan, card,
+                                                                                                  round(tokens))
+            achieved = flops_per_token(spec, plan) * tokens / flop_time / peak_flops(card, plan)
             points.append((plan_class(plan), plan.batch_size * plan.seq_len * spec.hidden_size, achieved))
     base = [(x, u) for c, x, u in points if c == "16bit/none"]
     _, u_max, x_half = min(

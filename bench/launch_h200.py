@@ -10,12 +10,14 @@ profile, 300 steps, micro-batch 8, sequences padded to at most 1024 tokens (leng
 its ids fit any vocabulary, but its sequences are longer than Llama 3's; the JSON names the tokenizer used.
 
 Writes ``OUT/launch.json``: per mode, tokens/s (median over the steps after the first ``--skip`` ones), MFU
-(tokens/s x memtune's FLOPs per token (``memtune.planner.cost.flops_per_token``, at the plan's sequence length)
-/ the GPU profile's peak FLOP/s for the compute dtype), measured peak allocated/reserved bytes (the largest of all
+(tokens/s x FLOPs per token / the GPU profile's peak FLOP/s for the compute dtype) in two conventions: ``mfu`` with
+memtune's count (``memtune.planner.cost.flops_per_token``: causal attention, half the score matrix) and
+``mfu_palm`` with the usual one (PaLM, torchtitan: ``6 N + 12 L H Q T``, all of the score matrix), measured peak allocated/reserved bytes (the largest of all
 logged steps) and the estimate's, with the device the run actually used. Each mode's run folder (metrics, report)
 is kept under OUT/<mode>. On a machine without CUDA the runs go on the CPU and memory is not measured (null):
 
     python bench/launch_h200.py --out /tmp/launch-cpu --model profiles/runs/tiny-llama-guard --steps 3
+    python bench/launch_h200.py --rescore OUT/launch.json   # add mfu_palm to an earlier record
 """
 
 from __future__ import annotations
@@ -55,6 +57,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def palm_flops_per_token(spec, plan) -> float:
+    """``6 N + 12 L H Q T`` (Chowdhery et al. 2022, appendix B; torchtitan's ``get_num_flop_per_token``): N the
+    weights of every matmul, attention over the whole sequence; LoRA's frozen weights need no weight gradients."""
+    from memtune.planner.cost import linear_params
+
+    per_pass = 2 * linear_params(spec) + 4 * spec.num_layers * spec.num_attention_heads * spec.head_dim * plan.seq_len
+    return per_pass * (2 if plan.peft == "lora" else 3)
+
+
+def rescore(path: Path) -> None:
+    """Add ``mfu_palm`` to the rows of an earlier ``launch.json`` (same measured tokens/s)."""
+    from memtune.plan import Plan
+    from memtune.specs import resolve_model
+
+    data = json.loads(path.read_text())
+    for row in data["rows"]:
+        spec, plan = resolve_model(data["model"]), Plan.from_dict(row["plan"])
+        row["flops_per_token_palm"] = palm_flops_per_token(spec, plan)
+        row["mfu_palm"] = row["tokens_per_s"] * row["flops_per_token_palm"] / row["peak_flops"]
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
 def run_mode(mode: str, args: argparse.Namespace, out: Path) -> dict:
     from rich.console import Console
 
@@ -87,6 +111,8 @@ def run_mode(mode: str, args: argparse.Namespace, out: Path) -> dict:
         "mode": mode, "status": result.status, "device": result.record["device"], "plan": plan.to_dict(),
         "steps": len(steps), "tokens_per_s": tokens_per_s, "flops_per_token": flops,
         "peak_flops": peak_flops(gpu, plan), "mfu": tokens_per_s * flops / peak_flops(gpu, plan),
+        "flops_per_token_palm": palm_flops_per_token(spec, plan),
+        "mfu_palm": tokens_per_s * palm_flops_per_token(spec, plan) / peak_flops(gpu, plan),
         "step_time_s": statistics.median(r["step_time_s"] for r in steady),
         "first_loss": steps[0]["loss"], "last_loss": steps[-1]["loss"],
         "measured_peak_allocated_bytes": measured,
@@ -127,4 +153,8 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    print(main())
+    if sys.argv[1:2] == ["--rescore"]:
+        for name in sys.argv[2:]:
+            rescore(Path(name))
+    else:
+        print(main())

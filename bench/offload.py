@@ -2,6 +2,11 @@
 CPU AdamW step streams bytes at (``CPU_OPTIMIZER_GBS``), and whole offloaded steps against the cost model.
 
     python bench/offload.py OUT.json          # on a GPU machine
+    python bench/offload.py OUT.json --merge MEASURED.json --compare bench/results/raw/knobs.jsonl
+
+``--compare`` (no GPU needed) sets the offloaded steps the accuracy grid measured (``knobs`` grid, one GPU) against
+``step_cost``, and gives the CPU rate each implies: the bytes ``offload_s`` counts for the CPU side over what is left
+of the measured step after the estimated compute and copies. ``--merge`` keeps the rates of an earlier run.
 
 Part 1 times pinned-memory copies (512 MiB, both ways) with CUDA events. Part 2 times ``torch.optim.AdamW``
 (foreach, the default FSDP2's offloaded optimizer runs) over CPU tensors of 250 M elements in bf16 and fp32 and
@@ -100,7 +105,43 @@ def offloaded_steps() -> list[dict]:
     return rows
 
 
+def compare(rows_path: Path) -> list[dict]:
+    import dataclasses
+
+    from memtune.plan import Plan
+    from memtune.planner.cost import CPU_OPTIMIZER_GBS, step_cost
+    from memtune.specs import resolve_gpu, resolve_model
+
+    gpu = resolve_gpu("H200-141GB")
+    rows = []
+    for line in rows_path.read_text().splitlines():
+        r = json.loads(line)
+        if not r["plan"].get("offload") or r.get("error"):
+            continue
+        spec, plan = resolve_model(r["model"]), Plan.from_dict(r["plan"])
+        on_gpu = step_cost(spec, dataclasses.replace(plan, offload=False), gpu).step_time_s
+        copies = (2 * plan.grad_accum + plan.grad_accum) * spec.num_params * 2 / (gpu.host_link_gbs * 1e9)
+        cpu_bytes = spec.num_params * (4 * 2 + 2 * 8)
+        estimated = step_cost(spec, plan, gpu).step_time_s
+        rows.append({"model": r["model"], "plan": r["plan"], "measured_step_s": r["step_time_s"],
+                     "estimated_step_s": estimated, "error": estimated / r["step_time_s"] - 1,
+                     "estimated_gpu_s": on_gpu, "estimated_copies_s": copies,
+                     "implied_cpu_gbs": cpu_bytes / (r["step_time_s"] - on_gpu - copies) / 1e9,
+                     "cpu_optimizer_gbs": CPU_OPTIMIZER_GBS})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
+    if "--compare" in sys.argv:
+        out = Path(sys.argv[1])
+        i = sys.argv.index("--compare")
+        result = json.loads(Path(sys.argv[sys.argv.index("--merge") + 1]).read_text()) if "--merge" in sys.argv \
+            else {}
+        result["offloaded_steps"] = compare(Path(sys.argv[i + 1]))
+        result["compare_command"] = " ".join(["python", *sys.argv])
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        return
     out = Path(sys.argv[1])
     result = {"command": " ".join([sys.executable, *sys.argv]), "gpu": torch.cuda.get_device_name(),
               "torch": torch.__version__, "copies": copy_rates()}

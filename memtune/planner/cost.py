@@ -18,9 +18,12 @@ FSDP moves the parameters twice per micro-batch (all-gather in forward and, with
 and reduce-scatters the gradients once per step, over the GPU's interconnect - or the network between nodes, for
 FSDP across nodes - overlapped with compute; HSDP shards within a node and all-reduces the gradient shards between
 nodes. CPU offload (FSDP2's CPUOffloadPolicy) copies each rank's weight shards to the GPU for every all-gather and
-its gradient shards back for every micro-batch over PCIe, and runs the optimizer step on the CPU; neither is
-assumed to overlap with compute (``PCIE_GBS``, ``CPU_OPTIMIZER_GBS``, ``NETWORK_GBS``: typical figures, not yet
-measured here). Padding wastes the padded share of the tokens.
+its gradient shards back for every micro-batch over the card's PCIe link (``GpuSpec.host_link_gbs``), and runs the
+optimizer step on the CPU (``CPU_OPTIMIZER_GBS``); neither is assumed to overlap with compute; both were measured on
+an H200 host (``bench/offload.py``, ``bench/results/offload.json``). ``NETWORK_GBS`` is a typical figure. On the GPU
+the optimizer step is bound by memory bandwidth (``OPTIMIZER_PASSES``): it matters where a step trains few tokens on
+a card with little bandwidth (a bf16 full fine-tune of a 1B model streams ~45 GB per foreach AdamW step: 0.2 s on an
+L4). Padding wastes the padded share of the tokens.
 """
 
 from __future__ import annotations
@@ -75,13 +78,14 @@ def flops_per_token(spec: ModelSpec, plan: Plan) -> float:
 RECOMPUTE_BANDWIDTH_EFFICIENCY = 0.7
 NETWORK_GBS = 25.0
 """Bandwidth between nodes per GPU, GB/s: 200 Gb/s InfiniBand or RoCE per GPU (``--network-gbs`` sets it)."""
-PCIE_GBS = 25.0
-"""Effective host-device copy rate of PCIe 4.0 x16 (32 GB/s peak)."""
-CPU_OPTIMIZER_GBS = 10.0
-"""Bytes per second a CPU AdamW step streams (weights, gradients, two states: read and written)."""
+CPU_OPTIMIZER_GBS = 27.0
+"""Bytes per second an offloaded step's CPU side streams, counted as weights and gradients at the parameter dtype
+plus two fp32 states, read and written: fitted to two whole FSDP2-offloaded steps on a 16-core H200 host (Llama
+1B and 3B imply 25.5 and 29.7 GB/s, ``bench/results/offload.json``); a bare ``torch.optim.AdamW`` step streams
+33-40 GB/s there. Hosts with fewer cores are slower."""
 
 
-def offload_s(spec: ModelSpec, plan: Plan) -> float:
+def offload_s(spec: ModelSpec, plan: Plan, gpu: GpuSpec) -> float:
     """Seconds a step spends on CPU offload's copies and the CPU optimizer step (zero without offload)."""
     if not plan.offload:
         return 0.0
@@ -89,9 +93,30 @@ def offload_s(spec: ModelSpec, plan: Plan) -> float:
     pbytes = 4 if plan.precision == "fp32" or plan.is_amp else 2
     gathers = (2 if plan.sharding != "fsdp-grad-op" else 1) * plan.grad_accum
     trainable = shard if plan.peft == "none" else 0.0
-    copies = (gathers * shard * pbytes + plan.grad_accum * trainable * pbytes) / (PCIE_GBS * 1e9)
+    copies = (gathers * shard * pbytes + plan.grad_accum * trainable * pbytes) / (gpu.host_link_gbs * 1e9)
     step = trainable * (4 * pbytes + 2 * 8) / (CPU_OPTIMIZER_GBS * 1e9)
     return copies + step
+
+
+OPTIMIZER_PASSES = {"sgd": (3, 0), "adamw": (18, 0), "adamw-fused": (7, 0), "adamw-8bit": (3, 4)}
+"""Bytes an optimizer step reads and writes per trainable parameter, as (multiple of the parameter's bytes, fixed
+bytes): torch's foreach AdamW (``_multi_tensor_adamw``) runs seven element-wise passes over weights, gradients and
+its two states (lerp, mul and addcmul of the second moment, sqrt, div, add eps, addcdiv); the fused kernel reads
+weight, gradient and both states once and writes weight and states; bitsandbytes' 8-bit AdamW does the same with
+one-byte states; SGD without momentum reads weight and gradient and writes the weight."""
+
+
+def optimizer_s(spec: ModelSpec, plan: Plan, gpu: GpuSpec) -> float:
+    """Seconds the optimizer step takes on the GPU: memory-bound, ``OPTIMIZER_PASSES`` bytes per trainable parameter
+    of this rank's shard at ``RECOMPUTE_BANDWIDTH_EFFICIENCY`` of the card's bandwidth (zero with CPU offload, whose
+    step ``offload_s`` counts)."""
+    if plan.offload:
+        return 0.0
+    trainable = spec.num_params if plan.peft == "none" else lora_params(spec, plan)
+    pbytes = 4 if plan.precision == "fp32" or plan.is_amp or plan.peft != "none" else 2
+    scale, fixed = OPTIMIZER_PASSES.get(plan.optimizer, OPTIMIZER_PASSES["adamw"])
+    moved = trainable / plan.shard_degree * (scale * pbytes + fixed)
+    return moved / (gpu.bandwidth_gbs * 1e9 * RECOMPUTE_BANDWIDTH_EFFICIENCY)
 
 
 def selective_recompute_s(spec: ModelSpec, plan: Plan, gpu: GpuSpec, tokens: int) -> float:
@@ -135,7 +160,8 @@ def step_cost(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, padding_efficiency: 
     tokens = plan.batch_size * plan.seq_len * plan.grad_accum
     util = utilization(spec, plan, gpu)
     compute = flops_per_token(spec, plan) * tokens / (peak_flops(gpu, plan) * util)
-    compute += selective_recompute_s(spec, plan, gpu, tokens) + offload_s(spec, plan)
+    compute += selective_recompute_s(spec, plan, gpu, tokens) + offload_s(spec, plan, gpu)
+    compute += optimizer_s(spec, plan, gpu)
     comm = 0.0
     if plan.sharding != "none" and plan.world_size > 1:
         n = plan.shard_degree

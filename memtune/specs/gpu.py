@@ -28,6 +28,8 @@ class GpuSpec:
     bandwidth_gbs: float
     interconnect: str
     interconnect_gbs: float
+    host_link_gbs: float
+    """Pinned host<->device copy rate over the card's PCIe link, GB/s (FSDP2 CPU offload's copies)."""
     source: str
     aliases: tuple[str, ...] = ()
 
@@ -58,6 +60,7 @@ def _from_row(r: dict) -> GpuSpec:
         bandwidth_gbs=float(r["bandwidth_gbs"]),
         interconnect=r["interconnect"],
         interconnect_gbs=float(r["interconnect_gbs"]),
+        host_link_gbs=float(r["host_link_gbs"]),
         source=r["source"],
         aliases=tuple(r.get("aliases", ())),
     )

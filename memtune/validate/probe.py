@@ -110,7 +110,7 @@ def _measure(spec, plan, steps, mesh, device, cuda, memory_cap_bytes, snapshot_p
             "steps": steps,
             "measured_categories": categories,
             "step_time_s": elapsed,
-            "tokens_per_s": plan.batch_size * plan.seq_len / elapsed,
+            "tokens_per_s": plan.batch_size * plan.seq_len * plan.grad_accum / elapsed,
             "warmup_loss": warmup_loss,
             "losses": losses,
         }

@@ -39,6 +39,12 @@ def test_measure_plan_runs_real_steps_on_cpu(tiny):
     assert "measured_peak_allocated_bytes" not in result  # no allocator to read on a CPU
 
 
+def test_measured_throughput_counts_every_micro_batch(tiny):
+    """A step of grad_accum micro-batches trains batch x seq x grad_accum tokens."""
+    result = measure_plan(tiny, Plan(seq_len=16, batch_size=2, grad_accum=3), steps=1, device=torch.device("cpu"))
+    assert result["tokens_per_s"] * result["step_time_s"] == pytest.approx(2 * 16 * 3)
+
+
 def test_out_of_memory_is_a_verdict_not_a_crash(tiny, h200, monkeypatch):
     plan = Plan(seq_len=32)
     planned = estimate(tiny, plan, h200)
