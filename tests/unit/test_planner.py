@@ -53,9 +53,9 @@ def test_a_full_fine_tune_is_never_pure_fp16_unless_asked(tiny):
 def test_a_screen_its_traced_twin_proved_wrong_is_shown_corrected():
     from memtune.specs import resolve_model
 
-    # On the L4, full fine-tuning without checkpointing is traced and misses; its fused-AdamW twin is then not
-    # traced but corrected by the same trace/screen ratio.
-    result = plan_candidates(resolve_model("llama-guard-3-1b"), resolve_gpu("L4-24GB"), seq_len=4096,
+    # On the V100, selective checkpointing with 8-bit AdamW is traced and misses; its AdamW and fused-AdamW twins are
+    # then not traced but corrected by the same trace/screen ratio.
+    result = plan_candidates(resolve_model("llama-guard-3-1b"), resolve_gpu("V100-32GB"), seq_len=4096,
                              batching="packing", fixed={"peft": "none"})
     corrected = [c for c in result.candidates if c.breakdown is not None
                  and c.breakdown.verdict_reason.startswith("screen corrected")]
