@@ -33,7 +33,7 @@ from memtune.specs.model import ModelSpec
 DEFAULT_MARGIN = 0.02
 """Share of the GPU's memory kept free for the ``fits`` verdict."""
 
-TRACE_FORMAT = 3
+TRACE_FORMAT = 4
 
 
 def sdpa_backend(spec: ModelSpec, plan: Plan, gpu: GpuSpec) -> str:
@@ -197,24 +197,49 @@ def _on_device(landmarks: dict[tuple[Phase, str], dict[MemCategory, int]]):
     return out
 
 
-def _finish(landmarks, reserved_of, offload: bool) -> tuple[dict[Phase, dict[MemCategory, int]], int]:
+def _finish(landmarks, reserved_of, offload: TraceResult | None) -> tuple[dict[Phase, dict[MemCategory, int]], int]:
     """Phase peaks and reserved bytes from ``landmarks``; ``reserved_of(allocated)`` gives the reserved bytes of the
-    traced step. With CPU offload the step keeps only what stays on the device, and the allocator the cache it had."""
+    traced step. With CPU offload (``offload``: the deepest trace) the step keeps only what stays on the device, and
+    the allocator the cache of that trace's allocations replayed without the host-resident ones."""
     phases = _peaks(landmarks)
-    allocated = max(sum(c.values()) for c in phases.values())
-    reserved = reserved_of(allocated)
-    if not offload:
-        return phases, reserved
+    if offload is None:
+        return phases, reserved_of(max(sum(c.values()) for c in phases.values()))
     moved = _peaks(_on_device(landmarks))
-    return moved, max(sum(c.values()) for c in moved.values()) + reserved - allocated
+    return moved, max(sum(c.values()) for c in moved.values()) + _offload_cache(offload)
+
+
+@functools.lru_cache(maxsize=64)
+def _offload_cache(trace: TraceResult) -> int:
+    """The allocator cache of ``trace``'s step as CPU offload runs it: what stays on the host is left out of the
+    replay, and each gradient shard is freed as soon as it is made (FSDP2 copies it to the host after the
+    reduce-scatter)."""
+    from memtune.estimate.allocator import replay
+
+    outcome = replay(offloaded_events(trace))
+    return max(0, outcome.peak_reserved - outcome.peak_allocated)
+
+
+def offloaded_events(trace: TraceResult) -> list[tuple[int, int, int, str]]:
+    """``trace``'s allocations as the device sees them under CPU offload."""
+    kept = []
+    for event in trace.events:
+        op, uid = event[0], event[1]
+        if uid in trace.host_resident or (uid in trace.gradients and not op):
+            continue
+        kept.append(event)
+        if uid in trace.gradients:
+            kept.append((0, uid, 0, ""))
+    return kept
 
 
 def _compose(traces: list[TraceResult], depth: int, *,
              offload: bool = False) -> tuple[dict[Phase, dict[MemCategory, int]], int]:
     """Per-phase categories at each phase's peak and the reserved bytes, at ``depth`` layers."""
     if traces[0].num_layers == traces[-1].num_layers:
-        return _finish(_landmarks(traces, depth), lambda allocated: max(allocated, traces[-1].peak_reserved), offload)
-    return _finish(_landmarks(traces, depth), lambda allocated: allocated + max(0, _cache(traces[-1])), offload)
+        return _finish(_landmarks(traces, depth), lambda allocated: max(allocated, traces[-1].peak_reserved),
+                       traces[-1] if offload else None)
+    return _finish(_landmarks(traces, depth), lambda allocated: allocated + max(0, _cache(traces[-1])),
+                   traces[-1] if offload else None)
 
 
 def _compose_batches(one: list[TraceResult], two: list[TraceResult], depth: int, batch_size: int, *,
@@ -223,7 +248,7 @@ def _compose_batches(one: list[TraceResult], two: list[TraceResult], depth: int,
     l1, l2 = _landmarks(one, depth), _landmarks(two, depth)
     scaled = {k: {c: max(0, l1[k][c] + (batch_size - 1) * (l2[k][c] - l1[k][c])) for c in l1[k]}
               for k in l1.keys() & l2.keys()}
-    return _finish(scaled, lambda allocated: allocated + max(0, _cache(two[-1])), offload)
+    return _finish(scaled, lambda allocated: allocated + max(0, _cache(two[-1])), two[-1] if offload else None)
 
 
 # --- trace cache ----------------------------------------------------------------------------------------------
@@ -277,12 +302,14 @@ def _to_json(r: TraceResult) -> dict:
             "landmarks": [[p.value, seg, v.total, {c.value: n for c, n in v.by_category.items()}]
                           for (p, seg), v in r.landmarks.items()],
             "streams": streams,
-            "events": [x for op, uid, n, st in r.events for x in (op, uid, n, streams.index(st))]}
+            "events": [x for op, uid, n, st in r.events for x in (op, uid, n, streams.index(st))],
+            "host_resident": sorted(r.host_resident), "gradients": sorted(r.gradients)}
 
 
 def _from_json(d: dict) -> TraceResult:
     flat, streams = d["events"], d["streams"]
     events = tuple((flat[i], flat[i + 1], flat[i + 2], streams[flat[i + 3]]) for i in range(0, len(flat), 4))
-    return TraceResult(num_layers=d["num_layers"], peak_reserved=d["peak_reserved"], events=events, landmarks={
+    return TraceResult(num_layers=d["num_layers"], peak_reserved=d["peak_reserved"], events=events,
+                       host_resident=frozenset(d["host_resident"]), gradients=frozenset(d["gradients"]), landmarks={
         (Phase(p), seg): PhasePeak(total=total, by_category={MemCategory(c): n for c, n in cats.items()})
         for p, seg, total, cats in d["landmarks"]})

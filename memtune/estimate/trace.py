@@ -63,6 +63,12 @@ class TraceResult:
     layer (by layer index) and ``post`` (final norm, lm_head, loss). Each is linear in the number of layers."""
     events: tuple[tuple[int, int, int, str], ...] = ()
     """Every allocation (1) and free (0) as ``(op, id, bytes, stream)``, to replay under a smaller card's capacity."""
+    host_resident: frozenset[int] = frozenset()
+    """Ids of the events' storages FSDP2's CPU offload keeps on the host: weights and optimizer states, and whatever
+    the optimizer step allocates (it runs on the CPU)."""
+    gradients: frozenset[int] = frozenset()
+    """Ids of the gradient (shard) storages: under CPU offload they pass through the device, copied to the host as
+    soon as they are reduced."""
 
     def phase_peak(self, phase: Phase) -> int:
         return max((v.total for (p, _), v in self.landmarks.items() if p == phase), default=0)
@@ -87,6 +93,7 @@ class _Tracker(TorchDispatchMode):
         self.peaks: dict[tuple[str, str], int] = {}
         self.snapshots: dict[tuple[str, str], list[tuple[_Storage, int]]] = {}
         self.forward_records: list[_Storage] = []
+        self.records: list[_Storage] = []
 
     # --- bookkeeping -------------------------------------------------------------------------------------
     def track(self, t: torch.Tensor, category: MemCategory | None = None) -> None:
@@ -106,6 +113,7 @@ class _Tracker(TorchDispatchMode):
             category = MemCategory.LOGITS
         uid = next(self._uids)
         rec = _Storage(block=self._malloc(st.nbytes(), uid), uid=uid, phase=self.phase, category=category)
+        self.records.append(rec)
         self.live[key] = rec
         self._refs[key] = weakref.ref(st, lambda _r, k=key: self._free(k))
         self._add()
@@ -183,8 +191,12 @@ class _Tracker(TorchDispatchMode):
             for rec, size in self.snapshots[(phase, segment)]:
                 by_cat[rec.category or MemCategory.TEMPORARIES] += size
             landmarks[(Phase(phase), segment)] = PhasePeak(total=total, by_category=by_cat)
+        host = (MemCategory.PARAMETERS, MemCategory.OPTIMIZER_STATES)
+        gradients = frozenset(r.uid for r in self.records if r.category == MemCategory.GRADIENTS)
+        host_resident = frozenset(r.uid for r in self.records if r.uid not in gradients
+                                  and (r.category in host or r.phase == Phase.OPTIMIZER_STEP))
         return TraceResult(num_layers=num_layers, peak_reserved=self.allocator.peak_reserved, landmarks=landmarks,
-                           events=tuple(self.events))
+                           events=tuple(self.events), host_resident=host_resident, gradients=gradients)
 
 
 def _segment_hooks(tracker: _Tracker, model) -> None:
@@ -346,6 +358,7 @@ def trace_step(spec: ModelSpec, plan: Plan, num_layers: int, *, sdpa_backend: st
                     for p in model.parameters():
                         if p.requires_grad:
                             p.grad = torch.zeros_like(p)
+                            tracker.track(p.grad, MemCategory.GRADIENTS)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 else:

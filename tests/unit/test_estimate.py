@@ -180,3 +180,24 @@ def test_cpu_offload_takes_the_sharded_state_off_the_device(tiny, h200):
     assert offloaded.peak_allocated_bytes < on_gpu.peak_allocated_bytes
     with pytest.raises(InvalidPlanError, match="CPU offload is FSDP2's"):
         Plan(offload=True)
+
+
+def test_offloaded_replay_keeps_gradients_only_in_passing():
+    """Under CPU offload the device sees neither weights nor optimizer states, and each gradient shard only until
+    its copy to the host: freed right after it is made, not at zero_grad."""
+    from memtune.estimate.compose import offloaded_events
+    from memtune.estimate.trace import TraceResult
+
+    mib = 2**20
+    events = (
+        (1, 0, 64 * mib, "default"),  # weights
+        (1, 1, 40 * mib, "default"),  # activation
+        (1, 2, 20 * mib, "default"),  # gradient shard
+        (0, 1, 0, ""),
+        (1, 3, 128 * mib, "default"),  # optimizer states
+        (0, 2, 0, ""),                 # zero_grad
+    )
+    trace = TraceResult(num_layers=1, peak_reserved=0, landmarks={}, events=events,
+                        host_resident=frozenset({0, 3}), gradients=frozenset({2}))
+    assert offloaded_events(trace) == [(1, 1, 40 * mib, "default"), (1, 2, 20 * mib, "default"), (0, 2, 0, ""),
+                                       (0, 1, 0, "")]
