@@ -37,3 +37,33 @@ def test_across_nodes_hsdp_keeps_the_weights_traffic_inside_a_node():
     assert step_cost(spec, hsdp, gpu).communication_s < slow.communication_s
     # HSDP's only traffic between nodes is the all-reduce of the gradient shards
     assert step_cost(spec, hsdp, gpu, network_gbs=1.0).communication_s > step_cost(spec, hsdp, gpu).communication_s
+
+
+def test_optimizer_step_is_bound_by_memory_bandwidth():
+    from memtune.planner.cost import RECOMPUTE_BANDWIDTH_EFFICIENCY, optimizer_s
+    from memtune.specs import resolve_model
+
+    spec, l4 = resolve_model("llama-guard-3-1b"), resolve_gpu("L4-24GB")
+    rate = l4.bandwidth_gbs * 1e9 * RECOMPUTE_BANDWIDTH_EFFICIENCY
+    # foreach AdamW on bf16 weights: seven element-wise passes, 18 x 2 bytes per parameter
+    assert optimizer_s(spec, Plan(), l4) == pytest.approx(spec.num_params * 36 / rate)
+    # mixed precision keeps fp32 weights and states: twice the bytes
+    assert optimizer_s(spec, Plan(precision="amp-bf16"), l4) == pytest.approx(2 * optimizer_s(spec, Plan(), l4))
+    fused, eight = (optimizer_s(spec, Plan(optimizer=o), l4) for o in ("adamw-fused", "adamw-8bit"))
+    assert eight < fused < optimizer_s(spec, Plan(), l4)
+    sharded = Plan(sharding="fsdp", num_gpus=8)
+    assert optimizer_s(spec, sharded, l4) == pytest.approx(optimizer_s(spec, Plan(), l4) / 8)
+    assert optimizer_s(spec, Plan(sharding="fsdp", offload=True), l4) == 0  # the CPU runs it (offload_s)
+    assert optimizer_s(spec, Plan(peft="lora"), l4) < optimizer_s(spec, Plan(), l4) / 100
+    # at equal FLOPs the faster optimizer makes the cheaper step
+    assert step_cost(spec, Plan(optimizer="adamw-fused"), l4).tokens_per_s > step_cost(spec, Plan(), l4).tokens_per_s
+
+
+def test_offload_copies_run_over_the_cards_host_link():
+    from memtune.planner.cost import offload_s
+    from memtune.specs import resolve_model
+
+    spec = resolve_model("llama-guard-3-1b")
+    plan = Plan(sharding="fsdp", offload=True, precision="bf16")
+    # PCIe 5.0 (H100) against PCIe 3.0 (V100): the copies take longer on the slower link, the CPU step the same
+    assert offload_s(spec, plan, resolve_gpu("V100-32GB")) > offload_s(spec, plan, resolve_gpu("H100-80GB"))
