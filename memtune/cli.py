@@ -264,8 +264,8 @@ def plan(
     lora_targets: Annotated[str | None, typer.Option(help="Comma-separated linear layers the LoRA candidates "
                                                           "adapt.")] = None,
     out: Annotated[str | None, typer.Option(help="Write the chosen plan to this plan file (TOML).")] = None,
-    export: Annotated[str | None, typer.Option(help="llama-cookbook | hf | torchrun: print the chosen plan for "
-                                                    "that tool.")] = None,
+    export: Annotated[str | None, typer.Option(help="llama-cookbook | hf | torchrun: search only the plans that "
+                                                    "tool can run and print the chosen one for it.")] = None,
     report: ReportOpt = None,
     as_json: JsonOut = False,
 ) -> None:
@@ -313,9 +313,11 @@ def plan(
         if global_batch is not None:
             raise ConfigError("give --global-batch (sequences) or --global-tokens, not both")
         global_batch = max(1, round(global_tokens / seq_len))
+    from memtune.planner.export import expressible
+
     result = plan_candidates(spec, gpu_spec, num_gpus=num_gpus, nodes=nodes, batch_size=batch_size, seq_len=seq_len,
                              batching=batching, data=data, fixed=fixed, global_batch=global_batch, lengths=lengths,
-                             network_gbs=network_gbs)
+                             network_gbs=network_gbs, runs_with=expressible(export) if export else None)
     if out and result.chosen:
         from memtune.planfile import PlanFile, write_plan_file
 

@@ -169,7 +169,7 @@ def _screened_or_traced(spec: ModelSpec, plan: Plan, gpu: GpuSpec) -> MemoryBrea
 def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: int = 1, batch_size: int = 1,
                     seq_len: int = 2048, batching: str | None = None, data: dict | None = None,
                     fixed: dict | None = None, global_batch: int | None = None, lengths=None,
-                    network_gbs: float = NETWORK_GBS) -> PlanResult:
+                    network_gbs: float = NETWORK_GBS, runs_with=None) -> PlanResult:
     """Screen every candidate in closed form (``memtune.estimate.screen``) and cost it, then trace them cheapest
     first - skipping those the screen puts clearly out of reach - until one is confirmed to fit (fast trace; at full
     depth where the fast one is too close to the limit to call).
@@ -179,8 +179,10 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
     accumulation is a candidate too. With ``lengths`` (a dataset's token lengths) and no ``batching``, padding and
     packing are both searched: padding's memory is set by the longest sample and its time by the average padded
     sequence of length-grouped batches of each micro-batch size; packing fills ``seq_len``-token chunks.
-    ``network_gbs`` is the bandwidth between nodes per GPU. llama-cookbook's default path is estimated too, as the
-    reference the chosen plan is compared with."""
+    ``network_gbs`` is the bandwidth between nodes per GPU. ``runs_with(plan)`` (e.g. ``export.expressible(tool)``)
+    raises ``InvalidPlanError`` for plans the tool that will run them cannot express: they are listed with its rule,
+    not searched. llama-cookbook's default path is estimated too, as the reference the chosen plan is compared
+    with."""
     batchings = ("padding", "packing") if lengths is not None and batching is None else (batching or "padding",)
     seq_for = {b: lengths.max if b == "padding" and lengths is not None else seq_len for b in batchings}
     ref_batching = batching or "padding"
@@ -217,6 +219,8 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
         try:
             plan.check_model(spec)
             plan.check_gpu(gpu)
+            if runs_with is not None:
+                runs_with(plan)
             breakdown = screen(spec, plan, gpu)
         except InvalidPlanError as e:
             if str(e) not in seen:  # one row per reason a plan cannot run

@@ -149,3 +149,18 @@ def accelerate_config(plan: Plan) -> dict:
 def shell(cmd: list[str]) -> str:
     """A command line to paste; ``$VARS`` stay unquoted so the shell expands them."""
     return " ".join(c if "$" in c else shlex.quote(c) for c in cmd)
+
+
+EXPORTERS = {"llama-cookbook": llama_cookbook_kwargs, "hf": hf_trainer_config, "torchrun": llama_cookbook_kwargs}
+"""What each ``--export`` target prints the plan with (the torchrun command runs llama-cookbook)."""
+
+
+def expressible(tool: str):
+    """A check for the planner: raises ``InvalidPlanError`` (the tool's rule) for a plan ``tool`` cannot run."""
+    exporter = EXPORTERS[tool]
+
+    def check(plan: Plan) -> None:
+        exporter("model", plan)
+
+    return check
+

@@ -156,6 +156,23 @@ def test_plan_from_a_dataset_searches_padding_and_packing():
     assert {c["plan"]["batching"] for c in padded["candidates"]} == {"padding"} and padded["chosen"]["seq_len"] == 1139
 
 
+def test_an_export_target_limits_the_search_to_what_that_tool_runs(tmp_path):
+    """Left free, a full fine-tune on the L4 takes 8-bit AdamW; llama-cookbook has only AdamW, so with
+    --export llama-cookbook the chosen plan is one it can run and the 8-bit kinds are listed with its rule."""
+    free = json.loads(run("plan", "--model", str(TINY), "--gpu", "L4-24GB", "--seq-len", "128", "--peft", "none",
+                          "--json").stdout)
+    assert free["chosen"]["optimizer"] != "adamw"
+    out = tmp_path / "plan.toml"
+    r = run("plan", "--model", str(TINY), "--gpu", "L4-24GB", "--seq-len", "128", "--peft", "none",
+            "--export", "llama-cookbook", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    from memtune.planfile import read_plan_file
+
+    assert read_plan_file(out).plan.optimizer == "adamw"
+    assert "llama-cookbook's optimizer is AdamW" in r.stdout
+    assert '"batch_size_training"' in r.stdout
+
+
 def test_unknown_export_is_bad_input():
     r = run("plan", "--model", str(TINY), "--gpu", "L4-24GB", "--seq-len", "64", "--export", "deepspeed")
     assert r.exit_code == 2 and "--export" in r.stderr
