@@ -318,6 +318,10 @@ def plan(
     result = plan_candidates(spec, gpu_spec, num_gpus=num_gpus, nodes=nodes, batch_size=batch_size, seq_len=seq_len,
                              batching=batching, data=data, fixed=fixed, global_batch=global_batch, lengths=lengths,
                              network_gbs=network_gbs, runs_with=expressible(export) if export else None)
+    if result.chosen is None and all(c.breakdown is None for c in result.candidates):
+        first = result.candidates[0].reason.split(";")[0] if result.candidates else "no candidates"
+        raise ConfigError(f"no plan can run under the options given{' with ' + export if export else ''} "
+                          f"({first}): relax one of them")
     if out and result.chosen:
         from memtune.planfile import PlanFile, write_plan_file
 

@@ -173,6 +173,12 @@ def test_an_export_target_limits_the_search_to_what_that_tool_runs(tmp_path):
     assert '"batch_size_training"' in r.stdout
 
 
+def test_options_no_plan_can_satisfy_are_bad_input():
+    r = run("plan", "--model", str(TINY), "--gpu", "L4-24GB", "--seq-len", "64", "--checkpointing", "selective",
+            "--export", "llama-cookbook")
+    assert r.exit_code == 2 and "whole layers only" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
 def test_unknown_export_is_bad_input():
     r = run("plan", "--model", str(TINY), "--gpu", "L4-24GB", "--seq-len", "64", "--export", "deepspeed")
     assert r.exit_code == 2 and "--export" in r.stderr
