@@ -133,16 +133,20 @@ def compare(rows_path: Path) -> list[dict]:
 
 
 def main() -> None:
-    if "--compare" in sys.argv:
-        out = Path(sys.argv[1])
-        i = sys.argv.index("--compare")
-        result = json.loads(Path(sys.argv[sys.argv.index("--merge") + 1]).read_text()) if "--merge" in sys.argv \
-            else {}
-        result["offloaded_steps"] = compare(Path(sys.argv[i + 1]))
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out", help="JSON file to write")
+    ap.add_argument("--compare", metavar="ROWS", help="measured rows (bench/measure.py JSONL): compare, no GPU")
+    ap.add_argument("--merge", metavar="JSON", help="with --compare: start from this earlier result")
+    args = ap.parse_args()
+    out = Path(args.out)
+    if args.compare:
+        result = json.loads(Path(args.merge).read_text()) if args.merge else {}
+        result["offloaded_steps"] = compare(Path(args.compare))
         result["compare_command"] = " ".join(["python", *sys.argv])
         out.write_text(json.dumps(result, indent=2) + "\n")
         return
-    out = Path(sys.argv[1])
     result = {"command": " ".join([sys.executable, *sys.argv]), "gpu": torch.cuda.get_device_name(),
               "torch": torch.__version__, "copies": copy_rates()}
     print(json.dumps(result["copies"]), flush=True)
