@@ -81,7 +81,7 @@ NETWORK_GBS = 25.0
 CPU_OPTIMIZER_GBS = 27.0
 """Bytes per second an offloaded step's CPU side streams, counted as weights and gradients at the parameter dtype
 plus two fp32 states, read and written: fitted to two whole FSDP2-offloaded steps on a 16-core H200 host (Llama
-1B and 3B imply 25.5 and 29.7 GB/s, ``bench/results/offload.json``); a bare ``torch.optim.AdamW`` step streams
+1B and 3B imply 25.8 and 30.6 GB/s, ``bench/results/offload.json``); a bare ``torch.optim.AdamW`` step streams
 33-40 GB/s there. Hosts with fewer cores are slower."""
 
 
