@@ -72,8 +72,8 @@ def render_plan(console: Console, spec, gpu, result, *, top: int = 12) -> None:
     usable = (f" ({gib(estimated[0].breakdown.usable_bytes):.1f} GiB usable)"
               if estimated else "")
     table = Table(title_justify="left")
-    for col, just in (("candidate", "left"), ("batch x acc", "right"), ("GiB", "right"), ("tokens/s", "right"),
-                      ("verdict", "left"), ("by", "left")):
+    for col, just in (("candidate", "left"), ("batch x acc", "right"), ("needs GiB", "right"),
+                      ("headroom", "right"), ("tokens/s", "right"), ("verdict", "left"), ("by", "left")):
         table.add_column(col, justify=just, no_wrap=col != "candidate")
     styles = {"fits": "green", "borderline": "yellow", "does not fit": "red"}
     ranked = sorted((c for c in estimated if c.cost), key=rank)
@@ -87,7 +87,8 @@ def render_plan(console: Console, spec, gpu, result, *, top: int = 12) -> None:
         verdict = c.breakdown.verdict
         mark = "[bold]> [/]" if c is result.chosen else "  "
         table.add_row(mark + escape(c.label), f"{c.plan.batch_size} x {c.plan.grad_accum}",
-                      f"{gib(c.breakdown.required_bytes):.2f}", f"{c.cost.tokens_per_s:,.0f}",
+                      f"{gib(c.breakdown.required_bytes):.2f}", f"{gib(c.breakdown.headroom_bytes):+.2f}",
+                      f"{c.cost.tokens_per_s:,.0f}",
                       f"[{styles.get(verdict, 'red')}]{verdict}[/]", {"trace": "traced", "screen": "screened"}[c.breakdown.method])
     console.print(table)
     traced = sum(c.breakdown.method == "trace" for c in estimated)

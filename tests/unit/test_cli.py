@@ -173,6 +173,14 @@ def test_an_export_target_limits_the_search_to_what_that_tool_runs(tmp_path):
     assert '"batch_size_training"' in r.stdout
 
 
+def test_plan_table_shows_needs_headroom_and_throughput():
+    r = run("plan", "--model", str(TINY), "--gpu", "L4-24GB", "--seq-len", "64", "--peft", "none")
+    assert r.exit_code == 0, r.output
+    assert all(col in r.stdout for col in ("needs", "headroom", "tokens/s", "verdict"))
+    chosen = next(line for line in r.stdout.splitlines() if "│ > " in line)
+    assert " +" in chosen  # the chosen plan fits: positive headroom
+
+
 def test_options_no_plan_can_satisfy_are_bad_input():
     r = run("plan", "--model", str(TINY), "--gpu", "L4-24GB", "--seq-len", "64", "--checkpointing", "selective",
             "--export", "llama-cookbook")
