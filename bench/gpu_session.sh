@@ -3,7 +3,8 @@
 #
 #   bash bench/gpu_session.sh knobs    # fused AdamW, selective checkpointing, expandable segments, CPU offload
 #                                      # (memory; then its copy / CPU-AdamW rates and step times); the GPU tests
-#   bash bench/gpu_session.sh regret   # the planner's top candidates under L4 / V100 caps (2-GPU case on 2 GPUs)
+#   bash bench/gpu_session.sh regret [CASES]   # the planner's top candidates under L4 / V100 caps (case 3 is the
+#                                      # 2 x V100 one: run it alone on 2 GPUs with CASES=3)
 #   bash bench/gpu_session.sh launch   # Llama-Guard-3-1B full FT and LoRA runs on ToxicChat: tokens/s, MFU, memory
 #   bash bench/gpu_session.sh offload | v100 | launch-packed   # CPU offload alone; the V100 case's plans with
 #                                      # more steps; the full fine-tune on packed 4,096-token sequences
@@ -27,7 +28,8 @@ case "${1:-}" in
         python3 bench/offload.py "$out/offload.json" 2>&1 | tee "$out/offload.log"
         python3 -m pytest -q tests/gpu 2>&1 | tee "$out/gpu_tests.log" ;;
     regret)
-        python3 bench/regret.py "$out/regret.json" 2>&1 | tee "$out/regret.log" ;;
+        # optional second argument: case indices (e.g. 3: the 2 x V100 case, on nvidia-h200-x2)
+        python3 bench/regret.py "$out/regret.json" ${2:+--cases "$2"} 2>&1 | tee "$out/regret.log" ;;
     launch)
         data=profiles/runs/data/toxicchat-mini.jsonl
         [ -f .data/toxicchat-train.jsonl ] && data=.data/toxicchat-train.jsonl
