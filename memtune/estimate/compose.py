@@ -98,11 +98,12 @@ def estimate(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, margin: float = DEFAU
     if fast and plan.batch_size > 2:
         one, two = (dataclasses.replace(traced, batch_size=b) for b in (1, 2))
         traces = [cached_trace(spec, two, d, backend) for d in depths]
-        phases, reserved = _compose_batches([cached_trace(spec, one, d, backend) for d in depths], traces,
-                                            spec.num_layers, plan.batch_size, offload=plan.offload)
+        singles = [cached_trace(spec, one, d, backend) for d in depths]
+        phases, reserved = _compose_batches(singles, traces, spec.num_layers, plan.batch_size,
+                                            offload=traces[-1] if plan.offload else None)
     else:
         traces = [cached_trace(spec, traced, d, backend) for d in depths]
-        phases, reserved = _compose(traces, spec.num_layers, offload=plan.offload)
+        phases, reserved = _compose(traces, spec.num_layers, offload=traces[-1] if plan.offload else None)
     factors = calibration_factors(spec, gpu) if calibrated else None
     scale_alloc, scale_res = factors[:2] if factors else (1.0, 1.0)
     if factors:
@@ -233,22 +234,21 @@ def offloaded_events(trace: TraceResult) -> list[tuple[int, int, int, str]]:
 
 
 def _compose(traces: list[TraceResult], depth: int, *,
-             offload: bool = False) -> tuple[dict[Phase, dict[MemCategory, int]], int]:
-    """Per-phase categories at each phase's peak and the reserved bytes, at ``depth`` layers."""
+             offload: TraceResult | None = None) -> tuple[dict[Phase, dict[MemCategory, int]], int]:
+    """Per-phase categories at each phase's peak and the reserved bytes, at ``depth`` layers (``offload``: see
+    ``_finish``)."""
     if traces[0].num_layers == traces[-1].num_layers:
-        return _finish(_landmarks(traces, depth), lambda allocated: max(allocated, traces[-1].peak_reserved),
-                       traces[-1] if offload else None)
-    return _finish(_landmarks(traces, depth), lambda allocated: allocated + max(0, _cache(traces[-1])),
-                   traces[-1] if offload else None)
+        return _finish(_landmarks(traces, depth), lambda allocated: max(allocated, traces[-1].peak_reserved), offload)
+    return _finish(_landmarks(traces, depth), lambda allocated: allocated + max(0, _cache(traces[-1])), offload)
 
 
 def _compose_batches(one: list[TraceResult], two: list[TraceResult], depth: int, batch_size: int, *,
-                     offload: bool = False) -> tuple[dict[Phase, dict[MemCategory, int]], int]:
+                     offload: TraceResult | None = None) -> tuple[dict[Phase, dict[MemCategory, int]], int]:
     """Landmarks are linear in the micro-batch at a fixed sequence length too: extrapolate from batches 1 and 2."""
     l1, l2 = _landmarks(one, depth), _landmarks(two, depth)
     scaled = {k: {c: max(0, l1[k][c] + (batch_size - 1) * (l2[k][c] - l1[k][c])) for c in l1[k]}
               for k in l1.keys() & l2.keys()}
-    return _finish(scaled, lambda allocated: allocated + max(0, _cache(two[-1])), two[-1] if offload else None)
+    return _finish(scaled, lambda allocated: allocated + max(0, _cache(two[-1])), offload)
 
 
 # --- trace cache ----------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ one is confirmed to fit.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from memtune.errors import InvalidPlanError
@@ -169,7 +170,8 @@ def _screened_or_traced(spec: ModelSpec, plan: Plan, gpu: GpuSpec) -> MemoryBrea
 def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: int = 1, batch_size: int = 1,
                     seq_len: int = 2048, batching: str | None = None, data: dict | None = None,
                     fixed: dict | None = None, global_batch: int | None = None, lengths=None,
-                    network_gbs: float = NETWORK_GBS, runs_with=None) -> PlanResult:
+                    network_gbs: float = NETWORK_GBS,
+                    runs_with: Callable[[Plan], None] | None = None) -> PlanResult:
     """Screen every candidate in closed form (``memtune.estimate.screen``) and cost it, then trace them cheapest
     first - skipping those the screen puts clearly out of reach - until one is confirmed to fit (fast trace; at full
     depth where the fast one is too close to the limit to call).

@@ -85,13 +85,24 @@ plus two fp32 states, read and written: fitted to two whole FSDP2-offloaded step
 33-40 GB/s there. Hosts with fewer cores are slower."""
 
 
+def _weight_bytes(plan: Plan) -> int:
+    """Bytes per weight as the optimizer holds it: fp32 for fp32 and mixed-precision plans, else 16-bit."""
+    return 4 if plan.precision == "fp32" or plan.is_amp else 2
+
+
+def _all_gathers(plan: Plan) -> int:
+    """FSDP all-gathers of the weights per step: forward and backward per micro-batch (forward only without
+    resharding)."""
+    return (2 if plan.sharding != "fsdp-grad-op" else 1) * plan.grad_accum
+
+
 def offload_s(spec: ModelSpec, plan: Plan, gpu: GpuSpec) -> float:
     """Seconds a step spends on CPU offload's copies and the CPU optimizer step (zero without offload)."""
     if not plan.offload:
         return 0.0
     shard = spec.num_params / plan.shard_degree
-    pbytes = 4 if plan.precision == "fp32" or plan.is_amp else 2
-    gathers = (2 if plan.sharding != "fsdp-grad-op" else 1) * plan.grad_accum
+    pbytes = _weight_bytes(plan)
+    gathers = _all_gathers(plan)
     trainable = shard if plan.peft == "none" else 0.0
     copies = (gathers * shard * pbytes + plan.grad_accum * trainable * pbytes) / (gpu.host_link_gbs * 1e9)
     step = trainable * (4 * pbytes + 2 * 8) / (CPU_OPTIMIZER_GBS * 1e9)
@@ -113,7 +124,7 @@ def optimizer_s(spec: ModelSpec, plan: Plan, gpu: GpuSpec) -> float:
     if plan.offload:
         return 0.0
     trainable = spec.num_params if plan.peft == "none" else lora_params(spec, plan)
-    pbytes = 4 if plan.precision == "fp32" or plan.is_amp or plan.peft != "none" else 2
+    pbytes = 4 if plan.peft != "none" else _weight_bytes(plan)  # peft keeps LoRA adapters in fp32
     scale, fixed = OPTIMIZER_PASSES.get(plan.optimizer, OPTIMIZER_PASSES["adamw"])
     moved = trainable / plan.shard_degree * (scale * pbytes + fixed)
     return moved / (gpu.bandwidth_gbs * 1e9 * RECOMPUTE_BANDWIDTH_EFFICIENCY)
@@ -166,7 +177,7 @@ def step_cost(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, padding_efficiency: 
     if plan.sharding != "none" and plan.world_size > 1:
         n = plan.shard_degree
         param_bytes = spec.num_params * (4 if plan.precision == "fp32" else 2)
-        gathers = (2 if plan.sharding != "fsdp-grad-op" else 1) * plan.grad_accum
+        gathers = _all_gathers(plan)
         grad_bytes = spec.num_params * 4 if plan.is_amp else param_bytes
         if plan.peft == "lora":
             grad_bytes = lora_params(spec, plan) * (4 if plan.is_amp else 2)

@@ -163,4 +163,3 @@ def expressible(tool: str):
         exporter("model", plan)
 
     return check
-
