@@ -1,17 +1,18 @@
-"""Measure what the cost model assumes for FSDP2 CPU offload: the host<->device copy rate (``PCIE_GBS``), the rate a
-CPU AdamW step streams bytes at (``CPU_OPTIMIZER_GBS``), and whole offloaded steps against the cost model.
+"""Measure what the cost model assumes for FSDP2 CPU offload: the host<->device copy rate (``host_link_gbs`` in the
+GPU table), the rate a CPU AdamW step streams bytes at (``CPU_OPTIMIZER_GBS``), and whole offloaded steps against the
+cost model.
 
     python bench/offload.py OUT.json          # on a GPU machine
     python bench/offload.py OUT.json --merge MEASURED.json --compare bench/results/raw/knobs.jsonl
 
 ``--compare`` (no GPU needed) sets the offloaded steps the accuracy grid measured (``knobs`` grid, one GPU) against
-``step_cost``, and gives the CPU rate each implies: the bytes ``offload_s`` counts for the CPU side over what is left
-of the measured step after the estimated compute and copies. ``--merge`` keeps the rates of an earlier run.
+``step_cost``, and gives the CPU rate each implies: the bytes ``offload_cpu_bytes`` counts for the CPU side over what
+is left of the measured step after the estimated compute and copies. ``--merge`` keeps the rates of an earlier run.
 
 Part 1 times pinned-memory copies (512 MiB, both ways) with CUDA events. Part 2 times ``torch.optim.AdamW``
 (foreach, the default FSDP2's offloaded optimizer runs) over CPU tensors of 250 M elements in bf16 and fp32 and
-converts the time into the bytes ``memtune.planner.cost.offload_s`` counts for it. Part 3 runs ``memtune validate``
-on Llama-Guard-3-1B with FSDP2 on one GPU, with and without offload, and records measured tokens/s against
+converts the time into the bytes ``memtune.planner.cost.cpu_step_bytes_per_weight`` counts for it. Part 3 runs
+``memtune validate`` on Llama-Guard-3-1B with FSDP2 on one GPU, with and without offload, and records measured tokens/s against
 ``memtune.planner.cost.step_cost``.
 """
 
@@ -58,7 +59,8 @@ def copy_rates() -> dict:
 
 
 def adamw_rates() -> dict:
-    from memtune.planner.cost import CPU_OPTIMIZER_GBS
+    from memtune.plan import Plan
+    from memtune.planner.cost import CPU_OPTIMIZER_GBS, cpu_step_bytes_per_weight
 
     rows = {}
     for dtype, pbytes in ((torch.bfloat16, 2), (torch.float32, 4)):
@@ -71,7 +73,7 @@ def adamw_rates() -> dict:
             opt.step()
             times.append(time.perf_counter() - t0)
         seconds = statistics.median(times[1:])
-        counted = ADAM_NUMEL * (4 * pbytes + 2 * 8)  # the bytes offload_s counts per trainable element
+        counted = ADAM_NUMEL * cpu_step_bytes_per_weight(Plan(precision="fp32" if pbytes == 4 else "bf16"))
         rows[str(dtype).removeprefix("torch.")] = {"step_s": seconds, "counted_gbs": counted / seconds / 1e9,
                                                     "assumed_gbs": CPU_OPTIMIZER_GBS}
         del opt, param
@@ -98,7 +100,7 @@ def offloaded_steps() -> list[dict]:
         measured = (record.get("ranks") or [{}])[0].get("tokens_per_s")
         rows.append({"options": options, "plan": record["plan"], "verdict": record.get("verdict"),
                      "measured_tokens_per_s": measured, "estimated_tokens_per_s": cost.tokens_per_s,
-                     "estimated_offload_s": offload_s(spec, plan), "estimated_step_s": cost.step_time_s,
+                     "estimated_offload_s": offload_s(spec, plan, gpu), "estimated_step_s": cost.step_time_s,
                      "measured_step_s": plan.batch_size * plan.seq_len * plan.grad_accum / measured
                      if measured else None})
         print(json.dumps(rows[-1]), flush=True)
@@ -109,7 +111,7 @@ def compare(rows_path: Path) -> list[dict]:
     import dataclasses
 
     from memtune.plan import Plan
-    from memtune.planner.cost import CPU_OPTIMIZER_GBS, step_cost
+    from memtune.planner.cost import CPU_OPTIMIZER_GBS, offload_copies_s, offload_cpu_bytes, step_cost
     from memtune.specs import resolve_gpu, resolve_model
 
     gpu = resolve_gpu("H200-141GB")
@@ -120,8 +122,7 @@ def compare(rows_path: Path) -> list[dict]:
             continue
         spec, plan = resolve_model(r["model"]), Plan.from_dict(r["plan"])
         on_gpu = step_cost(spec, dataclasses.replace(plan, offload=False), gpu).step_time_s
-        copies = (2 * plan.grad_accum + plan.grad_accum) * spec.num_params * 2 / (gpu.host_link_gbs * 1e9)
-        cpu_bytes = spec.num_params * (4 * 2 + 2 * 8)
+        copies, cpu_bytes = offload_copies_s(spec, plan, gpu), offload_cpu_bytes(spec, plan)
         estimated = step_cost(spec, plan, gpu).step_time_s
         rows.append({"model": r["model"], "plan": r["plan"], "measured_step_s": r["step_time_s"],
                      "estimated_step_s": estimated, "error": estimated / r["step_time_s"] - 1,

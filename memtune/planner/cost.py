@@ -96,17 +96,33 @@ def _all_gathers(plan: Plan) -> int:
     return (2 if plan.sharding != "fsdp-grad-op" else 1) * plan.grad_accum
 
 
-def offload_s(spec: ModelSpec, plan: Plan, gpu: GpuSpec) -> float:
-    """Seconds a step spends on CPU offload's copies and the CPU optimizer step (zero without offload)."""
+def offload_copies_s(spec: ModelSpec, plan: Plan, gpu: GpuSpec) -> float:
+    """Seconds CPU offload spends copying weight shards to the GPU (every all-gather) and gradient shards back (every
+    micro-batch) over the card's host link."""
     if not plan.offload:
         return 0.0
     shard = spec.num_params / plan.shard_degree
-    pbytes = _weight_bytes(plan)
-    gathers = _all_gathers(plan)
     trainable = shard if plan.peft == "none" else 0.0
-    copies = (gathers * shard * pbytes + plan.grad_accum * trainable * pbytes) / (gpu.host_link_gbs * 1e9)
-    step = trainable * (4 * pbytes + 2 * 8) / (CPU_OPTIMIZER_GBS * 1e9)
-    return copies + step
+    moved = (_all_gathers(plan) * shard + plan.grad_accum * trainable) * _weight_bytes(plan)
+    return moved / (gpu.host_link_gbs * 1e9)
+
+
+def cpu_step_bytes_per_weight(plan: Plan) -> int:
+    """Bytes a CPU optimizer step is counted as streaming per trained weight (``CPU_OPTIMIZER_GBS``'s unit): weight
+    and gradient at the optimizer's weight bytes, read and written, plus two fp32 states."""
+    return 4 * _weight_bytes(plan) + 2 * 8
+
+
+def offload_cpu_bytes(spec: ModelSpec, plan: Plan) -> float:
+    """Bytes the CPU optimizer step of an offloaded plan streams, counted as ``cpu_step_bytes_per_weight``."""
+    if not plan.offload or plan.peft != "none":
+        return 0.0
+    return spec.num_params / plan.shard_degree * cpu_step_bytes_per_weight(plan)
+
+
+def offload_s(spec: ModelSpec, plan: Plan, gpu: GpuSpec) -> float:
+    """Seconds a step spends on CPU offload's copies and the CPU optimizer step (zero without offload)."""
+    return offload_copies_s(spec, plan, gpu) + offload_cpu_bytes(spec, plan) / (CPU_OPTIMIZER_GBS * 1e9)
 
 
 OPTIMIZER_PASSES = {"sgd": (3, 0), "adamw": (18, 0), "adamw-fused": (7, 0), "adamw-8bit": (3, 4)}
