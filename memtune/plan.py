@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal, get_args, get_origin, get_type_hints
 
 from memtune.errors import InvalidPlanError
 
@@ -65,11 +66,8 @@ class Plan:
     chunks. Memory depends only on seq_len; the cost model uses the padding waste."""
 
     def __post_init__(self) -> None:
-        errors = []
-        for f in dataclasses.fields(self):
-            allowed = get_args(_LITERALS.get(f.type, object))
-            if allowed and getattr(self, f.name) not in allowed:
-                errors.append(f"{f.name.replace('_', '-')} must be one of {', '.join(allowed)}, not {getattr(self, f.name)!r}")
+        errors = [f"{name.replace('_', '-')} must be one of {', '.join(allowed)}, not {value!r}"
+                  for name, allowed, value in literal_mismatches(self)]
         for name in ("num_gpus", "nodes", "batch_size", "seq_len", "lora_rank", "grad_accum"):
             if getattr(self, name) < 1:
                 errors.append(f"{name.replace('_', '-')} must be at least 1")
@@ -159,5 +157,13 @@ class Plan:
         return cls(**d)
 
 
-_LITERALS = {"Precision": Precision, "Sharding": Sharding, "Checkpointing": Checkpointing, "Peft": Peft,
-             "Quantization": Quantization, "Optimizer": Optimizer, "Attention": Attention, "Batching": Batching}
+@functools.cache
+def _literal_fields(cls: type) -> tuple[tuple[str, tuple], ...]:
+    """The dataclass's fields annotated with a ``Literal``, and the values each allows."""
+    return tuple((name, get_args(hint)) for name, hint in get_type_hints(cls).items() if get_origin(hint) is Literal)
+
+
+def literal_mismatches(obj) -> list[tuple[str, tuple, object]]:
+    """``(field, allowed values, value)`` for each ``Literal``-typed field of dataclass ``obj`` holding another value."""
+    return [(name, allowed, getattr(obj, name)) for name, allowed in _literal_fields(type(obj))
+            if getattr(obj, name) not in allowed]

@@ -16,9 +16,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal
 
 from memtune.errors import ConfigError
+from memtune.plan import literal_mismatches
 
 Format = Literal["text", "instruction", "llama-guard"]
 Schedule = Literal["cosine", "linear", "constant"]
@@ -87,11 +88,8 @@ class RunConfig:
     (its ``[[fallback]]`` tables, in order). stop: end the run."""
 
     def __post_init__(self) -> None:
-        errors = []
-        for f in dataclasses.fields(self):
-            allowed = get_args(_LITERALS.get(f.type, object))
-            if allowed and getattr(self, f.name) not in allowed:
-                errors.append(f"run {f.name} must be one of {', '.join(allowed)}, not {getattr(self, f.name)!r}")
+        errors = [f"run {name} must be one of {', '.join(allowed)}, not {value!r}"
+                  for name, allowed, value in literal_mismatches(self)]
         if not self.dataset:
             errors.append("run dataset is empty: give a .jsonl, .json, .csv or .parquet file")
         if not 0.0 <= self.eval_split < 1.0:
@@ -155,7 +153,6 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
 
-_LITERALS = {"Format": Format, "Schedule": Schedule, "OnOom": OnOom}
 _TYPE_NAMES = {"int": "an integer", "int | None": "an integer", "float": "a number", "float | None": "a number",
                "bool": "true or false"}
 
