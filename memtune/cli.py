@@ -277,10 +277,11 @@ def plan(
     default path (no FSDP, so no checkpointing) is estimated alongside for comparison.
     """
     from memtune.planner import plan_candidates
+    from memtune.planner.export import EXPORTERS, expressible
     from memtune.specs import resolve_gpu, resolve_model
 
-    if export not in (None, "llama-cookbook", "hf", "torchrun"):
-        raise ConfigError(f"--export must be llama-cookbook, hf or torchrun, not {export!r}")
+    if export is not None and export not in EXPORTERS:
+        raise ConfigError(f"--export must be {', '.join(EXPORTERS)}, not {export!r}")
     gpu_spec = resolve_gpu(gpu)
     spec = resolve_model(model)
     data = lengths = None
@@ -313,8 +314,6 @@ def plan(
         if global_batch is not None:
             raise ConfigError("give --global-batch (sequences) or --global-tokens, not both")
         global_batch = max(1, round(global_tokens / seq_len))
-    from memtune.planner.export import expressible
-
     result = plan_candidates(spec, gpu_spec, num_gpus=num_gpus, nodes=nodes, batch_size=batch_size, seq_len=seq_len,
                              batching=batching, data=data, fixed=fixed, global_batch=global_batch, lengths=lengths,
                              network_gbs=network_gbs, runs_with=expressible(export) if export else None)
