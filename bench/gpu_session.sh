@@ -8,6 +8,10 @@
 #   bash bench/gpu_session.sh launch   # Llama-Guard-3-1B full FT and LoRA runs on ToxicChat: tokens/s, MFU, memory
 #   bash bench/gpu_session.sh offload | v100 | launch-packed   # CPU offload alone; the V100 case's plans with
 #                                      # more steps; the full fine-tune on packed 4,096-token sequences
+#   bash bench/gpu_session.sh v100-peak   # what is live at the peak of the V100 amp-fp16 checkpointed 4,096-token
+#                                      # step (a CUDA snapshot read by bench/peak_blocks.py)
+#   bash bench/gpu_session.sh x2       # on nvidia-h200-x2: the 2 x V100 regret case, then v100-peak, then the
+#                                      # CPU-offload GPU tests
 #
 # Results go to $OUT (or ./gpu-out). Wheels for what the machine lacks (bitsandbytes, datasets, dill, multiprocess)
 # are installed from .whl/ when it exists; the ToxicChat training prompts are read from .data/toxicchat-train.jsonl
@@ -57,6 +61,15 @@ case "${1:-}" in
                 | tr -d '\n' >> "$out/v100-validate.jsonl" || true
             echo >> "$out/v100-validate.jsonl"
         done ;;
+    v100-peak)
+        python3 -m memtune validate --model llama-guard-3-1b --emulate-gpu V100-32GB --precision amp-fp16 \
+            --checkpointing full --batch-size 1 --seq-len 4096 --optimizer adamw-8bit --no-expandable-segments \
+            --steps 2 --snapshot --out /tmp/v100-peak --json > "$out/v100-peak-validate.json" || true
+        python3 bench/peak_blocks.py /tmp/v100-peak/*.pickle > "$out/v100-peak.txt" 2>&1 || true ;;
+    x2)
+        python3 bench/regret.py "$out/regret-2gpu.json" --cases 3 2>&1 | tee "$out/regret-2gpu.log"
+        bash "$0" v100-peak
+        python3 -m pytest -q tests/gpu -k offload 2>&1 | tee "$out/offload-tests.log" ;;
     launch-packed)
         # full fine-tune on sequences packed to 4,096 tokens: the throughput of full batches
         python3 bench/launch_h200.py --out /tmp/launch-packed --data "$data" --modes full-bf16 --batching packing \
@@ -64,6 +77,6 @@ case "${1:-}" in
         cp /tmp/launch-packed/launch.json "$out/launch-packed.json"
         cp /tmp/launch-packed/full-bf16/metrics.jsonl "$out/full-bf16-packed-metrics.jsonl" ;;
     *)
-        echo "usage: bash bench/gpu_session.sh knobs|offload|regret|v100|launch|launch-packed" >&2
+        echo "usage: bash bench/gpu_session.sh knobs|offload|regret|v100|v100-peak|x2|launch|launch-packed" >&2
         exit 2 ;;
 esac
