@@ -81,6 +81,9 @@ class Plan:
             errors.append(f"{self.quantization} base weights are frozen: add --peft lora (QLoRA) or use --quantization none")
         if self.quantization != "none" and self.sharding != "none":
             errors.append(f"{self.quantization} quantized weights cannot be sharded with FSDP2 here: use --sharding none")
+        if self.optimizer == "adamw-8bit" and self.sharding != "none":
+            errors.append("8-bit AdamW (bitsandbytes) cannot step FSDP2's sharded parameters: use --sharding none "
+                          "or --optimizer adamw / adamw-fused")
         if self.offload and self.sharding == "none":
             errors.append("CPU offload is FSDP2's: use --sharding fsdp (one GPU works too)")
         if self.peft == "lora" and not self.lora_targets:

@@ -335,7 +335,9 @@ def trace_step(spec: ModelSpec, plan: Plan, num_layers: int, *, sdpa_backend: st
     ``sdpa_backend`` is the kernel CUDA would pick for this GPU and plan (``flash``, ``efficient`` or ``math``).
     The traced step follows a warm-up step that creates the optimizer states, as in a real run; ``quick_warmup``
     creates them from zero gradients instead (half the tracing time; the allocator's cache then takes a different
-    shape, so only the screening estimates use it).
+    shape, so only the screening estimates use it). With gradient accumulation the traced step is two micro-batches
+    (gradients held across the second's forward); under ``quick_warmup`` the warm-up's zero gradients are kept
+    and stand for the first micro-batch's, so one micro-batch is traced.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -354,19 +356,22 @@ def trace_step(spec: ModelSpec, plan: Plan, num_layers: int, *, sdpa_backend: st
                 batch = recipe.make_batch(spec, plan, "cpu")
                 mark = _phase_marker(tracker, model, optimizer)
                 _segment_hooks(tracker, model)
+                micro_batches = min(plan.grad_accum, 2)
                 if quick_warmup:
                     for p in model.parameters():
                         if p.requires_grad:
                             p.grad = torch.zeros_like(p)
                             tracker.track(p.grad, MemCategory.GRADIENTS)
                     optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    if micro_batches == 1:
+                        optimizer.zero_grad(set_to_none=True)
+                    else:
+                        micro_batches = 1  # the zero gradients stand for the previous micro-batch's
                 else:
-                    recipe.train_step(model, optimizer, batch, plan, on_phase=mark,
-                                      micro_batches=min(plan.grad_accum, 2))
+                    recipe.train_step(model, optimizer, batch, plan, on_phase=mark, micro_batches=micro_batches)
                 tracker.recording = True
                 # Two micro-batches show everything more would: gradients held across the next forward.
-                recipe.train_step(model, optimizer, batch, plan, on_phase=mark, micro_batches=min(plan.grad_accum, 2))
+                recipe.train_step(model, optimizer, batch, plan, on_phase=mark, micro_batches=micro_batches)
     return tracker.result(num_layers)
 
 

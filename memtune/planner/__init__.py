@@ -104,7 +104,7 @@ def candidate_plans(gpu: GpuSpec, *, num_gpus: int, nodes: int, batch_size: int,
     """The search space: full fine-tune, LoRA, and (one GPU: k-bit weights are not sharded) LoRA on 8-bit or 4-bit
     weights; no, selective or full activation checkpointing; each precision the GPU runs (bf16 or, without it,
     fp16 weights for LoRA and fp16 autocast over fp32 weights for a full fine-tune; fp32 autocast too); foreach,
-    fused or 8-bit AdamW; over several GPUs FSDP2 with and without resharding after the forward (HSDP across
+    fused or (unsharded: bitsandbytes cannot step FSDP2's sharded parameters) 8-bit AdamW; over several GPUs FSDP2 with and without resharding after the forward (HSDP across
     nodes); and for a full fine-tune FSDP2's CPU offload of the weights, gradients and AdamW states."""
     world = num_gpus * nodes
     shardings = ["none"] if world == 1 else (["hsdp", "fsdp"] if nodes > 1 else ["fsdp", "fsdp-grad-op"])
@@ -117,7 +117,8 @@ def candidate_plans(gpu: GpuSpec, *, num_gpus: int, nodes: int, batch_size: int,
               "batching": batching}
     plans = [Plan(**common, sharding=sharding, checkpointing=ac, optimizer=opt, **kind)
              for kind in kinds if kind is not None for sharding in shardings
-             for ac in ("none", "selective", "full") for opt in OPTIMIZERS]
+             for ac in ("none", "selective", "full") for opt in OPTIMIZERS
+             if not (opt == "adamw-8bit" and sharding != "none")]
     # A full fine-tune can also keep its weights, gradients and AdamW states on the host (FSDP2 CPU offload).
     plans += [Plan(**common, sharding="fsdp" if world == 1 else shardings[0], offload=True, checkpointing=ac,
                    **kind)

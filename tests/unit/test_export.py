@@ -39,15 +39,16 @@ def test_lora_and_hsdp_flags():
 
 def test_hf_trainer_config():
     cfg = hf_trainer_config("m", Plan(precision="amp-bf16", checkpointing="full", sharding="fsdp", num_gpus=4,
-                                      optimizer="adamw-8bit", batching="packing", seq_len=4096))
+                                      optimizer="adamw-fused", batching="packing", seq_len=4096))
     args = cfg["training_arguments"]
-    assert args["bf16"] and args["gradient_checkpointing"] and args["optim"] == "adamw_bnb_8bit"
+    assert args["bf16"] and args["gradient_checkpointing"] and args["optim"] == "adamw_torch_fused"
     assert args["fsdp"] == "full_shard auto_wrap" and cfg["sft_config"] == {"packing": True, "max_length": 4096}
     acc = cfg["accelerate_config"]
     assert acc["distributed_type"] == "FSDP" and acc["num_processes"] == 4 and acc["mixed_precision"] == "bf16"
     assert acc["fsdp_config"]["fsdp_version"] == 2 and acc["fsdp_config"]["fsdp_activation_checkpointing"]
     q = hf_trainer_config("m", Plan(peft="lora", quantization="4bit"))
     assert q["model"]["quantization_config"]["bnb_4bit_quant_type"] == "nf4" and "lora_config" in q
+    assert hf_trainer_config("m", Plan(optimizer="adamw-8bit"))["training_arguments"]["optim"] == "adamw_bnb_8bit"
 
 
 def test_expandable_segments_travel_as_the_allocator_environment():

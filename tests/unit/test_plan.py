@@ -50,3 +50,16 @@ def test_dict_round_trip_and_unknown_keys():
     assert Plan.from_dict(plan.to_dict()) == plan
     with pytest.raises(InvalidPlanError, match="unknown plan field"):
         Plan.from_dict({"seq_length": 512})
+
+
+def test_eight_bit_adamw_does_not_run_on_sharded_parameters():
+    """bitsandbytes' 8-bit AdamW fails on FSDP2's DTensor parameters (measured on 2 GPUs): such a plan is bad input
+    and the planner does not search it."""
+    with pytest.raises(InvalidPlanError, match="8-bit AdamW"):
+        Plan(optimizer="adamw-8bit", sharding="fsdp", num_gpus=2)
+    from memtune.planner import candidate_plans
+
+    plans = candidate_plans(resolve_gpu("A100-80GB"), num_gpus=2, nodes=1, batch_size=1, seq_len=1024)
+    assert plans and not any(p.optimizer == "adamw-8bit" for p in plans)
+    one = candidate_plans(resolve_gpu("A100-80GB"), num_gpus=1, nodes=1, batch_size=1, seq_len=1024)
+    assert any(p.optimizer == "adamw-8bit" for p in one)

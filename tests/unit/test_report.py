@@ -340,7 +340,8 @@ def test_validate_command_reproduces_every_knob():
                    "full --peft lora --quantization 4bit --optimizer adamw-8bit --grad-accum 2 --lora-rank 16 "
                    "--lora-targets q_proj,k_proj --batch-size 4 --seq-len 4096 --steps 3")
     sharded = html.validate_command("m", "L4-24GB", {**plan, "quantization": "none", "sharding": "fsdp",
-                                                     "offload": True, "expandable_segments": True})
+                                                     "optimizer": "adamw", "offload": True,
+                                                     "expandable_segments": True})
     assert "--sharding fsdp" in sharded and "--offload --expandable-segments" in sharded
     text = html.plan_file_text("my model", "V100-32GB", plan)
     import tomllib
