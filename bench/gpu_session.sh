@@ -10,7 +10,8 @@
 #                                      # more steps; the full fine-tune on packed 4,096-token sequences
 #   bash bench/gpu_session.sh v100-peak   # what is live at the peak of the V100 amp-fp16 checkpointed 4,096-token
 #                                      # step (a CUDA snapshot read by bench/peak_blocks.py)
-#   bash bench/gpu_session.sh x2       # on nvidia-h200-x2: the 2 x V100 regret case, then v100-peak, then the
+#   bash bench/gpu_session.sh x2       # on nvidia-h200-x2: the 2 x V100 regret case, then op by op the V100
+#                                      # attention step on CUDA against the trace (bench/op_memory.py), then the
 #                                      # CPU-offload GPU tests
 #
 # Results go to $OUT (or ./gpu-out). Wheels for what the machine lacks (bitsandbytes, datasets, dill, multiprocess)
@@ -68,7 +69,7 @@ case "${1:-}" in
         python3 bench/peak_blocks.py /tmp/v100-peak/*.pickle > "$out/v100-peak.txt" 2>&1 || true ;;
     x2)
         python3 bench/regret.py "$out/regret-2gpu.json" --cases 3 2>&1 | tee "$out/regret-2gpu.log"
-        bash "$0" v100-peak
+        python3 bench/op_memory.py "$out/op-memory.json" 2>&1 | tail -c 30000 > "$out/op-memory.log"
         python3 -m pytest -q tests/gpu -k offload 2>&1 | tee "$out/offload-tests.log" ;;
     launch-packed)
         # full fine-tune on sequences packed to 4,096 tokens: the throughput of full batches
