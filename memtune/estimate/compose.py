@@ -3,8 +3,8 @@
 By default the step is traced at the model's full depth: every allocation of the real step is replayed through
 the caching-allocator model, which gives both the allocated peak and the reserved bytes.
 
-``fast=True`` traces two reduced depths a < b instead (for screening many plans), and for micro-batches above 2
-traces batches 1 and 2 and extrapolates (landmarks are linear in the micro-batch at a fixed sequence length).
+``fast=True`` traces two reduced depths a < b instead (for screening many plans), each after a quick warm-up (the
+optimizer states made from zero gradients, which stand for an earlier micro-batch's under gradient accumulation).
 Every landmark of a step (the peak inside the embeddings, the first and last decoder layer, and the head, in each phase) holds a fixed part plus
 a part per decoder layer, so its bytes are linear in the depth L:
 ``m(L) = m(a) + (L - a) * (m(b) - m(a)) / (b - a)``. The peak of a phase is the largest of its landmarks at the
@@ -95,15 +95,8 @@ def estimate(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, margin: float = DEFAU
     depths = sorted(set(trace_depths(spec) if fast else (spec.num_layers,)))
     # CPU offload: the same step with the sharded state on the host - traced on the device, then taken off it.
     traced = dataclasses.replace(plan, offload=False) if plan.offload else plan
-    if fast and plan.batch_size > 2:
-        one, two = (dataclasses.replace(traced, batch_size=b) for b in (1, 2))
-        traces = [cached_trace(spec, two, d, backend) for d in depths]
-        singles = [cached_trace(spec, one, d, backend) for d in depths]
-        phases, reserved = _compose_batches(singles, traces, spec.num_layers, plan.batch_size,
-                                            offload=traces[-1] if plan.offload else None)
-    else:
-        traces = [cached_trace(spec, traced, d, backend) for d in depths]
-        phases, reserved = _compose(traces, spec.num_layers, offload=traces[-1] if plan.offload else None)
+    traces = [cached_trace(spec, traced, d, backend) for d in depths]
+    phases, reserved = _compose(traces, spec.num_layers, offload=traces[-1] if plan.offload else None)
     factors = calibration_factors(spec, gpu) if calibrated else None
     scale_alloc, scale_res = factors[:2] if factors else (1.0, 1.0)
     if factors:
@@ -240,15 +233,6 @@ def _compose(traces: list[TraceResult], depth: int, *,
     if traces[0].num_layers == traces[-1].num_layers:
         return _finish(_landmarks(traces, depth), lambda allocated: max(allocated, traces[-1].peak_reserved), offload)
     return _finish(_landmarks(traces, depth), lambda allocated: allocated + max(0, _cache(traces[-1])), offload)
-
-
-def _compose_batches(one: list[TraceResult], two: list[TraceResult], depth: int, batch_size: int, *,
-                     offload: TraceResult | None = None) -> tuple[dict[Phase, dict[MemCategory, int]], int]:
-    """Landmarks are linear in the micro-batch at a fixed sequence length too: extrapolate from batches 1 and 2."""
-    l1, l2 = _landmarks(one, depth), _landmarks(two, depth)
-    scaled = {k: {c: max(0, l1[k][c] + (batch_size - 1) * (l2[k][c] - l1[k][c])) for c in l1[k]}
-              for k in l1.keys() & l2.keys()}
-    return _finish(scaled, lambda allocated: allocated + max(0, _cache(two[-1])), offload)
 
 
 # --- trace cache ----------------------------------------------------------------------------------------------
