@@ -7,7 +7,7 @@ peak during the op above what is live after it).
 
 Both sides run ``memtune.train.recipe`` on a model of ``--layers`` decoder layers; the CUDA side logs, after every
 aten op (backward ops included), the bytes allocated and the highest point inside the op; the trace side logs the
-caching-allocator model's allocated bytes after every op.
+caching-allocator model's allocated bytes after every op and inside it (with the CUDA workspaces it books).
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ class CudaOpLog(TorchDispatchMode):
 
 
 class TraceOpLog(trace._Tracker):
-    """memtune's tracker that also logs (name, allocated bytes after the op)."""
+    """memtune's tracker that also logs (name, allocated bytes after the op, highest point inside it: the outputs
+    plus the CUDA kernel's workspace the trace books)."""
 
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
@@ -53,7 +54,8 @@ class TraceOpLog(trace._Tracker):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = super().__torch_dispatch__(func, types, args, kwargs)
-        self.rows.append((str(func), self.allocator.allocated, self.allocator.allocated))
+        after = self.allocator.allocated
+        self.rows.append((str(func), after, after + trace.cuda_workspace_bytes(func, args)))
         return out
 
 
@@ -146,7 +148,7 @@ def main() -> None:
         i += 1
         j += 1
     peak_real = max((r[2] for r in real), default=0) - base_real
-    peak_fake = max(f[1] for f in fake) - base_fake
+    peak_fake = max(f[2] for f in fake) - base_fake
     lines.insert(1, f"peak above the start: CUDA {peak_real / gib:.3f} GiB, trace {peak_fake / gib:.3f} GiB")
     text = "\n".join(lines)
     print(text)

@@ -82,7 +82,10 @@ def main() -> None:
             ranks = record.get("ranks") or [{}]
             measured.append({"label": c["label"], "plan": p, "estimated_tokens_per_s": c["cost"]["tokens_per_s"],
                              "measured_tokens_per_s": None if record.get("oom") else ranks[0].get("tokens_per_s"),
-                             "verdict": record.get("verdict", record.get("error")), "wall_s": round(time.time() - t0, 1)})
+                             "verdict": record.get("verdict", record.get("error")),
+                             "wall_s": round(time.time() - t0, 1),
+                             **{k: record.get(k) for k in ("estimated_peak_allocated_bytes",
+                                                           "measured_peak_allocated_bytes")}})
             print(measured[-1]["label"], measured[-1]["measured_tokens_per_s"], measured[-1]["verdict"], flush=True)
         results.append(_case_result(label, plan, measured))
         print(label, "chosen/best measured throughput:", results[-1]["chosen_over_best_measured"], flush=True)

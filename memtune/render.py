@@ -66,8 +66,6 @@ def render_breakdown(console: Console, spec, b: MemoryBreakdown) -> None:
 def render_plan(console: Console, spec, gpu, result, *, top: int = 12) -> None:
     """The cheapest candidates (the chosen one marked), a count of the rest, and why the usual ways to run the
     job do not fit."""
-    from memtune.planner import rank
-
     estimated = [c for c in result.candidates if c.breakdown]
     usable = (f" ({gib(estimated[0].breakdown.usable_bytes):.1f} GiB usable)"
               if estimated else "")
@@ -76,7 +74,7 @@ def render_plan(console: Console, spec, gpu, result, *, top: int = 12) -> None:
                       ("headroom", "right"), ("tokens/s", "right"), ("verdict", "left"), ("by", "left")):
         table.add_column(col, justify=just, no_wrap=col != "candidate")
     styles = {"fits": "green", "borderline": "yellow", "does not fit": "red"}
-    ranked = sorted((c for c in estimated if c.cost), key=rank)
+    ranked = [c for c in result.ranked() if c.breakdown]
     fitting = [c for c in ranked if c.fits]
     shown = fitting[:top] if fitting else sorted(ranked, key=lambda c: c.breakdown.required_bytes)[:top]
     table.title = (f"{escape(spec.name)} on {gpu.name}{usable}: "

@@ -3,17 +3,18 @@
 The model is built from its config with a reduced number of decoder layers, materialized under
 ``FakeTensorMode`` on the CPU (no weights, no GPU), and run for two steps of ``memtune.train.recipe.train_step``
 (the first creates the optimizer states). A ``TorchDispatchMode`` sees every tensor an op creates; a weak
-reference to its storage tells when it is freed. Sizes are replayed through a model of the CUDA caching allocator (``memtune.estimate.allocator``), which also
-gives the reserved bytes. FSDP2 plans run with the ``fake`` process group of the plan's world size; FSDP2 allocates and frees
-unsharded parameters by resizing storages, which the tracer follows by wrapping ``alloc_storage``/``free_storage``.
+reference to its storage tells when it is freed. Sizes are replayed through a model of the CUDA caching allocator
+(``memtune.estimate.allocator``), which also gives the reserved bytes. FSDP2 plans run with the ``fake`` process
+group of the plan's world size; FSDP2 allocates and frees unsharded parameters by resizing storages, which the
+tracer follows by wrapping ``alloc_storage``/``free_storage``.
 
 At the end each storage gets a category (``MemCategory``) and the peak of each phase of the second step is split
 into categories.
 
 Known limitations: the trace runs CPU kernels, so device-specific choices are modelled explicitly (the foreach
-AdamW that CUDA picks by default; autocast follows the CPU policy, which casts matmuls like the CUDA one);
-temporaries created inside DTensor's own dispatch are not seen; bitsandbytes is replaced by the memory-equivalent
-stand-ins of ``memtune.train.quant``.
+AdamW that CUDA picks by default; autocast follows the CPU policy, which casts matmuls like the CUDA one; the
+workspaces CUDA kernels allocate inside an op, ``cuda_workspace_bytes``); temporaries created inside DTensor's own
+dispatch are not seen; bitsandbytes is replaced by the memory-equivalent stand-ins of ``memtune.train.quant``.
 """
 
 from __future__ import annotations
@@ -174,11 +175,23 @@ class _Tracker(TorchDispatchMode):
         if phase != "end":
             self._add()
 
+    def transient(self, nbytes: int) -> None:
+        """A workspace allocated and freed inside one op, after its outputs (see ``cuda_workspace_bytes``)."""
+        uid = next(self._uids)
+        key = -1 - uid  # no storage's id is negative
+        self.live[key] = _Storage(block=self._malloc(nbytes, uid), uid=uid, phase=self.phase,
+                                  category=MemCategory.TEMPORARIES)
+        self._add()
+        self._free(key)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         category = MemCategory.FSDP_BUFFERS if func.namespace in ("fsdp", "c10d", "_c10d_functional") else None
         for t in tree_flatten(out)[0]:
             self.track(t, category)
+        workspace = cuda_workspace_bytes(func, args)
+        if workspace:
+            self.transient(workspace)
         return out
 
     # --- result ------------------------------------------------------------------------------------------
@@ -197,6 +210,24 @@ class _Tracker(TorchDispatchMode):
                                   and (r.category in host or r.phase == Phase.OPTIMIZER_STEP))
         return TraceResult(num_layers=num_layers, peak_reserved=self.allocator.peak_reserved, landmarks=landmarks,
                            events=tuple(self.events), host_resident=host_resident, gradients=gradients)
+
+
+def cuda_workspace_bytes(func, args) -> int:
+    """Bytes the CUDA kernel of ``func`` allocates and frees inside the op beyond its outputs, where the CPU kernel
+    the trace runs does not (measured op by op on an H200 by ``bench/op_memory.py``:
+    ``bench/results/op_memory/v100-amp-fp16-ac-4096.txt``, math SDPA in amp-fp16 at 4,096 tokens, 2 and 0.5 GiB):
+
+    * ``_softmax_backward_data``: ``tmp = grad * output`` before the reduction (``softmax_backward_cuda_out`` in
+      ``aten/src/ATen/native/cuda/SoftMax.cu``), the size of the gradient in the promoted dtype. Eager attention
+      and math SDPA both differentiate their softmax with it; flash and memory-efficient SDPA do not.
+    * ``_safe_softmax`` (math SDPA's softmax): the mask of fully masked rows, one byte per element.
+    """
+    if func is torch.ops.aten._softmax_backward_data.default:
+        grad, output = args[0], args[1]
+        return grad.numel() * torch.promote_types(grad.dtype, output.dtype).itemsize
+    if func is torch.ops.aten._safe_softmax.default:
+        return args[0].numel()
+    return 0
 
 
 def _segment_hooks(tracker: _Tracker, model) -> None:

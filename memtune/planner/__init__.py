@@ -45,6 +45,13 @@ class PlanResult:
     model: str | None = None
     gpu: str | None = None
 
+    def ranked(self) -> list[Candidate]:
+        """The costed candidates in the planner's order of preference (``rank``), the chosen plan first: a plan
+        tied with it at three significant digits may show more headroom by the screen than the chosen one keeps
+        by its trace, but only the chosen one was confirmed."""
+        return sorted((c for c in self.candidates if c.cost is not None),
+                      key=lambda c: (c is not self.chosen, rank(c)))
+
     def fallbacks(self, limit: int = 3) -> tuple[Plan, ...]:
         """Plans to switch to when the chosen one runs out of memory after all: the cheapest others that fit and
         need less memory than it, in order of cost."""
@@ -67,8 +74,7 @@ class PlanResult:
                                    else None),
                     "cost": c.cost.to_json() if c.cost else None}
 
-        order = sorted((c for c in self.candidates if c.cost is not None), key=rank)
-        position = {id(c): i for i, c in enumerate(order)}
+        position = {id(c): i for i, c in enumerate(self.ranked())}
         closest = None
         if self.chosen is None:
             ran = [c for c in self.candidates if c.breakdown is not None]
@@ -103,9 +109,10 @@ def candidate_plans(gpu: GpuSpec, *, num_gpus: int, nodes: int, batch_size: int,
                     batching: str = "padding") -> list[Plan]:
     """The search space: full fine-tune, LoRA, and (one GPU: k-bit weights are not sharded) LoRA on 8-bit or 4-bit
     weights; no, selective or full activation checkpointing; each precision the GPU runs (bf16 or, without it,
-    fp16 weights for LoRA and fp16 autocast over fp32 weights for a full fine-tune; fp32 autocast too); foreach,
-    fused or (unsharded: bitsandbytes cannot step FSDP2's sharded parameters) 8-bit AdamW; over several GPUs FSDP2 with and without resharding after the forward (HSDP across
-    nodes); and for a full fine-tune FSDP2's CPU offload of the weights, gradients and AdamW states."""
+    fp16 weights for LoRA and fp16 autocast over fp32 weights for a full fine-tune; fp32 autocast too); foreach or
+    fused AdamW, and without FSDP2 8-bit AdamW (bitsandbytes cannot step sharded parameters); over several GPUs
+    FSDP2 with and without resharding after the forward (HSDP across nodes); and for a full fine-tune FSDP2's CPU
+    offload of the weights, gradients and AdamW states."""
     world = num_gpus * nodes
     shardings = ["none"] if world == 1 else (["hsdp", "fsdp"] if nodes > 1 else ["fsdp", "fsdp-grad-op"])
     half = "bf16" if gpu.bf16 else "fp16"

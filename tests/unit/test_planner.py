@@ -23,7 +23,7 @@ def test_only_candidates_the_screen_puts_within_reach_are_traced():
     from memtune.specs import resolve_model
 
     spec, gpu = resolve_model("llama-guard-3-1b"), resolve_gpu("T4-16GB")
-    result = plan_candidates(spec, gpu, seq_len=4096, fixed={"peft": "none"})
+    result = plan_candidates(spec, gpu, seq_len=2048, fixed={"peft": "none"})
     traced = [c for c in result.candidates if c.breakdown is not None and c.breakdown.method == "trace"]
     screened = [c for c in result.candidates if c.breakdown is not None and c.breakdown.method == "screen"]
     assert traced and screened and result.chosen in traced
