@@ -10,6 +10,7 @@
 #                                      # more steps; the full fine-tune on packed 4,096-token sequences
 #   bash bench/gpu_session.sh v100-peak   # what is live at the peak of the V100 amp-fp16 checkpointed 4,096-token
 #                                      # step (a CUDA snapshot read by bench/peak_blocks.py)
+#   bash bench/gpu_session.sh v100-check   # the v100 part, then op by op eager attention in bf16 at 2,048 tokens
 #   bash bench/gpu_session.sh x2       # on nvidia-h200-x2: the 2 x V100 regret case, then op by op the V100
 #                                      # attention step on CUDA against the trace (bench/op_memory.py), then the
 #                                      # CPU-offload GPU tests
@@ -67,6 +68,10 @@ case "${1:-}" in
             --checkpointing full --batch-size 1 --seq-len 4096 --optimizer adamw-8bit --no-expandable-segments \
             --steps 2 --snapshot --out /tmp/v100-peak --json > "$out/v100-peak-validate.json" || true
         python3 bench/peak_blocks.py /tmp/v100-peak/*.pickle > "$out/v100-peak.txt" 2>&1 || true ;;
+    v100-check)
+        bash "$0" v100
+        python3 bench/op_memory.py "$out/op-memory-eager.json" --precision bf16 --checkpointing none --seq-len 2048 \
+            --attention eager > "$out/op-memory-eager.log" 2>&1 || true ;;
     x2)
         python3 bench/regret.py "$out/regret-2gpu.json" --cases 3 2>&1 | tee "$out/regret-2gpu.log"
         python3 bench/op_memory.py "$out/op-memory.json" 2>&1 | tail -c 30000 > "$out/op-memory.log"
@@ -78,6 +83,6 @@ case "${1:-}" in
         cp /tmp/launch-packed/launch.json "$out/launch-packed.json"
         cp /tmp/launch-packed/full-bf16/metrics.jsonl "$out/full-bf16-packed-metrics.jsonl" ;;
     *)
-        echo "usage: bash bench/gpu_session.sh knobs|offload|regret|v100|v100-peak|x2|launch|launch-packed" >&2
+        echo "usage: bash bench/gpu_session.sh knobs|offload|regret|v100|v100-peak|v100-check|x2|launch|launch-packed" >&2
         exit 2 ;;
 esac
