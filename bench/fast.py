@@ -1,4 +1,4 @@
-"""How far the fast estimate (two reduced depths, micro-batches 1 and 2, extrapolated) is from the full-depth
+"""How far the fast estimate (two reduced depths after a quick warm-up, extrapolated) is from the full-depth
 trace: the planner ranks with the fast one and confirms at full depth wherever the difference could change the
 verdict (``memtune.planner.FAST_RESERVED_ERROR``).
 
