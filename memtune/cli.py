@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -18,8 +20,18 @@ from memtune.errors import ConfigError, MemtuneError, UnknownGpuError
 app = typer.Typer(rich_markup_mode="rich", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]},
                   help="Will this LLM fine-tune fit in GPU memory, and what is the cheapest way to run it?")
-console = Console()
-err_console = Console(stderr=True)
+PIPED_WIDTH = 160
+"""Columns for tables written to a pipe or a log (Rich's default there is 80, which wraps the plan table's rows)."""
+
+
+def _console(stderr: bool = False) -> Console:
+    stream = sys.stderr if stderr else sys.stdout
+    piped = not stream.isatty() and "COLUMNS" not in os.environ
+    return Console(stderr=stderr, width=PIPED_WIDTH if piped else None)
+
+
+console = _console()
+err_console = _console(stderr=True)
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Profile name (see `memtune models`), a config.json "
                                                                "path, a model folder or a cached Hub id.")]

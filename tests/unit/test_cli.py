@@ -251,3 +251,14 @@ def test_plan_fixes_offload_lora_targets_and_rejects_unknown_targets():
     assert lora["chosen"]["lora_targets"] == ["q_proj", "k_proj", "v_proj"]
     bad = run("plan", "--model", str(TINY), "--gpu", "T4-16GB", "--lora-targets", "q_proj,foo")
     assert bad.exit_code == 2 and "lora-targets foo not in" in bad.stderr
+
+
+def test_plan_table_is_not_wrapped_to_80_columns_in_a_pipe():
+    """Written to a pipe or a log, the plan table keeps each candidate on one line."""
+    import os
+
+    if "COLUMNS" in os.environ:
+        pytest.skip("COLUMNS sets the width")
+    r = run("plan", "--model", str(TINY), "--gpu", "T4-16GB", "--seq-len", "128")
+    assert r.exit_code == 0, r.output
+    assert any("LoRA + selective checkpointing" in line for line in r.stdout.splitlines())
