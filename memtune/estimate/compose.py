@@ -5,8 +5,8 @@ the caching-allocator model, which gives both the allocated peak and the reserve
 
 ``fast=True`` traces two reduced depths a < b instead (for screening many plans), each after a quick warm-up (the
 optimizer states made from zero gradients, which stand for an earlier micro-batch's under gradient accumulation).
-Every landmark of a step (the peak inside the embeddings, the first and last decoder layer, and the head, in each phase) holds a fixed part plus
-a part per decoder layer, so its bytes are linear in the depth L:
+Every landmark of a step (the peak inside the embeddings, the first and last decoder layer, and the head, in each
+phase) holds a fixed part plus a part per decoder layer, so its bytes are linear in the depth L:
 ``m(L) = m(a) + (L - a) * (m(b) - m(a)) / (b - a)``. The peak of a phase is the largest of its landmarks at the
 model's depth (the layers in between lie on the line between the first and the last). Fragmentation does not
 follow a line, so the fast path takes the allocator cache of depth b as it is.

@@ -401,7 +401,8 @@ def trace_step(spec: ModelSpec, plan: Plan, num_layers: int, *, sdpa_backend: st
                 else:
                     recipe.train_step(model, optimizer, batch, plan, on_phase=mark, micro_batches=micro_batches)
                 tracker.recording = True
-                # Two micro-batches show everything more would: gradients held across the next forward.
+                # Two micro-batches (or one over kept gradients) show everything more would: gradients held
+                # across the next forward.
                 recipe.train_step(model, optimizer, batch, plan, on_phase=mark, micro_batches=micro_batches)
     return tracker.result(num_layers)
 
