@@ -11,6 +11,8 @@
 #   bash bench/gpu_session.sh v100-peak   # what is live at the peak of the V100 amp-fp16 checkpointed 4,096-token
 #                                      # step (a CUDA snapshot read by bench/peak_blocks.py)
 #   bash bench/gpu_session.sh v100-check   # the v100 part, then op by op eager attention in bf16 at 2,048 tokens
+#   bash bench/gpu_session.sh math-check   # plans whose attention runs a softmax (math SDPA or eager): QLoRA on a
+#                                      # grouped-query model, fp32, LoRA under a T4 cap, eager attention
 #   bash bench/gpu_session.sh x2       # on nvidia-h200-x2: the 2 x V100 regret case, then op by op the V100
 #                                      # attention step on CUDA against the trace (bench/op_memory.py), then the
 #                                      # CPU-offload GPU tests
@@ -72,6 +74,15 @@ case "${1:-}" in
         bash "$0" v100
         python3 bench/op_memory.py "$out/op-memory-eager.json" --precision bf16 --checkpointing none --seq-len 2048 \
             --attention eager > "$out/op-memory-eager.log" 2>&1 || true ;;
+    math-check)
+        for extra in "--model llama-3.2-3b --peft lora --quantization 4bit --checkpointing full" \
+                     "--model llama-guard-3-1b --emulate-gpu T4-16GB --peft lora --precision fp16 --checkpointing full" \
+                     "--model qwen2.5-0.5b --precision fp32" \
+                     "--model llama-guard-3-1b --attention eager --checkpointing full"; do
+            python3 -m memtune validate $extra --seq-len 4096 --batch-size 1 --steps 3 --json \
+                | tr -d '\n' >> "$out/math-check.jsonl" || true
+            echo >> "$out/math-check.jsonl"
+        done ;;
     x2)
         python3 bench/regret.py "$out/regret-2gpu.json" --cases 3 2>&1 | tee "$out/regret-2gpu.log"
         python3 bench/op_memory.py "$out/op-memory.json" 2>&1 | tail -c 30000 > "$out/op-memory.log"
@@ -83,6 +94,6 @@ case "${1:-}" in
         cp /tmp/launch-packed/launch.json "$out/launch-packed.json"
         cp /tmp/launch-packed/full-bf16/metrics.jsonl "$out/full-bf16-packed-metrics.jsonl" ;;
     *)
-        echo "usage: bash bench/gpu_session.sh knobs|offload|regret|v100|v100-peak|v100-check|x2|launch|launch-packed" >&2
+        echo "usage: bash bench/gpu_session.sh knobs|offload|regret|v100|v100-peak|v100-check|math-check|x2|launch|launch-packed" >&2
         exit 2 ;;
 esac
