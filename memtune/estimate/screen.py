@@ -21,6 +21,7 @@ i intermediate, V vocabulary, p the compute dtype's bytes, P the parameter count
   product where down_proj trains). k-bit layers run attention in fp32 (peft upcasts the norms) and keep a
   dequantized copy of their input's dtype. Full checkpointing keeps one layer input per layer plus one layer's
   activations during its recompute; selective keeps the matmul and attention outputs.
+* Math SDPA and eager attention: CUDA's softmax backward adds a temporary as large as one layer's fp32 scores.
 * Logits and loss: ``t V (p + 4 + 4)`` at the start of the backward (logits, fp32 upcast, log-softmax) plus the
   fp32 gradient of the log-softmax.
 * FSDP2: two layers' unsharded parameters (the current one and the prefetched next) and the root (embeddings,
@@ -150,7 +151,8 @@ def screen(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, margin: float = 0.02) -
 
     tokens = plan.batch_size * plan.seq_len
     static = static_bytes(spec, plan)
-    layer = layer_activation_bytes(spec, plan, tokens, sdpa_backend(spec, plan, gpu))
+    backend = sdpa_backend(spec, plan, gpu)
+    layer = layer_activation_bytes(spec, plan, tokens, backend)
     acts = spec.num_layers * layer if plan.checkpointing == "none" else _checkpoint_bytes(spec, plan, tokens, layer)
     wide = 4 if plan.precision == "fp32" or plan.quantization != "none" else 2
     h, V = spec.hidden_size, spec.vocab_size
@@ -171,9 +173,12 @@ def screen(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, margin: float = 0.02) -
         fsdp += (spec.num_layers - 2) * layer_params(spec) * pb
     workspace = cublas_workspace_bytes(gpu.compute_capability)
     grads_in_backward = static[C.GRADIENTS] if plan.grad_accum > 1 else 0.0
+    # A softmax over the scores (math SDPA, eager attention) is differentiated on CUDA through a temporary as
+    # large as the fp32 scores (``memtune.estimate.trace.cuda_workspace_bytes``), one layer at a time.
+    softmax_workspace = 4 * spec.num_attention_heads * plan.seq_len * tokens if backend in ("math", "eager") else 0
     backward = {C.PARAMETERS: static[C.PARAMETERS], C.GRADIENTS: grads_in_backward,
                 C.OPTIMIZER_STATES: static[C.OPTIMIZER_STATES], C.ACTIVATIONS: acts, C.LOGITS: logits,
-                C.FSDP_BUFFERS: fsdp, C.WORKSPACE: workspace}
+                C.TEMPORARIES: softmax_workspace, C.FSDP_BUFFERS: fsdp, C.WORKSPACE: workspace}
     temporaries = static[C.OPTIMIZER_STATES] / 2 if plan.optimizer == "adamw" and not plan.offload else 0.0
     step = {C.PARAMETERS: static[C.PARAMETERS], C.GRADIENTS: static[C.GRADIENTS],
             C.OPTIMIZER_STATES: static[C.OPTIMIZER_STATES], C.TEMPORARIES: temporaries,
@@ -181,7 +186,8 @@ def screen(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, margin: float = 0.02) -
     forward = {**backward, C.LOGITS: logits * 0.75}
     if plan.checkpointing != "none":
         # Later in the backward the logits are gone, the gradients grow, and one layer is recomputed at a time.
-        recompute = {**backward, C.LOGITS: 0.0, C.GRADIENTS: static[C.GRADIENTS], C.TEMPORARIES: 2 * layer}
+        recompute = {**backward, C.LOGITS: 0.0, C.GRADIENTS: static[C.GRADIENTS],
+                     C.TEMPORARIES: 2 * layer + softmax_workspace}
         if sum(recompute.values()) > sum(backward.values()):
             backward = recompute
     phases = {ph: {c: int(v) for c, v in cats.items()} for ph, cats in

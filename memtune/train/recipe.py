@@ -95,7 +95,7 @@ def use_plan_allocator(plan: Plan, device: torch.device) -> None:
     """The plan's caching-allocator setting in this process (processes torchrun starts get it from
     ``Plan.allocator_env``); it takes effect for the segments allocated from here on."""
     if device.type == "cuda":
-        torch.cuda.memory._set_allocator_settings(f"expandable_segments:{plan.expandable_segments}")
+        torch._C._accelerator_setAllocatorSettings(f"expandable_segments:{plan.expandable_segments}")
 
 
 def _saved_ops() -> set:
