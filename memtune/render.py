@@ -87,7 +87,8 @@ def render_plan(console: Console, spec, gpu, result, *, top: int = 12) -> None:
         table.add_row(mark + escape(c.label), f"{c.plan.batch_size} x {c.plan.grad_accum}",
                       f"{gib(c.breakdown.required_bytes):.2f}", f"{gib(c.breakdown.headroom_bytes):+.2f}",
                       f"{c.cost.tokens_per_s:,.0f}",
-                      f"[{styles.get(verdict, 'red')}]{verdict}[/]", {"trace": "traced", "screen": "screened"}[c.breakdown.method])
+                      f"[{styles.get(verdict, 'red')}]{verdict}[/]",
+                      {"trace": "traced", "screen": "screened"}[c.breakdown.method])
     console.print(table)
     traced = sum(c.breakdown.method == "trace" for c in estimated)
     invalid = len(result.candidates) - len(estimated)
@@ -101,7 +102,7 @@ def render_plan(console: Console, spec, gpu, result, *, top: int = 12) -> None:
             kinds.add(kind)
             misses.append(c)
     for c in misses[:6]:
-        console.print(f"  {escape(c.label)}: {escape(c.reason)}", highlight=False)
+        console.print(f"  {escape(c.label)}: {escape(c.reason)}{_screened(c)}", highlight=False)
     for c in result.candidates:
         if c.breakdown is None:
             console.print(f"  {escape(c.label)}: cannot run: {escape(c.reason)}", highlight=False)
@@ -112,13 +113,18 @@ def render_plan(console: Console, spec, gpu, result, *, top: int = 12) -> None:
                       f"max {d['max']}{eff}")
     ref = result.reference
     if ref is not None:
-        console.print(f"{escape(ref.label)}: {escape(_plan_summary(ref.plan))} -> {escape(ref.reason)}")
+        console.print(f"{escape(ref.label)}: {escape(_plan_summary(ref.plan))} -> {escape(ref.reason)}{_screened(ref)}")
     if result.chosen is None:
         console.print("[bold red]no candidate fits[/]: try a shorter --seq-len, a smaller --batch-size or more GPUs")
         return
     console.print(f"chosen: [bold]{result.chosen.label}[/] - the fewest GPU-seconds per trained token among the plans "
                   f"that fit (about {result.chosen.cost.tokens_per_s:,.0f} tokens/s per GPU)")
     render_breakdown(console, spec, result.chosen.breakdown)
+
+
+def _screened(c) -> str:
+    """A note for a verdict that comes from the closed-form screen only (it was clear enough not to trace)."""
+    return " (closed-form screen)" if c.breakdown is not None and c.breakdown.method == "screen" else ""
 
 
 def render_gpus(console: Console, known, detected) -> None:
@@ -169,7 +175,8 @@ def render_validation(console: Console, spec, record) -> None:
             e = est.phase_peak(phase)
             table.add_row(phase.value.replace("_", " "), f"{gib(e):.2f}", f"{gib(measured):.2f}",
                           f"{100 * (e / measured - 1):+.2f} %" if measured else "-")
-        table.add_row("reserved", f"{gib(est.peak_reserved_bytes):.2f}", f"{gib(record.measured_peak_reserved_bytes):.2f}",
+        table.add_row("reserved", f"{gib(est.peak_reserved_bytes):.2f}",
+                      f"{gib(record.measured_peak_reserved_bytes):.2f}",
                       f"{100 * (est.peak_reserved_bytes / record.measured_peak_reserved_bytes - 1):+.2f} %")
         console.print(table)
         cats = Table(title="At the optimizer step, by category (GiB per rank)", title_justify="left")
