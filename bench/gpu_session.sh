@@ -8,8 +8,6 @@
 #   bash bench/gpu_session.sh launch   # Llama-Guard-3-1B full FT and LoRA runs on ToxicChat: tokens/s, MFU, memory
 #   bash bench/gpu_session.sh offload | v100 | launch-packed   # CPU offload alone; the V100 case's plans with
 #                                      # more steps; the full fine-tune on packed 4,096-token sequences
-#   bash bench/gpu_session.sh v100-peak   # what is live at the peak of the V100 amp-fp16 checkpointed 4,096-token
-#                                      # step (a CUDA snapshot read by bench/peak_blocks.py)
 #   bash bench/gpu_session.sh v100-check   # the v100 part, then op by op eager attention in bf16 at 2,048 tokens
 #   bash bench/gpu_session.sh math-check   # plans whose attention runs a softmax (math SDPA or eager): QLoRA on a
 #                                      # grouped-query model, fp32, LoRA under a T4 cap, eager attention
@@ -66,11 +64,6 @@ case "${1:-}" in
                 | tr -d '\n' >> "$out/v100-validate.jsonl" || true
             echo >> "$out/v100-validate.jsonl"
         done ;;
-    v100-peak)
-        python3 -m memtune validate --model llama-guard-3-1b --emulate-gpu V100-32GB --precision amp-fp16 \
-            --checkpointing full --batch-size 1 --seq-len 4096 --optimizer adamw-8bit --no-expandable-segments \
-            --steps 2 --snapshot --out /tmp/v100-peak --json > "$out/v100-peak-validate.json" || true
-        python3 bench/peak_blocks.py /tmp/v100-peak/*.pickle > "$out/v100-peak.txt" 2>&1 || true ;;
     v100-check)
         bash "$0" v100
         python3 bench/op_memory.py "$out/op-memory-eager.json" --precision bf16 --checkpointing none --seq-len 2048 \
@@ -97,6 +90,6 @@ case "${1:-}" in
         cp /tmp/launch-packed/launch.json "$out/launch-packed.json"
         cp /tmp/launch-packed/full-bf16/metrics.jsonl "$out/full-bf16-packed-metrics.jsonl" ;;
     *)
-        echo "usage: bash bench/gpu_session.sh knobs|offload|regret|v100|v100-peak|v100-check|math-check|tests|x2|launch|launch-packed" >&2
+        echo "usage: bash bench/gpu_session.sh knobs|offload|regret|v100|v100-check|math-check|tests|x2|launch|launch-packed" >&2
         exit 2 ;;
 esac
