@@ -1,8 +1,8 @@
 """How close the closed-form screen (``memtune.estimate.screen``) comes to the trace, on a grid of architectures
 and plans: the planner screens every candidate and traces only those near the GPU's limit, so the screen's error
-sets how wide that band must be (``SCREEN_BAND``).
+sets how wide that band must be, per class of plans (``screen_band``).
 
-    python bench/screen.py   # writes bench/results/screen.json
+    python bench/screen.py   # writes bench/results/screen.json and profiles/screen_bands.json
 """
 
 from __future__ import annotations
@@ -25,21 +25,31 @@ PLANS = ({}, {"precision": "fp32"}, {"precision": "amp-bf16"}, {"peft": "lora"},
          {"sharding": "fsdp-grad-op", "num_gpus": 8}, {"sharding": "fsdp", "offload": True},
          {"sharding": "fsdp", "num_gpus": 8, "offload": True, "checkpointing": "full"},
          {"expandable_segments": True}, {"optimizer": "adamw-fused"}, {"optimizer": "adamw-8bit"},
-         {"grad_accum": 4})
+         {"grad_accum": 4},
+         # every class of plan_class across sharding: checkpointing under FSDP2, full and LoRA; QLoRA checkpointed
+         {"checkpointing": "selective", "sharding": "fsdp", "num_gpus": 8},
+         {"checkpointing": "full", "sharding": "fsdp", "num_gpus": 8},
+         {"peft": "lora", "checkpointing": "selective", "sharding": "fsdp", "num_gpus": 8},
+         {"peft": "lora", "checkpointing": "full", "sharding": "fsdp", "num_gpus": 8},
+         {"peft": "lora", "quantization": "4bit", "checkpointing": "selective"},
+         {"peft": "lora", "quantization": "4bit", "checkpointing": "full"},
+         {"precision": "amp-bf16", "checkpointing": "full"},
+         {"sharding": "fsdp", "offload": True, "checkpointing": "selective"})
 SHAPES = ((1, 1024), (2, 4096))
 
 
 def main() -> None:
     from grids import plan_grid
     from memtune.estimate import estimate
-    from memtune.estimate.screen import SCREEN_BAND, screen
+    from memtune.estimate.screen import SCREEN_BAND, plan_class, screen
     from memtune.specs import resolve_gpu
 
     gpu = resolve_gpu("H200-141GB")
     rows = []
     for model, spec, fields, plan in plan_grid(MODELS, PLANS, SHAPES):
         traced, screened = estimate(spec, plan, gpu, fast=True), screen(spec, plan, gpu)
-        rows.append({"model": model, "plan": fields, "batch_size": plan.batch_size, "seq_len": plan.seq_len,
+        rows.append({"model": model, "plan": fields, "class": plan_class(plan), "batch_size": plan.batch_size,
+                     "seq_len": plan.seq_len,
                      "traced_required_bytes": traced.required_bytes,
                      "screened_required_bytes": screened.required_bytes,
                      "error": screened.required_bytes / traced.required_bytes - 1})
@@ -53,6 +63,16 @@ def main() -> None:
            "compared": "required bytes (reserved pool + runtime), screen vs fast trace", "summary": summary,
            "rows": rows}
     (ROOT / "bench" / "results" / "screen.json").write_text(json.dumps(out, indent=1) + "\n")
+    # per class: the largest under- and over-estimate (fractions of the trace), which the planner widens by
+    # BAND_MARGIN to decide which plans the screen settles alone
+    bands = {}
+    for r in rows:
+        under, over = bands.get(r["class"], (0.0, 0.0))
+        bands[r["class"]] = (max(under, -r["error"]), max(over, r["error"]))
+    (ROOT / "profiles" / "screen_bands.json").write_text(json.dumps(
+        {"command": "python bench/screen.py", "compared": out["compared"], "gpu": gpu.name,
+         "bands": {k: [round(u, 4), round(o, 4)] for k, (u, o) in sorted(bands.items())},
+         "rows": {k: sum(r["class"] == k for r in rows) for k in sorted(bands)}}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -3,13 +3,16 @@
 By default the step is traced at the model's full depth: every allocation of the real step is replayed through
 the caching-allocator model, which gives both the allocated peak and the reserved bytes.
 
-``fast=True`` traces two reduced depths a < b instead (for screening many plans), each after a quick warm-up (the
-optimizer states made from zero gradients, which stand for an earlier micro-batch's under gradient accumulation).
-Every landmark of a step (the peak inside the embeddings, the first and last decoder layer, and the head, in each
-phase) holds a fixed part plus a part per decoder layer, so its bytes are linear in the depth L:
-``m(L) = m(a) + (L - a) * (m(b) - m(a)) / (b - a)``. The peak of a phase is the largest of its landmarks at the
-model's depth (the layers in between lie on the line between the first and the last). Fragmentation does not
-follow a line, so the fast path takes the allocator cache of depth b as it is.
+``fast=True`` traces four periods of layer types instead (four layers of a uniform stack; for screening many
+plans), after a quick warm-up (the optimizer states made from zero gradients, which stand for an earlier
+micro-batch's under gradient accumulation). Every landmark of a step (the peak inside the embeddings, the first and
+last decoder layer, and the head, in each phase) holds a fixed part plus what each layer keeps there, so its bytes
+are linear in the depth L: ``m(L) = m(4) + (L - 4) x s``, where ``s`` is what one inner layer clear of the running
+one (and of the one FSDP2 prefetches) holds at that landmark - its weights, gradients and optimizer states by the
+module that owns them, its activations by the layer that made them (``TraceResult.per_layer``). The peak of a phase
+is the largest of its landmarks at the model's depth (the layers in between lie on the line between the first and
+the last). Fragmentation does not follow a line, so the fast path takes the allocator cache of the traced depth as
+it is.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from memtune.specs.model import ModelSpec
 DEFAULT_MARGIN = 0.02
 """Share of the GPU's memory kept free for the ``fits`` verdict."""
 
-TRACE_FORMAT = 5
+TRACE_FORMAT = 6
 
 
 def sdpa_backend(spec: ModelSpec, plan: Plan, gpu: GpuSpec) -> str:
@@ -55,14 +58,13 @@ def sdpa_backend(spec: ModelSpec, plan: Plan, gpu: GpuSpec) -> str:
     return "math"
 
 
-def trace_depths(spec: ModelSpec) -> tuple[int, int]:
-    """Two depths that keep the pattern of layer types (e.g. Gemma-2's alternating sliding/global attention)."""
-    types = getattr(spec.hf_config(), "layer_types", None)  # transformers fills it in when the config omits it
-    period = 1
-    if isinstance(types, list) and types:
-        period = next(p for p in range(1, len(types) + 1) if all(types[i] == types[i % p] for i in range(len(types))))
-    a = max(2, period)
-    return (a, 2 * a) if 2 * a <= spec.num_layers else (spec.num_layers, spec.num_layers)
+def fast_depth(spec: ModelSpec) -> int:
+    """The depth the fast estimate traces: four periods of layer types (the first and the last, and two inner ones,
+    one of which is clear of the running layer and of the one FSDP2 prefetches at every landmark, so its memory
+    stands for each layer the model adds), or the whole model."""
+    from memtune.estimate.trace import layer_period
+
+    return min(4 * layer_period(spec), spec.num_layers)
 
 
 def calibration_factors(spec: ModelSpec, gpu: GpuSpec) -> tuple[float, float, str] | None:
@@ -92,7 +94,7 @@ def estimate(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, margin: float = DEFAU
     plan.check_gpu(gpu)
     backend = sdpa_backend(spec, plan, gpu)
     workspace = overhead.cublas_workspace_bytes(gpu.compute_capability)
-    depths = sorted(set(trace_depths(spec) if fast else (spec.num_layers,)))
+    depths = [fast_depth(spec) if fast else spec.num_layers]
     # CPU offload: the same step with the sharded state on the host - traced on the device, then taken off it.
     traced = dataclasses.replace(plan, offload=False) if plan.offload else plan
     traces = [cached_trace(spec, traced, d, backend) for d in depths]
@@ -151,15 +153,16 @@ def _replay(trace: TraceResult, capacity: int, expandable: bool = False):
 
 
 def _landmarks(traces: list[TraceResult], depth: int) -> dict[tuple[Phase, str], dict[MemCategory, int]]:
-    """Every landmark's bytes by category at ``depth`` layers (linear through the two traced depths)."""
-    ta, tb = traces[0], traces[-1]
-    a, b = ta.num_layers, tb.num_layers
+    """Every landmark's bytes by category at ``depth`` layers: the trace's, plus, for each period of layers beyond
+    the traced ones, what one period of layers holds there (``TraceResult.per_layer``)."""
+    t = traces[-1]
+    periods = (depth - t.num_layers) / t.period
     out = {}
-    for key in ta.landmarks.keys() & tb.landmarks.keys():
-        if a != b and key[1] == "mid":
+    for key, peak in t.landmarks.items():
+        if periods and key[1] == "mid":
             continue
-        la, lb = ta.landmarks[key].by_category, tb.landmarks[key].by_category
-        out[key] = {c: la[c] if a == b else max(0, round(la[c] + (depth - a) * (lb[c] - la[c]) / (b - a)))
+        slope = (t.per_layer or {}).get(key, {})
+        out[key] = {c: peak.by_category[c] + round(periods * slope.get(c, 0))
                     for c in MemCategory if c not in (MemCategory.ALLOCATOR_CACHE, MemCategory.RUNTIME)}
     return out
 
@@ -230,7 +233,7 @@ def _compose(traces: list[TraceResult], depth: int, *,
              offload: TraceResult | None = None) -> tuple[dict[Phase, dict[MemCategory, int]], int]:
     """Per-phase categories at each phase's peak and the reserved bytes, at ``depth`` layers (``offload``: see
     ``_finish``)."""
-    if traces[0].num_layers == traces[-1].num_layers:
+    if traces[-1].num_layers == depth:
         return _finish(_landmarks(traces, depth), lambda allocated: max(allocated, traces[-1].peak_reserved), offload)
     return _finish(_landmarks(traces, depth), lambda allocated: allocated + max(0, _cache(traces[-1])), offload)
 
@@ -287,13 +290,17 @@ def _to_json(r: TraceResult) -> dict:
                           for (p, seg), v in r.landmarks.items()],
             "streams": streams,
             "events": [x for op, uid, n, st in r.events for x in (op, uid, n, streams.index(st))],
-            "host_resident": sorted(r.host_resident), "gradients": sorted(r.gradients)}
+            "host_resident": sorted(r.host_resident), "gradients": sorted(r.gradients), "period": r.period,
+            "per_layer": [[p.value, seg, {c.value: n for c, n in v.items() if n}]
+                          for (p, seg), v in (r.per_layer or {}).items()]}
 
 
 def _from_json(d: dict) -> TraceResult:
     flat, streams = d["events"], d["streams"]
     events = tuple((flat[i], flat[i + 1], flat[i + 2], streams[flat[i + 3]]) for i in range(0, len(flat), 4))
+    per_layer = {(Phase(p), seg): {MemCategory(c): n for c, n in cats.items()} for p, seg, cats in d["per_layer"]}
     return TraceResult(num_layers=d["num_layers"], peak_reserved=d["peak_reserved"], events=events,
-                       host_resident=frozenset(d["host_resident"]), gradients=frozenset(d["gradients"]), landmarks={
+                       host_resident=frozenset(d["host_resident"]), gradients=frozenset(d["gradients"]),
+                       period=d["period"], per_layer=per_layer, landmarks={
         (Phase(p), seg): PhasePeak(total=total, by_category={MemCategory(c): n for c, n in cats.items()})
         for p, seg, total, cats in d["landmarks"]})

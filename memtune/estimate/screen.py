@@ -3,7 +3,8 @@
 The trace (``memtune.estimate.compose``) is exact but costs 0.1-0.6 s per plan; the planner screens every
 candidate with these formulas, then traces the cheapest ones in order until one is confirmed to fit. The screen
 only has to be close enough not to discard a plan that fits: ``bench/screen.py`` measures it against the trace
-(``bench/results/screen.json``) and ``SCREEN_BAND`` is set from that.
+(``bench/results/screen.json``), and the band around the usable memory inside which a plan is traced is set
+from that, per class of plans (``screen_band``).
 
 Per rank, with t = micro-batch x sequence tokens, L layers, h hidden, q = heads x head_dim, kv = kv-heads x head_dim,
 i intermediate, V vocabulary, p the compute dtype's bytes, P the parameter count:
@@ -33,6 +34,8 @@ i intermediate, V vocabulary, p the compute dtype's bytes, P the parameter count
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 
 from memtune.estimate.breakdown import MemoryBreakdown
@@ -44,7 +47,36 @@ from memtune.specs.gpu import GpuSpec
 from memtune.specs.model import ModelSpec
 
 SCREEN_BAND = 0.25
-"""A plan whose screened requirement is within this fraction above the usable memory is still traced."""
+"""How far the screen may be from the trace, either way, for a class of plans the grid of ``bench/screen.py`` does
+not cover: a plan screened within this fraction of the usable memory is traced."""
+BAND_MARGIN = 0.03
+"""Added to the largest error measured in a class of plans (``screen_band``)."""
+
+
+def plan_class(plan: Plan) -> str:
+    """The class by which the screen's error is measured: the kind of fine-tune and the checkpointing
+    (``full-none``, ``lora-selective``, ``qlora-full``, ...); precision, sharding and offload vary within it."""
+    kind = "full" if plan.peft == "none" else "lora" if plan.quantization == "none" else "qlora"
+    return f"{kind}-{plan.checkpointing}"
+
+
+@functools.cache
+def _bands() -> dict[str, list[float]]:
+    from memtune.profiles import profiles_dir
+
+    try:
+        return json.loads((profiles_dir() / "screen_bands.json").read_text())["bands"]
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def screen_band(plan: Plan) -> tuple[float, float]:
+    """(under, over): how far below and above the trace the screen's requirement has been for plans of this class
+    on the grid of ``bench/screen.py`` (``profiles/screen_bands.json``), each plus ``BAND_MARGIN``; ``SCREEN_BAND``
+    either way for a class the grid does not cover. A plan screened above ``usable x (1 + over)`` cannot fit; one
+    below ``usable x (1 - under)`` fits."""
+    band = _bands().get(plan_class(plan))
+    return (band[0] + BAND_MARGIN, band[1] + BAND_MARGIN) if band else (SCREEN_BAND, SCREEN_BAND)
 # Reserved beyond allocated - a share of the peak, and under FSDP2 a multiple of its communication buffers (full
 # fine-tune, LoRA) - fitted to the trace's allocator replay over the grid of ``bench/screen.py``.
 RESERVED_OVER_ALLOCATED = 0.05

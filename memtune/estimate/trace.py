@@ -20,6 +20,7 @@ dispatch are not seen; bitsandbytes is replaced by the memory-equivalent stand-i
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import weakref
 from dataclasses import dataclass
@@ -42,6 +43,9 @@ class _Storage:
     phase: str
     category: MemCategory | None = None
     freed_in: str | None = None
+    layer: int | None = None
+    """The decoder layer it belongs to: the one that owns the weight (its gradient, its optimizer states), or the
+    one running when it was made; None outside the layers."""
 
     @property
     def size(self) -> int:
@@ -70,6 +74,11 @@ class TraceResult:
     gradients: frozenset[int] = frozenset()
     """Ids of the gradient (shard) storages: under CPU offload they pass through the device, copied to the host as
     soon as they are reduced."""
+    per_layer: dict[tuple[Phase, str], dict[MemCategory, int]] | None = None
+    """At each landmark, the bytes one more period of decoder layers would add: what is live there of the layers
+    farthest from the running one (the last ones before they run, the first ones after; FSDP2's prefetch and the
+    running layer's own memory stay with the layers the trace has)."""
+    period: int = 1
 
     def phase_peak(self, phase: Phase) -> int:
         return max((v.total for (p, _), v in self.landmarks.items() if p == phase), default=0)
@@ -95,9 +104,11 @@ class _Tracker(TorchDispatchMode):
         self.snapshots: dict[tuple[str, str], list[tuple[_Storage, int]]] = {}
         self.forward_records: list[_Storage] = []
         self.records: list[_Storage] = []
+        self.layer: int | None = None
+        self.owners: dict[int, int] = {}  # id(weight storage) -> its decoder layer
 
     # --- bookkeeping -------------------------------------------------------------------------------------
-    def track(self, t: torch.Tensor, category: MemCategory | None = None) -> None:
+    def track(self, t: torch.Tensor, category: MemCategory | None = None, layer: int | None = None) -> None:
         if not isinstance(t, torch.Tensor):
             return
         local = getattr(t, "_local_tensor", None)
@@ -109,11 +120,15 @@ class _Tracker(TorchDispatchMode):
         if rec is not None:
             if category is not None and rec.category is None:
                 rec.category = category
+            if layer is not None:
+                rec.layer = layer
             return
         if category is None and t.dim() >= 2 and t.shape[-1] == self.vocab_size and t.numel() >= self.logits_numel:
             category = MemCategory.LOGITS
         uid = next(self._uids)
-        rec = _Storage(block=self._malloc(st.nbytes(), uid), uid=uid, phase=self.phase, category=category)
+        owner = layer if layer is not None else self.owners.get(key, self.layer)
+        rec = _Storage(block=self._malloc(st.nbytes(), uid), uid=uid, phase=self.phase, category=category,
+                       layer=owner)
         self.records.append(rec)
         self.live[key] = rec
         self._refs[key] = weakref.ref(st, lambda _r, k=key: self._free(k))
@@ -158,9 +173,16 @@ class _Tracker(TorchDispatchMode):
             self.peaks[key] = total
             self.snapshots[key] = [(r, r.size) for r in self.live.values()]
 
-    def set_segment(self, segment: str) -> None:
-        self.segment = segment
+    def set_segment(self, segment: str, layer: int | None = None) -> None:
+        self.segment, self.layer = segment, layer
         self._add()
+
+    def layer_of(self, t: torch.Tensor) -> int | None:
+        """The layer of the storage behind ``t`` (a weight, or anything tracked), if known."""
+        local = getattr(t, "_local_tensor", None)
+        key = id((local if local is not None else t).untyped_storage())
+        rec = self.live.get(key)
+        return rec.layer if rec is not None else self.owners.get(key)
 
     def set_phase(self, phase: str) -> None:
         if phase == Phase.BACKWARD:
@@ -172,6 +194,7 @@ class _Tracker(TorchDispatchMode):
         self.phase = phase
         # The loss is computed at the end of the forward; the backward starts there too.
         self.segment = "post" if phase == Phase.BACKWARD else "pre"
+        self.layer = None
         if phase != "end":
             self._add()
 
@@ -187,7 +210,12 @@ class _Tracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         category = MemCategory.FSDP_BUFFERS if func.namespace in ("fsdp", "c10d", "_c10d_functional") else None
-        for t in tree_flatten(out)[0]:
+        outs = tree_flatten(out)[0]
+        if func.__name__.startswith("_foreach_") and args and isinstance(args[0], (list, tuple)):
+            # one output per weight (e.g. the optimizer's temporaries): each belongs to that weight's layer
+            for t, like in zip(outs, args[0]):
+                self.track(t, category, layer=self.layer_of(like) if isinstance(like, torch.Tensor) else None)
+        for t in outs:
             self.track(t, category)
         workspace = cuda_workspace_bytes(func, args)
         if workspace:
@@ -195,21 +223,40 @@ class _Tracker(TorchDispatchMode):
         return out
 
     # --- result ------------------------------------------------------------------------------------------
-    def result(self, num_layers: int) -> TraceResult:
-        landmarks = {}
+    def result(self, num_layers: int, period: int = 1) -> TraceResult:
+        landmarks, per_layer = {}, {}
         for (phase, segment), total in self.peaks.items():
             if phase not in tuple(Phase):
                 continue
             by_cat = {c: 0 for c in MemCategory}
+            far = set(_far_layers(Phase(phase), segment, num_layers, period))
+            slope = {c: 0 for c in MemCategory}
             for rec, size in self.snapshots[(phase, segment)]:
                 by_cat[rec.category or MemCategory.TEMPORARIES] += size
+                if rec.layer in far:
+                    slope[rec.category or MemCategory.TEMPORARIES] += size
             landmarks[(Phase(phase), segment)] = PhasePeak(total=total, by_category=by_cat)
+            per_layer[(Phase(phase), segment)] = slope
         host = (MemCategory.PARAMETERS, MemCategory.OPTIMIZER_STATES)
         gradients = frozenset(r.uid for r in self.records if r.category == MemCategory.GRADIENTS)
         host_resident = frozenset(r.uid for r in self.records if r.uid not in gradients
                                   and (r.category in host or r.phase == Phase.OPTIMIZER_STEP))
         return TraceResult(num_layers=num_layers, peak_reserved=self.allocator.peak_reserved, landmarks=landmarks,
-                           events=tuple(self.events), host_resident=host_resident, gradients=gradients)
+                           events=tuple(self.events), host_resident=host_resident, gradients=gradients,
+                           per_layer=per_layer, period=period)
+
+
+def _far_layers(phase: Phase, segment: str, num_layers: int, period: int) -> range:
+    """An inner period of layers (not the first or the last, whose inputs or outputs differ) away from where
+    ``segment`` is in the order the phase runs the layers: the later one when the landmark comes at the start of
+    the phase, the earlier one when it comes at the end (a depth of four periods keeps either clear of the running
+    layer and of the one FSDP2 prefetches)."""
+    early, late = range(period, 2 * period), range(num_layers - 2 * period, num_layers - period)
+    if phase == Phase.FORWARD:
+        return late if segment in ("pre", "first") else early
+    if phase == Phase.BACKWARD:  # runs the layers from the last to the first
+        return early if segment in ("post", "last") else late
+    return early  # the optimizer step: every layer alike
 
 
 def cuda_workspace_bytes(func, args) -> int:
@@ -230,6 +277,25 @@ def cuda_workspace_bytes(func, args) -> int:
     return 0
 
 
+def _owners(tracker: _Tracker, model) -> None:
+    """Which decoder layer each weight's storage belongs to."""
+    from memtune.specs.model import _decoder_layers
+
+    for i, layer in enumerate(_decoder_layers(model)):
+        for p in layer.parameters():
+            local = getattr(p, "_local_tensor", None)
+            tracker.owners[id((local if local is not None else p).untyped_storage())] = i
+
+
+def layer_period(spec: ModelSpec) -> int:
+    """Layers per repetition of the stack's pattern of layer types (Gemma-2 alternates sliding and global
+    attention: 2; a uniform stack: 1)."""
+    types = getattr(spec.hf_config(), "layer_types", None)  # transformers fills it in when the config omits it
+    if isinstance(types, list) and types:
+        return next(p for p in range(1, len(types) + 1) if all(types[i] == types[i % p] for i in range(len(types))))
+    return 1
+
+
 def _segment_hooks(tracker: _Tracker, model) -> None:
     """Mark where each decoder layer's forward and backward start, so peaks are kept per layer position."""
     from memtune.specs.model import _decoder_layers
@@ -244,7 +310,7 @@ def _segment_hooks(tracker: _Tracker, model) -> None:
         def pre(module, args, kwargs, i=i):
             if tracker.phase != Phase.FORWARD:
                 return
-            tracker.set_segment(name(i))
+            tracker.set_segment(name(i), i)
             hidden = args[0] if args else kwargs.get("hidden_states")
             if i == 0 and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
                 hidden.register_hook(lambda g: tracker.set_segment("pre"))
@@ -252,10 +318,10 @@ def _segment_hooks(tracker: _Tracker, model) -> None:
         def post(module, args, kwargs, output, i=i):
             if tracker.phase != Phase.FORWARD:
                 return
-            tracker.set_segment("post" if i == last else name(i + 1))
+            tracker.set_segment("post", None) if i == last else tracker.set_segment(name(i + 1), i + 1)
             out = output[0] if isinstance(output, tuple) else output
             if isinstance(out, torch.Tensor) and out.requires_grad:
-                out.register_hook(lambda g: tracker.set_segment(name(i)))
+                out.register_hook(lambda g: tracker.set_segment(name(i), i))
 
         layer.register_forward_pre_hook(pre, with_kwargs=True)
         layer.register_forward_hook(post, with_kwargs=True)
@@ -300,6 +366,18 @@ def _fsdp_storage_hooks(tracker: _Tracker):
     finally:
         for m, n, f in saved:
             setattr(m, n, f)
+
+
+@contextlib.contextmanager
+def _collect_only_the_trace():
+    """Python's cyclic collector skips what existed before the trace (the imported libraries and their caches,
+    hundreds of thousands of objects it would otherwise walk on each full collection the trace's many small
+    objects trigger: a fifth of a cold trace's time); what the trace makes is collected as usual."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 @contextlib.contextmanager
@@ -364,7 +442,9 @@ def trace_step(spec: ModelSpec, plan: Plan, num_layers: int, *, sdpa_backend: st
     """Per-phase peak bytes (allocator-rounded) of one steady-state training step of a ``num_layers`` model.
 
     ``sdpa_backend`` is the kernel CUDA would pick for this GPU and plan (``flash``, ``efficient`` or ``math``).
-    The traced step follows a warm-up step that creates the optimizer states, as in a real run; ``quick_warmup``
+    Every storage is attributed to a decoder layer (``TraceResult.per_layer``), so that the fast estimate can add
+    layers to a four-layer trace. The traced step follows a warm-up step that creates the optimizer states, as in a
+    real run; ``quick_warmup``
     creates them from zero gradients instead (half the tracing time; the allocator's cache then takes a different
     shape, so only the screening estimates use it). With gradient accumulation the traced step is two micro-batches
     (gradients held across the second's forward); under ``quick_warmup`` the warm-up's zero gradients are kept
@@ -375,12 +455,13 @@ def trace_step(spec: ModelSpec, plan: Plan, num_layers: int, *, sdpa_backend: st
     tokens = plan.batch_size * plan.seq_len
     tracker = _Tracker(spec.vocab_size, logits_numel=tokens * spec.vocab_size // 2,
                        expandable_segments=plan.expandable_segments)
-    with _fake_process_group(plan) as mesh:
+    with _collect_only_the_trace(), _fake_process_group(plan) as mesh:
         model = recipe.build_model(spec, plan, device="meta", num_layers=num_layers, mesh=mesh, emulate_quant=True)
         with FakeTensorMode(allow_non_fake_inputs=True):
             model.to_empty(device="cpu")
             _retie(model)
             with tracker, _fsdp_storage_hooks(tracker), _cuda_kernel_choices(sdpa_backend):
+                _owners(tracker, model)
                 for t in [*model.parameters(), *model.buffers()]:
                     tracker.track(t, MemCategory.PARAMETERS)
                 optimizer = recipe.build_optimizer(model, plan, foreach=True, emulate_8bit=True)
@@ -392,8 +473,12 @@ def trace_step(spec: ModelSpec, plan: Plan, num_layers: int, *, sdpa_backend: st
                     for p in model.parameters():
                         if p.requires_grad:
                             p.grad = torch.zeros_like(p)
-                            tracker.track(p.grad, MemCategory.GRADIENTS)
+                            tracker.track(p.grad, MemCategory.GRADIENTS, layer=tracker.layer_of(p))
                     optimizer.step()
+                    for p, state in optimizer.state.items():
+                        for v in state.values():
+                            if isinstance(v, torch.Tensor):
+                                tracker.track(v, MemCategory.OPTIMIZER_STATES, layer=tracker.layer_of(p))
                     if micro_batches == 1:
                         optimizer.zero_grad(set_to_none=True)
                     else:
@@ -404,7 +489,7 @@ def trace_step(spec: ModelSpec, plan: Plan, num_layers: int, *, sdpa_backend: st
                 # Two micro-batches (or one over kept gradients) show everything more would: gradients held
                 # across the next forward.
                 recipe.train_step(model, optimizer, batch, plan, on_phase=mark, micro_batches=micro_batches)
-    return tracker.result(num_layers)
+    return tracker.result(num_layers, layer_period(spec))
 
 
 def _phase_marker(tracker: _Tracker, model, optimizer):
@@ -412,12 +497,12 @@ def _phase_marker(tracker: _Tracker, model, optimizer):
         if phase == Phase.OPTIMIZER_STEP:
             for p in model.parameters():
                 if p.grad is not None:
-                    tracker.track(p.grad, MemCategory.GRADIENTS)
+                    tracker.track(p.grad, MemCategory.GRADIENTS, layer=tracker.layer_of(p))
         if phase == "end":
-            for state in optimizer.state.values():
+            for p, state in optimizer.state.items():
                 for v in state.values():
                     if isinstance(v, torch.Tensor):
-                        tracker.track(v, MemCategory.OPTIMIZER_STATES)
+                        tracker.track(v, MemCategory.OPTIMIZER_STATES, layer=tracker.layer_of(p))
         tracker.set_phase(phase)
 
     return mark

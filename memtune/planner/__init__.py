@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from memtune.errors import InvalidPlanError
 from memtune.estimate import MemoryBreakdown, estimate
-from memtune.estimate.screen import SCREEN_BAND, screen
+from memtune.estimate.screen import screen, screen_band
 from memtune.plan import Plan
 from memtune.planner.cost import NETWORK_GBS, CostEstimate, step_cost
 from memtune.specs.gpu import GpuSpec
@@ -170,7 +170,8 @@ def _screened_or_traced(spec: ModelSpec, plan: Plan, gpu: GpuSpec) -> MemoryBrea
     """The screen where it is clear by a wide margin, the trace where it is close."""
     quick = screen(spec, plan, gpu)
     usable = quick.usable_bytes
-    if quick.required_bytes > usable * (1 + SCREEN_BAND) or quick.required_bytes < usable * (1 - SCREEN_BAND):
+    under, over = screen_band(plan)
+    if quick.required_bytes > usable * (1 + over) or quick.required_bytes < usable * (1 - under):
         return quick
     return estimate(spec, plan, gpu, fast=True)
 
@@ -261,7 +262,7 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
             scaled = _scaled(c.breakdown, learned[twin])
             candidates[i] = dataclasses.replace(c, breakdown=scaled, reason=_reason(scaled))
             continue
-        if c.breakdown.required_bytes > usable * (1 + SCREEN_BAND) or traced >= MAX_TRACED:
+        if c.breakdown.required_bytes > usable * (1 + screen_band(c.plan)[1]) or traced >= MAX_TRACED:
             continue
         traced += 1
         full = estimate(spec, c.plan, gpu, fast=True)

@@ -19,7 +19,7 @@ def test_a_fit_too_close_to_call_is_confirmed_at_full_depth(tiny, monkeypatch, e
 
 
 def test_only_candidates_the_screen_puts_within_reach_are_traced():
-    from memtune.estimate.screen import screen
+    from memtune.estimate.screen import screen, screen_band
     from memtune.specs import resolve_model
 
     spec, gpu = resolve_model("llama-guard-3-1b"), resolve_gpu("T4-16GB")
@@ -29,7 +29,7 @@ def test_only_candidates_the_screen_puts_within_reach_are_traced():
     assert traced and screened and result.chosen in traced
     for c in traced:
         quick = screen(spec, c.plan, gpu)
-        assert quick.required_bytes <= quick.usable_bytes * (1 + planner.SCREEN_BAND)
+        assert quick.required_bytes <= quick.usable_bytes * (1 + screen_band(c.plan)[1])
     # Everything cheaper than the chosen plan was traced, screened clearly out of reach, or has a traced twin (the
     # same plan with another optimizer) that did not fit.
     import dataclasses
@@ -38,7 +38,7 @@ def test_only_candidates_the_screen_puts_within_reach_are_traced():
     for c in screened:
         if planner.rank(c) < planner.rank(result.chosen):
             usable = c.breakdown.usable_bytes
-            assert (c.breakdown.required_bytes > usable * (1 + planner.SCREEN_BAND)
+            assert (c.breakdown.required_bytes > usable * (1 + screen_band(c.plan)[1])
                     or dataclasses.replace(c.plan, optimizer="adamw") in missed)
 
 
@@ -64,3 +64,28 @@ def test_a_screen_its_traced_twin_proved_wrong_is_shown_corrected():
         assert not c.fits and c.reason.startswith("does not fit")
         usable = c.breakdown.usable_bytes
         assert c.breakdown.required_bytes > usable
+
+
+def test_the_screen_band_is_measured_per_class_of_plans():
+    """Each class the grid of bench/screen.py covers has its own band: its largest errors plus a margin, so every
+    row of that benchmark lies inside its class's band."""
+    import json
+
+    from memtune.estimate.screen import BAND_MARGIN, plan_class, screen_band
+    from memtune.plan import Plan
+    from memtune.profiles import profiles_dir
+
+    bands = json.loads((profiles_dir() / "screen_bands.json").read_text())["bands"]
+    assert {"full-none", "full-full", "lora-selective", "qlora-none"} <= set(bands)
+    plan = Plan(peft="lora", checkpointing="selective", sharding="fsdp", num_gpus=8)
+    assert plan_class(plan) == "lora-selective"
+    under, over = screen_band(plan)
+    assert (under, over) == pytest.approx((bands["lora-selective"][0] + BAND_MARGIN,
+                                          bands["lora-selective"][1] + BAND_MARGIN))
+    # every row of the benchmark lies inside its class's band
+    from pathlib import Path
+
+    rows = json.loads((Path(__file__).resolve().parents[2] / "bench" / "results" / "screen.json").read_text())["rows"]
+    for r in rows:
+        u, o = bands[r["class"]]
+        assert -u - 1e-4 <= r["error"] <= o + 1e-4  # the bands are rounded to 4 decimals
