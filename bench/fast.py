@@ -1,5 +1,5 @@
-"""How far the fast estimate (two reduced depths after a quick warm-up, extrapolated) is from the full-depth
-trace: the planner ranks with the fast one and confirms at full depth wherever the difference could change the
+"""How far the fast estimate (one four-layer trace after a quick warm-up, extended layer by layer) is from the
+full-depth trace: the planner ranks with the fast one and confirms at full depth wherever the difference could change the
 verdict (``memtune.planner.FAST_RESERVED_ERROR``).
 
     python bench/fast.py   # writes bench/results/fast.json
