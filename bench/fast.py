@@ -1,6 +1,6 @@
 """How far the fast estimate (one four-layer trace after a quick warm-up, extended layer by layer) is from the
-full-depth trace: the planner ranks with the fast one and confirms at full depth wherever the difference could change the
-verdict (``memtune.planner.FAST_RESERVED_ERROR``).
+full-depth trace: the planner ranks with the fast one and confirms at full depth wherever the difference could
+change the verdict (``memtune.planner.FAST_RESERVED_ERROR``).
 
     python bench/fast.py   # writes bench/results/fast.json
 """
