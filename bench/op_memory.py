@@ -3,7 +3,8 @@ step on fake tensors: where the two first part, and which CUDA ops allocate temp
 peak during the op above what is live after it).
 
     python bench/op_memory.py OUT.json [--model llama-guard-3-1b] [--precision amp-fp16] [--checkpointing full]
-        [--seq-len 4096] [--layers 2] [--sdpa math] [--attention sdpa|eager]   # on a GPU machine
+        [--seq-len 4096] [--layers 2] [--sdpa math] [--attention sdpa|eager] [--peft lora --quantization 4bit]
+        [--batch-size 1]   # on a GPU machine (bitsandbytes for k-bit weights)
 
 Both sides run ``memtune.train.recipe`` on a model of ``--layers`` decoder layers; the CUDA side logs, after every
 aten op (backward ops included), the bytes allocated and the highest point inside the op; the trace side logs the
@@ -114,10 +115,13 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--sdpa", default="math")
     ap.add_argument("--attention", default="sdpa")
+    ap.add_argument("--peft", default="none")
+    ap.add_argument("--quantization", default="none")
+    ap.add_argument("--batch-size", type=int, default=1)
     args = ap.parse_args()
     spec = resolve_model(args.model)
-    plan = Plan(precision=args.precision, checkpointing=args.checkpointing, seq_len=args.seq_len, batch_size=1,
-                attention=args.attention)
+    plan = Plan(precision=args.precision, checkpointing=args.checkpointing, seq_len=args.seq_len,
+                batch_size=args.batch_size, attention=args.attention, peft=args.peft, quantization=args.quantization)
     fake = trace_rows(spec, plan, args.layers, args.sdpa)
     base_fake = fake[0][1]
     real = cuda_rows(spec, plan, args.layers, args.sdpa) if torch.cuda.is_available() else []
