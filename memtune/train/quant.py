@@ -7,7 +7,8 @@ memory-equivalent stand-ins that allocate what bitsandbytes allocates (bitsandby
 
 * NF4: 0.5 B/param packed weight + one uint8 absmax per 64 weights + one fp32 absmax per 256 of those (double
   quantization). ``Linear4bit`` casts its input to the compute dtype and its output back to the input's dtype;
-  forward and backward each dequantize the weight into a temporary; nothing but the packed weight is saved.
+  forward (inside the ``gemm_4bit`` op, not an aten matmul) and backward each dequantize the weight into a
+  temporary; nothing but the packed weight is saved.
 * LLM.int8: 1 B/param + one fp32 scale per output row. Forward quantizes an fp16 copy of the input to int8 and
   returns the input's dtype; the input is saved for backward, which dequantizes the weight in that dtype.
 * AdamW8bit: two uint8 states per parameter plus one fp32 absmax per 256-value block, for tensors of at least
@@ -35,12 +36,15 @@ class _KbitMatmul(torch.autograd.Function):
         ctx.shape, ctx.bits, ctx.compute_dtype, ctx.input_dtype = (out_features, in_features), bits, compute_dtype, x.dtype
         rows = x.shape[:-1]
         if bits == 4:
-            # Linear4bit casts the input to the compute dtype, gemm_4bit dequantizes the weight into a temporary,
-            # and the result is cast back to the input's dtype. Nothing is saved but the packed weight.
+            # Linear4bit casts the input to the compute dtype; bitsandbytes' gemm_4bit op makes the output and,
+            # inside, dequantizes the weight into a temporary; the result is cast back to the input's dtype.
+            # Nothing is saved but the packed weight, and no aten matmul runs: selective checkpointing (which
+            # saves matmul outputs) recomputes it (op by op on an H200, bench/results/op_memory/).
+            x = x.to(compute_dtype)
+            out = torch.empty((*rows, out_features), dtype=compute_dtype, device=x.device)
             weight = torch.empty(ctx.shape, dtype=compute_dtype, device=x.device)
-            out = nn.functional.linear(x.to(compute_dtype), weight)
             del weight
-            return out.to(x.dtype)
+            return out.to(ctx.input_dtype)
         # LLM.int8: the input is quantized from an fp16 copy (int8 values, one scale per row), multiplied into the
         # output in the input's dtype; the input itself is saved for backward.
         ctx.save_for_backward(x)
