@@ -1,7 +1,7 @@
 """The estimator: per-rank peak memory of one training step of a plan on a GPU.
 
 ``estimate(model, plan, gpu)`` traces the real training step on fake tensors (``memtune.estimate.trace``) at the
-model's full depth, or with ``fast=True`` four layers extended layer by layer to the model's depth
+model's full depth, or with ``fast=True`` four periods of layer types extended period by period to the model's depth
 (``memtune.estimate.compose``), and adds what the trace cannot see (cuBLAS workspaces, runtime overhead;
 ``memtune.estimate.overhead``). ``memtune.estimate.screen`` is the closed-form screen the planner searches with.
 """

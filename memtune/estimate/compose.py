@@ -3,16 +3,16 @@
 By default the step is traced at the model's full depth: every allocation of the real step is replayed through
 the caching-allocator model, which gives both the allocated peak and the reserved bytes.
 
-``fast=True`` traces four periods of layer types instead (four layers of a uniform stack; for screening many
-plans), after a quick warm-up (the optimizer states made from zero gradients, which stand for an earlier
-micro-batch's under gradient accumulation). Every landmark of a step (the peak inside the embeddings, the first and
-last decoder layer, and the head, in each phase) holds a fixed part plus what each layer keeps there, so its bytes
-are linear in the depth L: ``m(L) = m(4) + (L - 4) x s``, where ``s`` is what one inner layer clear of the running
-one (and of the one FSDP2 prefetches) holds at that landmark - its weights, gradients and optimizer states by the
-module that owns them, its activations by the layer that made them (``TraceResult.per_layer``). The peak of a phase
-is the largest of its landmarks at the model's depth (the layers in between lie on the line between the first and
-the last). Fragmentation does not follow a line, so the fast path takes the allocator cache of the traced depth as
-it is.
+``fast=True`` traces four periods of layer types instead (four layers of a uniform stack; for screening many plans),
+after a quick warm-up (the optimizer states made from zero gradients, which stand for an earlier micro-batch's under
+gradient accumulation). Every landmark of a step (the peak inside the embeddings, the first and last decoder layer,
+and the head, in each phase) holds a fixed part plus what each layer keeps there, so its bytes are linear in the
+depth L: ``m(L) = m(4p) + (L - 4p) / p x s`` for a period of p layer types, where ``s`` is what one inner period
+clear of the running layer (and of the one FSDP2 prefetches) holds at that landmark - its weights, gradients and
+optimizer states by the module that owns them, its activations by the layer that made them
+(``TraceResult.per_layer``). The peak of a phase is the largest of its landmarks at the model's depth (the layers in
+between lie on the line between the first and the last). Fragmentation does not follow a line, so the fast path
+takes the allocator cache of the traced depth as it is.
 """
 
 from __future__ import annotations
@@ -109,7 +109,8 @@ def estimate(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, margin: float = DEFAU
     runtime = overhead.runtime_overhead_bytes(plan.has_process_group)
     margin_bytes = int(margin * gpu.memory_bytes)
     capacity = gpu.memory_bytes - runtime - workspace
-    verdict, reason, gpu_reserved = _verdict(traces[-1] if not fast and not plan.offload else None, reserved,
+    whole = traces[-1].num_layers == spec.num_layers and not plan.offload  # a trace of every layer can be replayed
+    verdict, reason, gpu_reserved = _verdict(traces[-1] if whole else None, reserved,
                                              capacity, margin_bytes, scale_res, plan.expandable_segments)
     return MemoryBreakdown(
         model=spec.name, gpu=gpu.name, plan=plan, phases=phases, peak_reserved_bytes=reserved + workspace,
@@ -264,7 +265,7 @@ def cached_trace(spec: ModelSpec, plan: Plan, depth: int, backend: str) -> Trace
     if path.is_file():
         try:
             return _from_json(json.loads(path.read_text()))
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, TypeError, IndexError):
             path.unlink(missing_ok=True)
     from memtune.estimate.trace import trace_step
 

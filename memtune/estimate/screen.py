@@ -21,7 +21,8 @@ i intermediate, V vocabulary, p the compute dtype's bytes, P the parameter count
   ``2 x heads x s`` scores and probabilities; the gated MLP saves gate, activation and up outputs, and their
   product where down_proj trains). k-bit layers run attention in fp32 (peft upcasts the norms) and keep a
   dequantized copy of their input's dtype. Full checkpointing keeps one layer input per layer plus one layer's
-  activations during its recompute; selective keeps the matmul and attention outputs.
+  activations during its recompute; selective keeps the aten matmul and attention outputs (the scores too under
+  math SDPA or eager attention; k-bit projections run bitsandbytes' own op and are recomputed).
 * Math SDPA and eager attention: CUDA's softmax backward adds a temporary as large as one layer's fp32 scores.
 * Logits and loss: ``t V (p + 4 + 4)`` at the start of the backward (logits, fp32 upcast, log-softmax) plus the
   fp32 gradient of the log-softmax.
@@ -51,12 +52,14 @@ SCREEN_BAND = 0.25
 not cover: a plan screened within this fraction of the usable memory is traced."""
 BAND_MARGIN = 0.03
 """Added to the largest error measured in a class of plans (``screen_band``)."""
+MIN_BAND = 0.10
+"""The narrowest band either way: a class's grid has a few shapes only."""
 
 
 def plan_class(plan: Plan) -> str:
     """The class by which the screen's error is measured: the kind of fine-tune and the checkpointing
-    (``full-none``, ``lora-selective``, ``qlora-full``, ...); precision, sharding and offload vary within it."""
-    kind = "full" if plan.peft == "none" else "lora" if plan.quantization == "none" else "qlora"
+    (``full-none``, ``lora-selective``, ``lora4bit-full``, ...); precision, sharding and offload vary within it."""
+    kind = "full" if plan.peft == "none" else "lora" if plan.quantization == "none" else f"lora{plan.quantization}"
     return f"{kind}-{plan.checkpointing}"
 
 
@@ -65,18 +68,24 @@ def _bands() -> dict[str, list[float]]:
     from memtune.profiles import profiles_dir
 
     try:
-        return json.loads((profiles_dir() / "screen_bands.json").read_text())["bands"]
-    except (OSError, ValueError, KeyError):
+        bands = json.loads((profiles_dir() / "screen_bands.json").read_text())["bands"]
+        return {str(k): [float(v[0]), float(v[1])] for k, v in bands.items()}
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
         return {}
 
 
 def screen_band(plan: Plan) -> tuple[float, float]:
     """(under, over): how far below and above the trace the screen's requirement has been for plans of this class
-    on the grid of ``bench/screen.py`` (``profiles/screen_bands.json``), each plus ``BAND_MARGIN``; ``SCREEN_BAND``
+    on the grid of ``bench/screen.py`` (``profiles/screen_bands.json``), each plus ``BAND_MARGIN`` and at least
+    ``MIN_BAND``; ``SCREEN_BAND``
     either way for a class the grid does not cover. A plan screened above ``usable x (1 + over)`` cannot fit; one
     below ``usable x (1 - under)`` fits."""
     band = _bands().get(plan_class(plan))
-    return (band[0] + BAND_MARGIN, band[1] + BAND_MARGIN) if band else (SCREEN_BAND, SCREEN_BAND)
+    if not band:
+        return SCREEN_BAND, SCREEN_BAND
+    return max(band[0] + BAND_MARGIN, MIN_BAND), max(band[1] + BAND_MARGIN, MIN_BAND)
+
+
 # Reserved beyond allocated - a share of the peak, and under FSDP2 a multiple of its communication buffers (full
 # fine-tune, LoRA) - fitted to the trace's allocator replay over the grid of ``bench/screen.py``.
 RESERVED_OVER_ALLOCATED = 0.05
@@ -160,18 +169,24 @@ def layer_activation_bytes(spec: ModelSpec, plan: Plan, tokens: int, backend: st
     return per_token * tokens
 
 
-def _checkpoint_bytes(spec: ModelSpec, plan: Plan, tokens: int, layer: float) -> float:
+def _checkpoint_bytes(spec: ModelSpec, plan: Plan, tokens: int, layer: float, backend: str) -> float:
     """What checkpointing keeps of the whole stack at the start of the backward."""
     p = 4 if plan.precision == "fp32" or plan.quantization != "none" or plan.is_amp else 2
     L = spec.num_layers
     if plan.checkpointing == "full":
         return L * p * spec.hidden_size * tokens  # each layer's input
-    # selective: the layer input and every matmul and attention output stay (LoRA's included); norms, RoPE and
-    # activation functions are recomputed.
+    # selective: the layer input and every aten matmul and attention output stay (LoRA's included); norms, RoPE
+    # and activation functions are recomputed, and so are k-bit projections (bitsandbytes' own op, not a matmul).
     h, q, kv, i = (spec.hidden_size, spec.num_attention_heads * spec.head_dim,
                    spec.num_key_value_heads * spec.head_dim, spec.intermediate_size)
     dims = spec.layer_linears
-    kept = p * (h + 2 * q + 2 * kv + 2 * h + 2 * i) + 4 * spec.num_attention_heads
+    kept = p * (h + q)  # the layer input and the attention output
+    if plan.quantization == "none":
+        kept += p * (q + 2 * kv + 2 * h + 2 * i)  # the projections' outputs
+    if backend in ("flash", "efficient"):
+        kept += 4 * spec.num_attention_heads  # log-sum-exp
+    else:  # math SDPA and eager attention save the scores, a batched matmul's output (fp32)
+        kept += 4 * spec.num_attention_heads * plan.seq_len
     if plan.peft == "lora":
         kept += sum(p * (dims[name][1] + plan.lora_rank) for name in plan.lora_targets)
     return L * min(layer / tokens, kept) * tokens
@@ -185,7 +200,8 @@ def screen(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, margin: float = 0.02) -
     static = static_bytes(spec, plan)
     backend = sdpa_backend(spec, plan, gpu)
     layer = layer_activation_bytes(spec, plan, tokens, backend)
-    acts = spec.num_layers * layer if plan.checkpointing == "none" else _checkpoint_bytes(spec, plan, tokens, layer)
+    acts = (spec.num_layers * layer if plan.checkpointing == "none"
+            else _checkpoint_bytes(spec, plan, tokens, layer, backend))
     wide = 4 if plan.precision == "fp32" or plan.quantization != "none" else 2
     h, V = spec.hidden_size, spec.vocab_size
     acts += 2 * wide * h * tokens  # embedding output and the final norm's input

@@ -1,12 +1,12 @@
 """Trace one training step of the real model code on fake tensors and record what it allocates.
 
-The model is built from its config with a reduced number of decoder layers, materialized under
-``FakeTensorMode`` on the CPU (no weights, no GPU), and run for two steps of ``memtune.train.recipe.train_step``
-(the first creates the optimizer states). A ``TorchDispatchMode`` sees every tensor an op creates; a weak
-reference to its storage tells when it is freed. Sizes are replayed through a model of the CUDA caching allocator
-(``memtune.estimate.allocator``), which also gives the reserved bytes. FSDP2 plans run with the ``fake`` process
-group of the plan's world size; FSDP2 allocates and frees unsharded parameters by resizing storages, which the
-tracer follows by wrapping ``alloc_storage``/``free_storage``.
+The model is built from its config with a reduced number of decoder layers, materialized under ``FakeTensorMode`` on
+the CPU (no weights, no GPU), and run for a warm-up step that creates the optimizer states
+(``memtune.train.recipe.train_step``, or a quick one from zero gradients) and the traced step. A
+``TorchDispatchMode`` sees every tensor an op creates; a weak reference to its storage tells when it is freed. Sizes
+are replayed through a model of the CUDA caching allocator (``memtune.estimate.allocator``), which also gives the
+reserved bytes. FSDP2 plans run with the ``fake`` process group of the plan's world size; FSDP2 allocates and frees
+unsharded parameters by resizing storages, which the tracer follows by wrapping ``alloc_storage``/``free_storage``.
 
 At the end each storage gets a category (``MemCategory``) and the peak of each phase of the second step is split
 into categories.
@@ -79,6 +79,7 @@ class TraceResult:
     farthest from the running one (the last ones before they run, the first ones after; FSDP2's prefetch and the
     running layer's own memory stay with the layers the trace has)."""
     period: int = 1
+    """Layers per repetition of the stack's layer types (``layer_period``): ``per_layer`` is one period's bytes."""
 
     def phase_peak(self, phase: Phase) -> int:
         return max((v.total for (p, _), v in self.landmarks.items() if p == phase), default=0)
@@ -281,10 +282,15 @@ def _owners(tracker: _Tracker, model) -> None:
     """Which decoder layer each weight's storage belongs to."""
     from memtune.specs.model import _decoder_layers
 
+    shared = set()
     for i, layer in enumerate(_decoder_layers(model)):
-        for p in layer.parameters():
-            local = getattr(p, "_local_tensor", None)
-            tracker.owners[id((local if local is not None else p).untyped_storage())] = i
+        for t in [*layer.parameters(), *layer.buffers()]:  # buffers: k-bit weights' quantization constants
+            local = getattr(t, "_local_tensor", None)
+            key = id((local if local is not None else t).untyped_storage())
+            if tracker.owners.setdefault(key, i) != i:
+                shared.add(key)
+    for key in shared:  # a storage more than one layer holds belongs to none of them
+        del tracker.owners[key]
 
 
 def layer_period(spec: ModelSpec) -> int:
@@ -318,7 +324,10 @@ def _segment_hooks(tracker: _Tracker, model) -> None:
         def post(module, args, kwargs, output, i=i):
             if tracker.phase != Phase.FORWARD:
                 return
-            tracker.set_segment("post", None) if i == last else tracker.set_segment(name(i + 1), i + 1)
+            if i == last:
+                tracker.set_segment("post", None)
+            else:
+                tracker.set_segment(name(i + 1), i + 1)
             out = output[0] if isinstance(output, tuple) else output
             if isinstance(out, torch.Tensor) and out.requires_grad:
                 out.register_hook(lambda g: tracker.set_segment(name(i), i))
@@ -373,6 +382,9 @@ def _collect_only_the_trace():
     """Python's cyclic collector skips what existed before the trace (the imported libraries and their caches,
     hundreds of thousands of objects it would otherwise walk on each full collection the trace's many small
     objects trigger: a fifth of a cold trace's time); what the trace makes is collected as usual."""
+    if gc.get_freeze_count():  # the caller froze the heap already (and will unfreeze it)
+        yield
+        return
     gc.freeze()
     try:
         yield

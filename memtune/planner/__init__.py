@@ -53,12 +53,13 @@ class PlanResult:
                       key=lambda c: (c is not self.chosen, rank(c)))
 
     def fallbacks(self, limit: int = 3) -> tuple[Plan, ...]:
-        """Plans to switch to when the chosen one runs out of memory after all: the cheapest others that fit and
-        need less memory than it, in order of cost."""
+        """Plans to switch to when the chosen one runs out of memory after all: the cheapest others that fit (by
+        their trace, or clearly by the screen) and need less memory than it, in order of cost."""
         if self.chosen is None:
             return ()
         need = self.chosen.breakdown.required_bytes
-        smaller = [c for c in self.candidates if c.fits and c is not self.chosen and c.breakdown.required_bytes < need]
+        smaller = [c for c in self.candidates if c.fits and c is not self.chosen and c.breakdown.required_bytes < need
+                   and (c.breakdown.method == "trace" or _clearly_fits(c.breakdown))]
         return tuple(c.plan for c in sorted(smaller, key=rank)[:limit])
 
     def to_json(self) -> dict:
@@ -307,6 +308,12 @@ def _scaled(b: MemoryBreakdown, ratio: float) -> MemoryBreakdown:
     return dataclasses.replace(b, peak_reserved_bytes=round(b.peak_reserved_bytes * ratio), gpu_reserved_bytes=None,
                                verdict="does not fit",
                                verdict_reason="screen corrected by the trace of the same plan with AdamW")
+
+
+def _clearly_fits(b: MemoryBreakdown) -> bool:
+    """A screened plan whose need is below the usable memory by more than the screen's largest under-estimate in
+    its class."""
+    return b.required_bytes < b.usable_bytes * (1 - screen_band(b.plan)[0])
 
 
 def _close_call(b: MemoryBreakdown) -> bool:
