@@ -26,7 +26,7 @@ PIPED_WIDTH = 160
 
 def _console(stderr: bool = False) -> Console:
     stream = sys.stderr if stderr else sys.stdout
-    piped = not stream.isatty() and "COLUMNS" not in os.environ
+    piped = (stream is None or not stream.isatty()) and "COLUMNS" not in os.environ
     return Console(stderr=stderr, width=PIPED_WIDTH if piped else None)
 
 

@@ -62,9 +62,7 @@ def fast_depth(spec: ModelSpec) -> int:
     """The depth the fast estimate traces: four periods of layer types (the first and the last, and two inner ones,
     one of which is clear of the running layer and of the one FSDP2 prefetches at every landmark, so its memory
     stands for each layer the model adds), or the whole model."""
-    from memtune.estimate.trace import layer_period
-
-    return min(4 * layer_period(spec), spec.num_layers)
+    return min(4 * spec.layer_period, spec.num_layers)
 
 
 def calibration_factors(spec: ModelSpec, gpu: GpuSpec) -> tuple[float, float, str] | None:
@@ -94,11 +92,10 @@ def estimate(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, margin: float = DEFAU
     plan.check_gpu(gpu)
     backend = sdpa_backend(spec, plan, gpu)
     workspace = overhead.cublas_workspace_bytes(gpu.compute_capability)
-    depths = [fast_depth(spec) if fast else spec.num_layers]
     # CPU offload: the same step with the sharded state on the host - traced on the device, then taken off it.
     traced = dataclasses.replace(plan, offload=False) if plan.offload else plan
-    traces = [cached_trace(spec, traced, d, backend) for d in depths]
-    phases, reserved = _compose(traces, spec.num_layers, offload=traces[-1] if plan.offload else None)
+    trace = cached_trace(spec, traced, fast_depth(spec) if fast else spec.num_layers, backend)
+    phases, reserved = _compose(trace, spec.num_layers, offload=trace if plan.offload else None)
     factors = calibration_factors(spec, gpu) if calibrated else None
     scale_alloc, scale_res = factors[:2] if factors else (1.0, 1.0)
     if factors:
@@ -109,8 +106,8 @@ def estimate(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, margin: float = DEFAU
     runtime = overhead.runtime_overhead_bytes(plan.has_process_group)
     margin_bytes = int(margin * gpu.memory_bytes)
     capacity = gpu.memory_bytes - runtime - workspace
-    whole = traces[-1].num_layers == spec.num_layers and not plan.offload  # a trace of every layer can be replayed
-    verdict, reason, gpu_reserved = _verdict(traces[-1] if whole else None, reserved,
+    whole = trace.num_layers == spec.num_layers and not plan.offload  # a trace of every layer can be replayed
+    verdict, reason, gpu_reserved = _verdict(trace if whole else None, reserved,
                                              capacity, margin_bytes, scale_res, plan.expandable_segments)
     return MemoryBreakdown(
         model=spec.name, gpu=gpu.name, plan=plan, phases=phases, peak_reserved_bytes=reserved + workspace,
@@ -153,10 +150,9 @@ def _replay(trace: TraceResult, capacity: int, expandable: bool = False):
     return replay(list(trace.events), capacity, expandable=expandable)
 
 
-def _landmarks(traces: list[TraceResult], depth: int) -> dict[tuple[Phase, str], dict[MemCategory, int]]:
+def _landmarks(t: TraceResult, depth: int) -> dict[tuple[Phase, str], dict[MemCategory, int]]:
     """Every landmark's bytes by category at ``depth`` layers: the trace's, plus, for each period of layers beyond
     the traced ones, what one period of layers holds there (``TraceResult.per_layer``)."""
-    t = traces[-1]
     periods = (depth - t.num_layers) / t.period
     out = {}
     for key, peak in t.landmarks.items():
@@ -230,13 +226,13 @@ def offloaded_events(trace: TraceResult) -> list[tuple[int, int, int, str]]:
     return kept
 
 
-def _compose(traces: list[TraceResult], depth: int, *,
+def _compose(trace: TraceResult, depth: int, *,
              offload: TraceResult | None = None) -> tuple[dict[Phase, dict[MemCategory, int]], int]:
     """Per-phase categories at each phase's peak and the reserved bytes, at ``depth`` layers (``offload``: see
     ``_finish``)."""
-    if traces[-1].num_layers == depth:
-        return _finish(_landmarks(traces, depth), lambda allocated: max(allocated, traces[-1].peak_reserved), offload)
-    return _finish(_landmarks(traces, depth), lambda allocated: allocated + max(0, _cache(traces[-1])), offload)
+    if trace.num_layers == depth:
+        return _finish(_landmarks(trace, depth), lambda allocated: max(allocated, trace.peak_reserved), offload)
+    return _finish(_landmarks(trace, depth), lambda allocated: allocated + max(0, _cache(trace)), offload)
 
 
 # --- trace cache ----------------------------------------------------------------------------------------------

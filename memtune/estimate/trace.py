@@ -79,7 +79,8 @@ class TraceResult:
     farthest from the running one (the last ones before they run, the first ones after; FSDP2's prefetch and the
     running layer's own memory stay with the layers the trace has)."""
     period: int = 1
-    """Layers per repetition of the stack's layer types (``layer_period``): ``per_layer`` is one period's bytes."""
+    """Layers per repetition of the stack's layer types (``ModelSpec.layer_period``): ``per_layer`` is one period's
+    bytes."""
 
     def phase_peak(self, phase: Phase) -> int:
         return max((v.total for (p, _), v in self.landmarks.items() if p == phase), default=0)
@@ -293,15 +294,6 @@ def _owners(tracker: _Tracker, model) -> None:
         del tracker.owners[key]
 
 
-def layer_period(spec: ModelSpec) -> int:
-    """Layers per repetition of the stack's pattern of layer types (Gemma-2 alternates sliding and global
-    attention: 2; a uniform stack: 1)."""
-    types = getattr(spec.hf_config(), "layer_types", None)  # transformers fills it in when the config omits it
-    if isinstance(types, list) and types:
-        return next(p for p in range(1, len(types) + 1) if all(types[i] == types[i % p] for i in range(len(types))))
-    return 1
-
-
 def _segment_hooks(tracker: _Tracker, model) -> None:
     """Mark where each decoder layer's forward and backward start, so peaks are kept per layer position."""
     from memtune.specs.model import _decoder_layers
@@ -501,7 +493,7 @@ def trace_step(spec: ModelSpec, plan: Plan, num_layers: int, *, sdpa_backend: st
                 # Two micro-batches (or one over kept gradients) show everything more would: gradients held
                 # across the next forward.
                 recipe.train_step(model, optimizer, batch, plan, on_phase=mark, micro_batches=micro_batches)
-    return tracker.result(num_layers, layer_period(spec))
+    return tracker.result(num_layers, spec.layer_period)
 
 
 def _phase_marker(tracker: _Tracker, model, optimizer):

@@ -52,6 +52,16 @@ class ModelSpec:
     def config(self) -> dict:
         return json.loads(self.config_json)
 
+    @property
+    def layer_period(self) -> int:
+        """Layers per repetition of the stack's pattern of layer types (Gemma-2 alternates sliding and global
+        attention: 2; a uniform stack: 1)."""
+        types = getattr(self.hf_config(), "layer_types", None)  # transformers fills it in when the config omits it
+        if isinstance(types, list) and types:
+            return next(p for p in range(1, len(types) + 1)
+                        if all(types[i] == types[i % p] for i in range(len(types))))
+        return 1
+
     def hf_config(self, num_layers: int | None = None):
         """A transformers ``PretrainedConfig``; ``num_layers`` truncates the decoder stack (and ``layer_types``)."""
         from transformers import AutoConfig
