@@ -77,9 +77,8 @@ def _bands() -> dict[str, list[float]]:
 def screen_band(plan: Plan) -> tuple[float, float]:
     """(under, over): how far below and above the trace the screen's requirement has been for plans of this class
     on the grid of ``bench/screen.py`` (``profiles/screen_bands.json``), each plus ``BAND_MARGIN`` and at least
-    ``MIN_BAND``; ``SCREEN_BAND``
-    either way for a class the grid does not cover. A plan screened above ``usable x (1 + over)`` cannot fit; one
-    below ``usable x (1 - under)`` fits."""
+    ``MIN_BAND``; ``SCREEN_BAND`` either way for a class the grid does not cover. A plan screened above
+    ``usable x (1 + over)`` cannot fit; one below ``usable x (1 - under)`` fits."""
     band = _bands().get(plan_class(plan))
     if not band:
         return SCREEN_BAND, SCREEN_BAND

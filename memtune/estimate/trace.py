@@ -113,9 +113,7 @@ class _Tracker(TorchDispatchMode):
     def track(self, t: torch.Tensor, category: MemCategory | None = None, layer: int | None = None) -> None:
         if not isinstance(t, torch.Tensor):
             return
-        local = getattr(t, "_local_tensor", None)
-        if local is not None:
-            t = local
+        t = _local(t)
         st = t.untyped_storage()
         key = id(st)
         rec = self.live.get(key)
@@ -181,8 +179,7 @@ class _Tracker(TorchDispatchMode):
 
     def layer_of(self, t: torch.Tensor) -> int | None:
         """The layer of the storage behind ``t`` (a weight, or anything tracked), if known."""
-        local = getattr(t, "_local_tensor", None)
-        key = id((local if local is not None else t).untyped_storage())
+        key = id(_local(t).untyped_storage())
         rec = self.live.get(key)
         return rec.layer if rec is not None else self.owners.get(key)
 
@@ -213,12 +210,13 @@ class _Tracker(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         category = MemCategory.FSDP_BUFFERS if func.namespace in ("fsdp", "c10d", "_c10d_functional") else None
         outs = tree_flatten(out)[0]
-        if func.__name__.startswith("_foreach_") and args and isinstance(args[0], (list, tuple)):
-            # one output per weight (e.g. the optimizer's temporaries): each belongs to that weight's layer
-            for t, like in zip(outs, args[0]):
-                self.track(t, category, layer=self.layer_of(like) if isinstance(like, torch.Tensor) else None)
-        for t in outs:
-            self.track(t, category)
+        # A foreach op makes one output per weight (e.g. the optimizer's temporaries): each belongs to that weight's
+        # layer.
+        foreach = func.__name__.startswith("_foreach_") and args and isinstance(args[0], (list, tuple))
+        weights = args[0] if foreach else ()
+        for i, t in enumerate(outs):
+            like = weights[i] if i < len(weights) else None
+            self.track(t, category, layer=self.layer_of(like) if isinstance(like, torch.Tensor) else None)
         workspace = cuda_workspace_bytes(func, args)
         if workspace:
             self.transient(workspace)
@@ -246,6 +244,12 @@ class _Tracker(TorchDispatchMode):
         return TraceResult(num_layers=num_layers, peak_reserved=self.allocator.peak_reserved, landmarks=landmarks,
                            events=tuple(self.events), host_resident=host_resident, gradients=gradients,
                            per_layer=per_layer, period=period)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor whose storage holds ``t``'s data on this rank: a DTensor's local shard, or ``t`` itself."""
+    local = getattr(t, "_local_tensor", None)
+    return local if local is not None else t
 
 
 def _far_layers(phase: Phase, segment: str, num_layers: int, period: int) -> range:
@@ -286,8 +290,7 @@ def _owners(tracker: _Tracker, model) -> None:
     shared = set()
     for i, layer in enumerate(_decoder_layers(model)):
         for t in [*layer.parameters(), *layer.buffers()]:  # buffers: k-bit weights' quantization constants
-            local = getattr(t, "_local_tensor", None)
-            key = id((local if local is not None else t).untyped_storage())
+            key = id(_local(t).untyped_storage())
             if tracker.owners.setdefault(key, i) != i:
                 shared.add(key)
     for key in shared:  # a storage more than one layer holds belongs to none of them

@@ -170,9 +170,7 @@ def with_fixed(kind: Plan, fixed: dict, **fields) -> Plan:
 def _screened_or_traced(spec: ModelSpec, plan: Plan, gpu: GpuSpec) -> MemoryBreakdown:
     """The screen where it is clear by a wide margin, the trace where it is close."""
     quick = screen(spec, plan, gpu)
-    usable = quick.usable_bytes
-    under, over = screen_band(plan)
-    if quick.required_bytes > usable * (1 + over) or quick.required_bytes < usable * (1 - under):
+    if _clearly_misses(quick) or _clearly_fits(quick):
         return quick
     return estimate(spec, plan, gpu, fast=True)
 
@@ -263,7 +261,7 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
             scaled = _scaled(c.breakdown, learned[twin])
             candidates[i] = dataclasses.replace(c, breakdown=scaled, reason=_reason(scaled))
             continue
-        if c.breakdown.required_bytes > usable * (1 + screen_band(c.plan)[1]) or traced >= MAX_TRACED:
+        if _clearly_misses(c.breakdown) or traced >= MAX_TRACED:
             continue
         traced += 1
         full = estimate(spec, c.plan, gpu, fast=True)
@@ -308,6 +306,12 @@ def _scaled(b: MemoryBreakdown, ratio: float) -> MemoryBreakdown:
     return dataclasses.replace(b, peak_reserved_bytes=round(b.peak_reserved_bytes * ratio), gpu_reserved_bytes=None,
                                verdict="does not fit",
                                verdict_reason="screen corrected by the trace of the same plan with AdamW")
+
+
+def _clearly_misses(b: MemoryBreakdown) -> bool:
+    """A screened plan whose need is above the usable memory by more than the screen's largest over-estimate in
+    its class."""
+    return b.required_bytes > b.usable_bytes * (1 + screen_band(b.plan)[1])
 
 
 def _clearly_fits(b: MemoryBreakdown) -> bool:
