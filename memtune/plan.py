@@ -34,8 +34,8 @@ class Plan:
     nodes: int = 1
     checkpointing: Checkpointing = "none"
     """full: recompute every decoder layer in backward (non-reentrant checkpointing of each layer). selective:
-    keep each layer's matmul and attention outputs and recompute only the cheap element-wise ops (norms, RoPE,
-    activation functions) - PyTorch's selective activation checkpointing, as torchtitan's op-level policy."""
+    recompute only cheap element-wise work in backward - each layer's normalizations, and in its feed-forward block
+    the activation function, whose matmul outputs are kept (``memtune.train.recipe.checkpoint_layer``)."""
     peft: Peft = "none"
     lora_rank: int = 8
     lora_alpha: int = 32

@@ -35,7 +35,9 @@ def measure_plan(spec: ModelSpec, plan: Plan, *, steps: int = 2, mesh=None, devi
     Returns:
         ``measured_peak_allocated_bytes``, ``measured_peak_reserved_bytes``, ``measured_peak_active_bytes``,
         ``measured_phases`` (peak allocated per phase), ``measured_categories`` (parameters, gradients, optimizer
-        states, per phase), ``num_alloc_retries``, ``num_ooms``, ``step_time_s``, ``tokens_per_s``, ``warmup_loss`` (the loss of the untouched weights), ``losses``;
+        states, per phase), ``num_alloc_retries``, ``num_ooms``, ``step_time_s``, ``tokens_per_s``, ``host_enqueue_s`` (the host's time
+        to issue a step: close to ``step_time_s`` when the host, not the GPU, sets the pace), ``phase_times_s`` (GPU
+        time per phase), ``warmup_loss`` (the loss of the untouched weights), ``losses``;
         or ``error: "oom"`` with the high-water marks when the plan ran out of memory.
     """
     device = device or torch.device("cuda", torch.cuda.current_device())
@@ -75,8 +77,11 @@ def _measure(spec, plan, steps, mesh, device, cuda, memory_cap_bytes, snapshot_p
         categories = {p.value: {} for p in Phase}
         state = {"phase": None, "reserved": 0, "active": 0}
 
+        events: list[tuple[str, torch.cuda.Event]] = []
+
         def mark(phase: str) -> None:
-            _sync(device)
+            # The caching allocator counts on the host, in the order ops are enqueued: its statistics need no
+            # synchronization, and the GPU keeps running while the host goes ahead (as in a real run).
             if cuda and state["phase"] is not None:
                 phases[state["phase"]] = max(phases[state["phase"]], torch.cuda.max_memory_allocated(device))
                 stats = torch.cuda.memory_stats(device)
@@ -92,15 +97,21 @@ def _measure(spec, plan, steps, mesh, device, cuda, memory_cap_bytes, snapshot_p
             state["phase"] = None if phase == "end" else phase
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
+                event = torch.cuda.Event(enable_timing=True)
+                event.record()
+                events.append((phase, event))
 
         if cuda and snapshot_path is not None:
             torch.cuda.memory._record_memory_history(max_entries=200_000)
+        _sync(device)
         losses = []
         start = time.perf_counter()
         for _ in range(steps):
-            losses.append(float(recipe.train_step(model, optimizer, batch, plan, scaler=scaler, on_phase=mark)))
+            losses.append(recipe.train_step(model, optimizer, batch, plan, scaler=scaler, on_phase=mark))
+        enqueued = (time.perf_counter() - start) / steps
         _sync(device)
         elapsed = (time.perf_counter() - start) / steps
+        losses = [float(x) for x in losses]
         if cuda and snapshot_path is not None:
             torch.cuda.memory._dump_snapshot(str(snapshot_path))
             torch.cuda.memory._record_memory_history(enabled=None)
@@ -110,6 +121,8 @@ def _measure(spec, plan, steps, mesh, device, cuda, memory_cap_bytes, snapshot_p
             "steps": steps,
             "measured_categories": categories,
             "step_time_s": elapsed,
+            "host_enqueue_s": enqueued,
+            "phase_times_s": _phase_times(events, steps),
             "tokens_per_s": plan.batch_size * plan.seq_len * plan.grad_accum / elapsed,
             "warmup_loss": warmup_loss,
             "losses": losses,
@@ -141,6 +154,15 @@ def _measure(spec, plan, steps, mesh, device, cuda, memory_cap_bytes, snapshot_p
             torch.cuda.empty_cache()
             if memory_cap_bytes is not None:
                 torch.cuda.set_per_process_memory_fraction(1.0, device)
+
+
+def _phase_times(events: list, steps: int) -> dict[str, float]:
+    """Seconds of GPU time per phase and step, from the events recorded at each phase boundary (empty on the CPU)."""
+    totals: dict[str, float] = {}
+    for (phase, start), (_, end) in zip(events, events[1:]):
+        if phase != "end":
+            totals[phase] = totals.get(phase, 0.0) + start.elapsed_time(end) / 1e3 / steps
+    return totals
 
 
 def _sync(device: torch.device) -> None:

@@ -1,0 +1,366 @@
+"""Step time on the GPU: what the step-time model is calibrated and checked on, and what selective checkpointing costs.
+
+    python bench/timing.py sac OUT.json                 # selective checkpointing variants against none and full
+    python bench/timing.py kernels OUT.json             # matmul, attention, element-wise and launch micro-benchmarks
+    python bench/timing.py grid OUT.jsonl [--deadline S] [--part even|odd|all]   # whole steps of the plan grid
+
+Every step is measured by ``memtune.validate.probe.measure_plan`` (the code ``memtune validate`` runs): one warm-up
+step, then timed steps with no synchronization inside them; ``host_enqueue_s`` is how long the host took to issue a
+step (close to the step time when the host, not the GPU, sets the pace). The grid appends one JSON line per plan and
+skips plans OUT.jsonl already holds, so a run cut short by ``--deadline`` can be continued.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from memtune.plan import Plan  # noqa: E402
+from memtune.specs.model import resolve_model  # noqa: E402
+from memtune.train import recipe  # noqa: E402
+from memtune.validate.probe import measure_plan  # noqa: E402
+
+MODELS = ("llama-guard-3-1b", "llama-3.2-3b", "llama-3.1-8b", "qwen2.5-0.5b", "gemma-2-2b", "qwen2.5-7b",
+          "mistral-7b")
+
+
+def versions() -> dict:
+    import peft
+    import transformers
+
+    out = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+           "gpu_name": torch.cuda.get_device_name()}
+    try:
+        import bitsandbytes
+
+        out["bitsandbytes"] = bitsandbytes.__version__
+    except ImportError:
+        pass
+    return out
+
+
+# --- selective checkpointing --------------------------------------------------------------------------------------
+
+def _torch_sac():
+    """The previous implementation: PyTorch's own modes with a MUST_SAVE policy for matmuls and attention."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    saved = recipe._saved_ops()
+    return create_selective_checkpoint_contexts(
+        lambda ctx, op, *args, **kwargs: CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE)
+
+
+def _wrap_whole(context_fn):
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    def checkpoint_layer(layer, checkpointing):
+        return checkpoint_wrapper(layer, **({"context_fn": context_fn} if checkpointing == "selective" else {}))
+
+    return checkpoint_layer
+
+
+def _wrap_modules(layer, checkpointing):
+    """Norms recomputed whole, the MLP selectively (its matmul outputs kept), attention not checkpointed."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    if checkpointing == "full":
+        return checkpoint_wrapper(layer)
+    for name, child in list(layer.named_children()):
+        if "Norm" in type(child).__name__:
+            setattr(layer, name, checkpoint_wrapper(child))
+        elif name in ("mlp", "feed_forward", "block_sparse_moe"):
+            setattr(layer, name, checkpoint_wrapper(child, context_fn=recipe.selective_checkpoint_context))
+    return layer
+
+
+SAC_VARIANTS = {
+    "torch-modes": _wrap_whole(_torch_sac),
+    "lean-modes": _wrap_whole(recipe.selective_checkpoint_context),
+    "titan-every-other-mm": _wrap_whole(functools.partial(recipe.selective_checkpoint_context,
+                                                          recipe.every_other_matmul)),
+    "modules": _wrap_modules,
+}
+SAC_CASES = [("llama-guard-3-1b", 2, 1152), ("llama-guard-3-1b", 2, 2048), ("llama-3.1-8b", 2, 2048)]
+
+
+def _profile(spec, plan) -> dict:
+    """One profiled step (after two warm-up steps): host and GPU time, op and kernel counts, the top entries."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device("cuda")
+    model = recipe.build_model(spec, plan, device=device)
+    optimizer = recipe.build_optimizer(model, plan)
+    batch = recipe.make_batch(spec, plan, device)
+    for _ in range(2):
+        recipe.train_step(model, optimizer, batch, plan)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        recipe.train_step(model, optimizer, batch, plan)
+        host = time.perf_counter() - start
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+
+    def device_us(e):
+        return getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
+
+    kernels = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA] or \
+        [e for e in events if device_us(e) > 0 and not e.key.startswith("aten::")]
+    aten = [e for e in events if e.key.startswith("aten::")]
+    del model, optimizer, batch
+    torch.cuda.empty_cache()
+    return {
+        "wall_s": wall, "host_enqueue_s": host,
+        "gpu_kernel_s": sum(device_us(e) for e in kernels) / 1e6,
+        "kernel_launches": sum(e.count for e in kernels),
+        "aten_calls": sum(e.count for e in aten),
+        "top_host": [{"op": e.key, "calls": e.count, "self_host_ms": e.self_cpu_time_total / 1e3}
+                     for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:15]],
+        "top_gpu": [{"kernel": e.key[:90], "calls": e.count, "ms": device_us(e) / 1e3}
+                    for e in sorted(kernels, key=lambda e: -device_us(e))[:10]],
+    }
+
+
+def sac(out: Path) -> None:
+    rows = []
+    original = recipe.checkpoint_layer
+    for model, batch, seq in SAC_CASES:
+        spec = resolve_model(model)
+        steps = 3 if spec.num_params > 5e9 else 6
+        for variant in ("none", "full", *SAC_VARIANTS):
+            checkpointing = variant if variant in ("none", "full") else "selective"
+            if spec.num_params > 5e9 and variant in ("lean-modes", "titan-every-other-mm"):
+                continue
+            recipe.checkpoint_layer = SAC_VARIANTS.get(variant, original)
+            plan = Plan(checkpointing=checkpointing, optimizer="adamw-fused", batch_size=batch, seq_len=seq)
+            try:
+                m = measure_plan(spec, plan, steps=steps)
+                row = {"model": model, "batch_size": batch, "seq_len": seq, "variant": variant,
+                       **{k: m.get(k) for k in ("step_time_s", "host_enqueue_s", "phase_times_s", "tokens_per_s",
+                                                "measured_peak_allocated_bytes", "num_alloc_retries", "error")}}
+                if model == "llama-guard-3-1b" and seq == 1152 and variant in ("none", "full", "torch-modes",
+                                                                                 "modules", "lean-modes"):
+                    row["profile"] = _profile(spec, plan)
+            finally:
+                recipe.checkpoint_layer = original
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
+    ratios = {}
+    for model, batch, seq in SAC_CASES:
+        case = {r["variant"]: r["step_time_s"] for r in rows if (r["model"], r["batch_size"], r["seq_len"]) ==
+                (model, batch, seq) and r.get("step_time_s")}
+        ratios[f"{model} {batch}x{seq}"] = {v: t / case["none"] for v, t in case.items() if "none" in case}
+    out.write_text(json.dumps({"versions": versions(), "command": "python bench/timing.py sac OUT.json",
+                               "ratios_to_none": ratios, "rows": rows}, indent=1) + "\n")
+    for case, r in ratios.items():
+        print(case, {k: round(v, 3) for k, v in r.items()})
+
+
+# --- micro-benchmarks ---------------------------------------------------------------------------------------------
+
+def _time(fn, *, min_s: float = 0.02, max_reps: int = 50) -> float:
+    """Median-free mean over enough repetitions to fill ``min_s``, by CUDA events, after one warm-up call."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    once = start.elapsed_time(end) / 1e3
+    reps = max(3, min(max_reps, int(min_s / max(once, 1e-6))))
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / reps
+
+
+def _dims(model: str) -> dict:
+    s = resolve_model(model)
+    return {"h": s.hidden_size, "q": s.num_attention_heads * s.head_dim, "kv": s.num_key_value_heads * s.head_dim,
+            "i": s.intermediate_size, "V": s.vocab_size, "heads": s.num_attention_heads,
+            "kv_heads": s.num_key_value_heads, "d": s.head_dim}
+
+
+def kernels(out: Path) -> None:
+    dev = "cuda"
+    rows = {"gemm": [], "sdpa": [], "elementwise": [], "launch": {}}
+    started = time.time()
+    shapes = set()
+    for model in MODELS:
+        d = _dims(model)
+        for n, k in ((d["q"], d["h"]), (d["kv"], d["h"]), (d["h"], d["q"]), (d["i"], d["h"]), (d["h"], d["i"]),
+                     (d["V"], d["h"]), (16, d["h"]), (d["q"], 16)):
+            shapes.add((n, k))
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for n, k in sorted(shapes):
+            for m in (256, 1024, 2304, 4096, 8192, 16384):
+                if dtype != torch.bfloat16 and (m not in (1024, 8192) or n * k > 4096 * 14336):
+                    continue
+                x = torch.randn(m, k, device=dev, dtype=dtype)
+                w = torch.randn(n, k, device=dev, dtype=dtype)
+                g = torch.randn(m, n, device=dev, dtype=dtype)
+                for layout, fn, mnk in (("fwd", lambda: x @ w.t(), (m, n, k)), ("dgrad", lambda: g @ w, (m, k, n)),
+                                        ("wgrad", lambda: g.t() @ x, (n, k, m))):
+                    t = _time(fn)
+                    rows["gemm"].append({"dtype": str(dtype).split(".")[-1], "layout": layout, "m": mnk[0],
+                                         "n": mnk[1], "k": mnk[2], "s": t,
+                                         "tflops": 2 * m * n * k / t / 1e12})
+                del x, w, g
+    print(f"gemm: {len(rows['gemm'])} in {time.time() - started:.0f} s", flush=True)
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    for model in MODELS[:6]:
+        d = _dims(model)
+        for seq in (512, 1152, 2048, 4096, 8192):
+            for tokens in (4096, 16384):
+                b = max(1, tokens // seq)
+                q = torch.randn(b, d["heads"], seq, d["d"], device=dev, dtype=torch.bfloat16, requires_grad=True)
+                k = torch.randn(b, d["kv_heads"], seq, d["d"], device=dev, dtype=torch.bfloat16, requires_grad=True)
+                v = torch.randn_like(k, requires_grad=True)
+                gqa = d["heads"] != d["kv_heads"]
+                fwd = functools.partial(sdpa, q, k, v, is_causal=True, enable_gqa=gqa)
+                out_ = fwd()
+                grad = torch.randn_like(out_)
+                t_fwd = _time(fwd)
+                t_both = _time(lambda: torch.autograd.grad(fwd(), (q, k, v), grad))
+                flops = 4 * b * d["heads"] * seq * seq * d["d"] / 2  # causal: half the score matrix
+                rows["sdpa"].append({"model": model, "batch": b, "seq": seq, "heads": d["heads"],
+                                     "kv_heads": d["kv_heads"], "head_dim": d["d"], "fwd_s": t_fwd,
+                                     "bwd_s": t_both - t_fwd, "fwd_flops": flops})
+                del q, k, v, out_, grad
+    print(f"sdpa: {len(rows['sdpa'])} in {time.time() - started:.0f} s", flush=True)
+    for dtype in (torch.bfloat16, torch.float32):
+        for exp in range(10, 29, 2):
+            n = 1 << exp
+            a = torch.randn(n, device=dev, dtype=dtype)
+            b = torch.randn(n, device=dev, dtype=dtype)
+            size = a.element_size()
+            for op, fn, moved in (("add", lambda: a + b, 3 * n * size), ("mul_", lambda: a.mul_(1.0), 2 * n * size),
+                                  ("to_fp32" if dtype == torch.bfloat16 else "to_bf16",
+                                   lambda: a.to(torch.float32 if dtype == torch.bfloat16 else torch.bfloat16),
+                                   n * size + n * (4 if dtype == torch.bfloat16 else 2)),
+                                  ("sum_rows", lambda: a.view(-1, 1024).sum(-1), n * size)):
+                t = _time(fn)
+                rows["elementwise"].append({"dtype": str(dtype).split(".")[-1], "op": op, "numel": n,
+                                            "bytes": moved, "s": t, "gbs": moved / t / 1e9})
+            del a, b
+    for rows_, vocab in ((2048, 128256), (8192, 128256), (4096, 151936)):
+        logits = torch.randn(rows_, vocab, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        labels = torch.randint(0, vocab, (rows_,), device=dev)
+        loss = lambda: torch.nn.functional.cross_entropy(logits.float(), labels)  # noqa: E731
+        t = _time(lambda: torch.autograd.grad(loss(), logits))
+        rows["elementwise"].append({"dtype": "bfloat16", "op": "cross_entropy_fwd_bwd", "numel": rows_ * vocab,
+                                    "bytes": rows_ * vocab * (2 + 4 + 4 + 4 + 2), "s": t,
+                                    "gbs": rows_ * vocab * 16 / t / 1e9})
+        del logits
+    x = torch.ones(1, device=dev)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(5000):
+        x.add_(1.0)
+    host = (time.perf_counter() - start) / 5000
+    gpu = _time(lambda: [x.add_(1.0) for _ in range(1000)], min_s=0.05, max_reps=20) / 1000
+    rows["launch"] = {"host_s_per_op": host, "gpu_s_per_kernel": gpu}
+    print(f"elementwise and launch in {time.time() - started:.0f} s: {rows['launch']}", flush=True)
+    out.write_text(json.dumps({"versions": versions(), "command": "python bench/timing.py kernels OUT.json",
+                               **rows}) + "\n")
+
+
+# --- whole steps --------------------------------------------------------------------------------------------------
+
+def _p(model, peft="none", ac="none", opt="adamw", b=1, s=2048, q="none", accum=1, precision="bf16"):
+    return model, Plan(peft="lora" if q != "none" else peft, quantization=q, checkpointing=ac, optimizer=opt,
+                       batch_size=b, seq_len=s, grad_accum=accum, precision=precision)
+
+
+L1, L3, L8, Q05, G2, M7 = "llama-guard-3-1b", "llama-3.2-3b", "llama-3.1-8b", "qwen2.5-0.5b", "gemma-2-2b", "mistral-7b"
+GRID = [
+    _p(L1, b=1), _p(L1, opt="adamw-fused", b=4), _p(L1, ac="selective", opt="adamw-fused", b=2, s=1152),
+    _p(L1, ac="selective", b=4), _p(L1, ac="full", b=8, s=1152), _p(L1, ac="full", opt="adamw-8bit", b=4),
+    _p(L1, opt="adamw-8bit", b=2, s=1152), _p(L1, ac="selective", opt="adamw-8bit", b=2, s=4096),
+    _p(L1, "lora", b=4), _p(L1, "lora", ac="selective", opt="adamw-fused", b=8, s=1024),
+    _p(L1, "lora", ac="full", b=2, s=4096), _p(L1, q="4bit", b=4), _p(L1, q="4bit", ac="full", b=2),
+    _p(L1, q="4bit", ac="selective", opt="adamw-fused", b=2, s=1024), _p(L1, q="8bit", b=2),
+    _p(L1, opt="sgd", b=2), _p(L1, b=2, precision="amp-bf16"), _p(L1, b=2, accum=2),
+    _p(L1, "lora", b=16, s=512), _p(L1, ac="full", opt="adamw-fused", b=1, s=8192),
+    _p(Q05, b=4), _p(Q05, ac="selective", b=8, s=1024), _p(Q05, ac="full", opt="adamw-fused", b=16, s=1024),
+    _p(Q05, "lora", b=8), _p(Q05, q="4bit", b=4), _p(Q05, opt="adamw-8bit", b=2, s=4096),
+    _p(Q05, "lora", ac="selective", opt="adamw-8bit", b=4), _p(Q05, b=2, s=1024, precision="fp32"),
+    _p(G2, b=2), _p(G2, ac="selective", opt="adamw-fused", b=4, s=1024), _p(G2, ac="full", b=4),
+    _p(G2, "lora", b=4), _p(G2, q="4bit", ac="full", opt="adamw-fused", b=2), _p(G2, opt="adamw-8bit", s=4096),
+    _p(L3, b=2), _p(L3, ac="full", b=8), _p(L3, ac="selective", b=4), _p(L3, opt="adamw-fused", b=4, s=1024),
+    _p(L3, "lora", b=4), _p(L3, "lora", ac="full", opt="adamw-fused", b=8), _p(L3, q="4bit", b=2, s=4096),
+    _p(L3, q="4bit", ac="selective", b=4), _p(L3, ac="selective", opt="adamw-8bit", b=2),
+    _p(L3, "lora", ac="selective", opt="adamw-8bit", b=2), _p(L3, opt="sgd", b=4, s=1024),
+    _p(L8, opt="adamw-fused", b=2), _p(L8, ac="full", b=4), _p(L8, ac="selective", opt="adamw-8bit", b=4),
+    _p(L8, "lora", b=4), _p(L8, q="4bit", b=2), _p(L8, q="4bit", ac="full", opt="adamw-fused", b=4),
+    _p(L8, "lora", ac="selective", b=2, s=4096), _p(L8, ac="full", opt="adamw-8bit", b=1, s=4096),
+    _p(M7, "lora", ac="full", b=4), _p(M7, q="4bit", b=2),
+]
+
+
+def grid(out: Path, deadline: float, part: str) -> None:
+    started = time.time()
+    done = set()
+    if out.exists():
+        done = {line.split('"key": ')[1].split('"')[1] for line in out.read_text().splitlines() if '"key": ' in line}
+    try:
+        import bitsandbytes  # noqa: F401
+        has_bnb = True
+    except ImportError:
+        has_bnb = False
+    meta = versions()
+    for i, (model, plan) in enumerate(GRID):
+        if part != "all" and i % 2 != (0 if part == "even" else 1):
+            continue
+        key = f"{model} {json.dumps(plan.to_dict(), sort_keys=True)}"
+        if key in done:
+            continue
+        if time.time() - started > deadline:
+            print(f"deadline: stopped before plan {i}", flush=True)
+            break
+        if not has_bnb and (plan.quantization != "none" or plan.optimizer == "adamw-8bit"):
+            continue
+        spec = resolve_model(model)
+        t0 = time.time()
+        m = measure_plan(spec, plan, steps=3 if spec.num_params > 5e9 else 5)
+        row = {"key": key, "index": i, "model": model, "plan": plan.to_dict(), "gpu": meta["gpu_name"],
+               **{k: m.get(k) for k in ("step_time_s", "host_enqueue_s", "phase_times_s", "tokens_per_s",
+                                        "measured_peak_allocated_bytes", "num_alloc_retries", "error")},
+               "wall_s": round(time.time() - t0, 1), "versions": meta}
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(i, model, plan.peft, plan.quantization, plan.checkpointing, plan.optimizer, plan.batch_size,
+              plan.seq_len, plan.grad_accum, plan.precision, m.get("step_time_s"), m.get("host_enqueue_s"),
+              m.get("error"), f"{time.time() - t0:.0f}s", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=("sac", "kernels", "grid"))
+    ap.add_argument("out")
+    ap.add_argument("--deadline", type=float, default=1e9, help="grid: start no plan after this many seconds")
+    ap.add_argument("--part", choices=("all", "even", "odd"), default="all")
+    args = ap.parse_args()
+    # cuBLAS handles and workspaces exist before anything is measured
+    a = torch.randn(256, 256, device="cuda", requires_grad=True)
+    (a @ a).sum().backward()
+    del a
+    {"sac": lambda: sac(Path(args.out)), "kernels": lambda: kernels(Path(args.out)),
+     "grid": lambda: grid(Path(args.out), args.deadline, args.part)}[args.what]()
+
+
+if __name__ == "__main__":
+    main()
