@@ -1,149 +1,156 @@
-"""Regret of the planner: measure the throughput of the top candidates on a capped H200 and compare the chosen
-plan with the best measured one.
+"""Regret of the planner: the plan it chooses against every plan worth trying, all measured in one run.
 
-    python bench/regret.py OUT.json [--top 4] [--cases 0,1]   # on a GPU machine (the 2-GPU case needs two)
-    python bench/regret.py OUT.json --from-log regret.log [--per-micro-batch]   # rebuild OUT.json from a log
+    python bench/regret.py plan bench/results/regret-plans.json       # on the CPU: this commit's planner, per case
+    python bench/regret.py measure bench/results/regret-plans.json OUT.json [--deadline S]   # on the GPU
 
-OUT.json is rewritten after every case. ``--from-log`` re-runs the (deterministic) planner for each case the log
-finished and pairs its candidates with the measured lines of the log by label: for a run cut off before it wrote
-its JSON. ``--per-micro-batch``: the log's tokens/s counted one micro-batch per step (``memtune validate`` before it
-counted gradient accumulation); they are multiplied by the plan's ``grad_accum`` and the logged value is kept.
+``plan`` records, for each case, the plan the planner chooses and the plans to measure beside it (in the chosen
+plan's precision): the ``MAX_WITHIN`` plans that fit (by their estimate) nearest to it within ``WITHIN`` of its
+estimated cost, and the obvious ones - no and full checkpointing with each optimizer, each at the split of the
+global batch into micro-batches the estimate likes best - with the planner's commit. ``measure`` runs each of them with ``memtune.validate.probe.measure_plan`` (the code ``memtune
+validate`` runs), on the H200 itself or capped to a smaller card's memory with that card's attention kernel (then
+only the ranking is checked: the speed is the H200's). A figure is what that commit's planner chose, measured.
+
+OUT.json: ``cases``, each with ``name``, ``gpu``, ``emulated``, ``commit``, ``chosen``, ``best``,
+``chosen_over_best`` (measured tokens/s of the chosen plan over the fastest measured) and every measured plan.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+WITHIN = 0.25
+MAX_WITHIN = 4
+"""Plans within ``WITHIN`` of the chosen one's estimated cost that are measured, nearest first (one device run of
+at most ten minutes holds about ten plans a case)."""
 CASES = [
-    # (label, plan arguments, GPUs the case needs): the seed case's full fine-tune, packed to 4,096 tokens
-    ("llama-guard-3-1b full FT on L4-24GB, packing 4096",
-     ["--model", "llama-guard-3-1b", "--gpu", "L4-24GB", "--seq-len", "4096", "--batching", "packing",
-      "--peft", "none"], 1),
-    ("llama-guard-3-1b full FT on V100-32GB, packing 4096",
-     ["--model", "llama-guard-3-1b", "--gpu", "V100-32GB", "--seq-len", "4096", "--batching", "packing",
-      "--peft", "none"], 1),
-    ("llama-3.2-3b on L4-24GB, global batch 16 x 2048",
-     ["--model", "llama-3.2-3b", "--gpu", "L4-24GB", "--seq-len", "2048", "--global-batch", "16"], 1),
-    ("llama-guard-3-1b full FT on 2 x V100-32GB, packing 4096",
-     ["--model", "llama-guard-3-1b", "--gpu", "V100-32GB", "--num-gpus", "2", "--seq-len", "4096",
-      "--batching", "packing", "--peft", "none"], 2),
+    # (name, model, GPU, planner options, emulated on the H200)
+    ("llama-3.1-8b full FT, global 8 x 2048", "llama-3.1-8b", "H200-141GB",
+     {"seq_len": 2048, "global_batch": 8, "fixed": {"peft": "none"}}, False),
+    ("llama-3.2-3b full FT, global 16 x 2048", "llama-3.2-3b", "H200-141GB",
+     {"seq_len": 2048, "global_batch": 16, "fixed": {"peft": "none"}}, False),
+    ("llama-guard-3-1b full FT, packed 4096, global 16", "llama-guard-3-1b", "H200-141GB",
+     {"seq_len": 4096, "global_batch": 16, "batching": "packing", "fixed": {"peft": "none"}}, False),
+    ("llama-3.1-8b LoRA, global 8 x 2048", "llama-3.1-8b", "H200-141GB",
+     {"seq_len": 2048, "global_batch": 8, "fixed": {"peft": "lora", "quantization": "none"}}, False),
+    ("llama-3.1-8b QLoRA 4-bit, global 8 x 2048", "llama-3.1-8b", "H200-141GB",
+     {"seq_len": 2048, "global_batch": 8, "fixed": {"peft": "lora", "quantization": "4bit"}}, False),
+    ("llama-guard-3-1b full FT on L4-24GB, global 8 x 1152", "llama-guard-3-1b", "L4-24GB",
+     {"seq_len": 1152, "global_batch": 8, "fixed": {"peft": "none"}}, True),
+    ("llama-3.2-3b LoRA on V100-32GB, global 16 x 2048", "llama-3.2-3b", "V100-32GB",
+     {"seq_len": 2048, "global_batch": 16, "fixed": {"peft": "lora", "quantization": "none"}}, True),
 ]
-PLAN_OPTIONS = ("precision", "sharding", "num_gpus", "checkpointing", "peft", "quantization", "optimizer",
-                "batch_size", "seq_len", "attention", "grad_accum", "offload", "expandable_segments")
 
 
-def validate_options(plan: dict) -> list[str]:
-    """``memtune validate`` options that reproduce ``plan`` (a plan's JSON object)."""
-    cli = []
-    for key in PLAN_OPTIONS:
-        flag = "--" + key.replace("_", "-")
-        if isinstance(plan[key], bool):
-            cli.append(flag if plan[key] else "--no-" + key.replace("_", "-"))
-        else:
-            cli += [flag, str(plan[key])]
-    return cli
+def _commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                           cwd=Path(__file__).parent).stdout.strip()
+    return out.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def plan_cases(out: Path) -> None:
+    from memtune.planner import plan_candidates
+    from memtune.specs import resolve_gpu, resolve_model
+
+    cases = []
+    for name, model, gpu_name, options, emulated in CASES:
+        spec, gpu = resolve_model(model), resolve_gpu(gpu_name)
+        started = time.time()
+        result = plan_candidates(spec, gpu, **options)
+        chosen = result.chosen
+        fitting = [c for c in result.candidates if c.fits and c.cost is not None and not c.plan.offload
+                   and not c.plan.expandable_segments and c.plan.precision == chosen.plan.precision]
+        picked = {chosen.plan: "chosen"}
+        limit = chosen.cost.gpu_seconds_per_token * (1 + WITHIN)
+        close = sorted((c for c in fitting if c.cost.gpu_seconds_per_token <= limit),
+                       key=lambda c: c.cost.gpu_seconds_per_token)
+        for c in close[:MAX_WITHIN]:
+            picked.setdefault(c.plan, f"within {WITHIN:.0%}")
+        for ac in ("none", "full"):
+            for optimizer in ("adamw", "adamw-fused", "adamw-8bit"):
+                same = [c for c in fitting if (c.plan.checkpointing, c.plan.optimizer) == (ac, optimizer)]
+                if same:  # the split of the global batch the estimate likes best
+                    picked.setdefault(max(same, key=lambda c: c.cost.tokens_per_s).plan, "obvious")
+        by_plan = {c.plan: c for c in fitting}
+        rows = [{"why": why, "label": by_plan[p].label if p in by_plan else chosen.label, "plan": p.to_dict(),
+                 "estimated_tokens_per_s": (by_plan.get(p) or chosen).cost.tokens_per_s,
+                 "cost_method": (by_plan.get(p) or chosen).cost.method} for p, why in picked.items()]
+        cases.append({"name": name, "model": model, "gpu": gpu_name, "emulated": emulated, "options": options,
+                      "chosen": chosen.plan.to_dict(), "plans": rows, "planning_s": round(time.time() - started, 1)})
+        print(f"{name}: chosen {chosen.label}; {len(rows)} plans to measure ({time.time() - started:.0f} s)",
+              flush=True)
+    out.write_text(json.dumps({"commit": _commit(), "within": WITHIN, "cases": cases}, indent=1) + "\n")
+
+
+def measure(plans_file: Path, out: Path, deadline: float) -> None:
+    import torch
+
+    from memtune.estimate import overhead, sdpa_backend
+    from memtune.plan import Plan
+    from memtune.specs import resolve_gpu, resolve_model
+    from memtune.validate.probe import measure_plan
+
+    started = time.time()
+    planned = json.loads(plans_file.read_text())
+    results = []
+    a = torch.randn(256, 256, device="cuda", requires_grad=True)
+    (a @ a).sum().backward()
+    for case in planned["cases"]:
+        spec, gpu = resolve_model(case["model"]), resolve_gpu(case["gpu"])
+        measured = []
+        for row in case["plans"]:
+            if time.time() - started > deadline:
+                print("deadline reached", flush=True)
+                break
+            plan = Plan.from_dict(row["plan"])
+            cap = gpu.memory_bytes - overhead.runtime_overhead_bytes(plan.has_process_group) \
+                if case["emulated"] else None
+            backend = sdpa_backend(spec, plan, gpu) if case["emulated"] else None
+            t0 = time.time()
+            m = measure_plan(spec, plan, steps=2 if spec.num_params > 5e9 else 4, memory_cap_bytes=cap,
+                             sdpa_backend=backend)
+            tokens = plan.batch_size * plan.seq_len * plan.grad_accum
+            measured.append({**row, "measured_tokens_per_s": None if m.get("error") else tokens / m["step_time_s"],
+                             "measured_step_time_s": m.get("step_time_s"), "error": m.get("error"),
+                             "measured_peak_allocated_bytes": m.get("measured_peak_allocated_bytes"),
+                             "wall_s": round(time.time() - t0, 1)})
+            print(f"  {row['why']:10} {row['label']}: estimated {row['estimated_tokens_per_s']:,.0f}, measured "
+                  f"{measured[-1]['measured_tokens_per_s'] or 0:,.0f} tokens/s {m.get('error') or ''}", flush=True)
+        ok = [r for r in measured if r["measured_tokens_per_s"]]
+        chosen = next((r for r in measured if r["why"] == "chosen"), None)
+        best = max(ok, key=lambda r: r["measured_tokens_per_s"]) if ok else None
+        ratio = chosen["measured_tokens_per_s"] / best["measured_tokens_per_s"] \
+            if chosen and best and chosen["measured_tokens_per_s"] else None
+        results.append({"name": case["name"], "gpu": case["gpu"], "emulated": case["emulated"],
+                        "commit": planned["commit"], "chosen": case["chosen"], "best": best and best["plan"],
+                        "best_label": best and best["label"], "chosen_over_best": ratio, "measured": measured,
+                        "device": torch.cuda.get_device_name(), "torch": torch.__version__})
+        print(f"{case['name']}: chosen/best {ratio}", flush=True)
+        out.write_text(json.dumps({"command": "python bench/regret.py measure PLANS.json OUT.json",
+                                   "cases": results}, indent=1) + "\n")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("out")
-    ap.add_argument("--top", type=int, default=4)
-    ap.add_argument("--cases", default="", help="comma-separated indices into CASES (default: all)")
-    ap.add_argument("--from-log", default=None, help="rebuild OUT.json from this log of an earlier run")
-    ap.add_argument("--per-micro-batch", action="store_true",
-                    help="the log's tokens/s counted one micro-batch per step: multiply by grad_accum")
+    sub = ap.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("plan")
+    p.add_argument("out", type=Path)
+    m = sub.add_parser("measure")
+    m.add_argument("plans", type=Path)
+    m.add_argument("out", type=Path)
+    m.add_argument("--deadline", type=float, default=1e9)
     args = ap.parse_args()
-    if args.from_log:
-        Path(args.out).write_text(json.dumps(from_log(Path(args.from_log), args.per_micro_batch), indent=2) + "\n")
-        return
-    import torch
-
-    chosen_cases = [CASES[int(i)] for i in args.cases.split(",")] if args.cases else CASES
-    results = []
-    for label, plan_args, gpus in chosen_cases:
-        if gpus > torch.cuda.device_count():
-            print(f"skipped (needs {gpus} GPUs): {label}", flush=True)
-            continue
-        plan = _plan(plan_args)
-        gpu = plan_args[plan_args.index("--gpu") + 1]
-        measured = []
-        for c in _fitting(plan)[:args.top]:
-            p = c["plan"]
-            cli = ["--model", plan_args[1], "--emulate-gpu", gpu, "--steps", "5", "--json", *validate_options(p)]
-            t0 = time.time()
-            proc = subprocess.run([sys.executable, "-m", "memtune", "validate", *cli], capture_output=True, text=True)
-            record = json.loads(proc.stdout) if proc.stdout.strip().startswith("{") else {"error": proc.stderr[-500:]}
-            ranks = record.get("ranks") or [{}]
-            measured.append({"label": c["label"], "plan": p, "estimated_tokens_per_s": c["cost"]["tokens_per_s"],
-                             "measured_tokens_per_s": None if record.get("oom") else ranks[0].get("tokens_per_s"),
-                             "verdict": record.get("verdict", record.get("error")),
-                             "wall_s": round(time.time() - t0, 1),
-                             **{k: record.get(k) for k in ("estimated_peak_allocated_bytes",
-                                                           "measured_peak_allocated_bytes")}})
-            print(measured[-1]["label"], measured[-1]["measured_tokens_per_s"], measured[-1]["verdict"], flush=True)
-        results.append(_case_result(label, plan, measured))
-        print(label, "chosen/best measured throughput:", results[-1]["chosen_over_best_measured"], flush=True)
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-
-
-def _plan(plan_args: list[str]) -> dict:
-    return json.loads(subprocess.run([sys.executable, "-m", "memtune", "plan", *plan_args, "--json"],
-                                     capture_output=True, text=True, check=True).stdout)
-
-
-def _fitting(plan: dict) -> list[dict]:
-    """The fitting candidates in the planner's order."""
-    return sorted((c for c in plan["candidates"] if c["fits"]), key=lambda c: c["rank"])
-
-
-def _case_result(label: str, plan: dict, measured: list[dict]) -> dict:
-    ok = [m for m in measured if m["measured_tokens_per_s"]]
-    best = max(ok, key=lambda m: m["measured_tokens_per_s"]) if ok else None
-    chosen = next((m for m in measured if plan["chosen"] and m["plan"] == plan["chosen"]), None)
-    ratio = (chosen["measured_tokens_per_s"] / best["measured_tokens_per_s"]
-             if chosen and best and chosen["measured_tokens_per_s"] else None)
-    return {"case": label, "chosen": plan["chosen"], "measured": measured, "chosen_over_best_measured": ratio}
-
-
-def from_log(log: Path, per_micro_batch: bool = False) -> list[dict]:
-    """Cases the log finished, re-planned here, with the log's measured tokens/s and verdicts (lines
-    ``LABEL TOKENS_PER_S VERDICT`` per candidate, then ``CASE chosen/best measured throughput: R``)."""
-    lines = [x for x in log.read_text().splitlines() if x.strip()]
-    ends = {label: i for label, _, _ in CASES for i, x in enumerate(lines) if x.startswith(f"{label} chosen/best")}
-    results = []
-    start = 0
-    for label, plan_args, _ in CASES:
-        if label not in ends:
-            continue
-        block, start = lines[start:ends[label]], ends[label] + 1
-        plan = _plan(plan_args)
-        by_label = {c["label"]: c for c in plan["candidates"]}
-        measured = []
-        for line in block:
-            name = max((k for k in by_label if line.startswith(k + " ")), key=len, default=None)
-            if name is None:  # measured then, not among the current planner's candidates
-                m = re.match(r"^(.*?) (None|\d+\.\d+) (.*)$", line)
-                if m:
-                    measured.append({"label": m[1], "plan": None, "estimated_tokens_per_s": None,
-                                     "measured_tokens_per_s": None if m[2] == "None" else float(m[2]),
-                                     "verdict": m[3], "note": "not a candidate of the current planner"})
-                continue
-            c = by_label[name]
-            value, verdict = line[len(name) + 1:].split(" ", 1)
-            logged = None if value == "None" else float(value)
-            row = {"label": name, "plan": c["plan"], "estimated_tokens_per_s": c["cost"]["tokens_per_s"],
-                   "measured_tokens_per_s": logged, "verdict": verdict}
-            if per_micro_batch and logged is not None and c["plan"]["grad_accum"] > 1:
-                row |= {"measured_tokens_per_s": logged * c["plan"]["grad_accum"], "logged_tokens_per_s": logged}
-            measured.append(row)
-        results.append({**_case_result(label, plan, measured), "source": f"rebuilt from {log.name}"})
-    return results
+    if args.what == "plan":
+        plan_cases(args.out)
+    else:
+        measure(args.plans, args.out, args.deadline)
 
 
 if __name__ == "__main__":

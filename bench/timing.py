@@ -1,8 +1,9 @@
 """Step time on the GPU: what the step-time model is calibrated and checked on, and what selective checkpointing costs.
 
-    python bench/timing.py sac OUT.json                 # selective checkpointing variants against none and full
+    python bench/timing.py sac OUT.json [--study]       # no / selective / full checkpointing (--study: the other
+                                                        # placements of selective checkpointing, profiled)
     python bench/timing.py kernels OUT.json             # matmul, attention, element-wise and launch micro-benchmarks
-    python bench/timing.py grid OUT.jsonl [--deadline S] [--part even|odd|all]   # whole steps of the plan grid
+    python bench/timing.py grid OUT.jsonl [--deadline S] [--checkpointing selective]   # whole steps of the grid
 
 Every step is measured by ``memtune.validate.probe.measure_plan`` (the code ``memtune validate`` runs): one warm-up
 step, then timed steps with no synchronization inside them; ``host_enqueue_s`` is how long the host took to issue a
@@ -131,14 +132,17 @@ def _profile(spec, plan) -> dict:
     }
 
 
-def sac(out: Path) -> None:
+def sac(out: Path, study: bool) -> None:
+    """Step time of no, selective (memtune's) and full checkpointing at the same micro-batch; with ``study`` also
+    the other placements of selective checkpointing (``SAC_VARIANTS``), profiled at 1B x 1,152 tokens."""
     rows = []
     original = recipe.checkpoint_layer
+    variants = ("none", "full", "selective", *(SAC_VARIANTS if study else ()))
     for model, batch, seq in SAC_CASES:
         spec = resolve_model(model)
         steps = 3 if spec.num_params > 5e9 else 6
-        for variant in ("none", "full", *SAC_VARIANTS):
-            checkpointing = variant if variant in ("none", "full") else "selective"
+        for variant in variants:
+            checkpointing = variant if variant in ("none", "full", "selective") else "selective"
             if spec.num_params > 5e9 and variant in ("lean-modes", "titan-every-other-mm"):
                 continue
             recipe.checkpoint_layer = SAC_VARIANTS.get(variant, original)
@@ -148,8 +152,8 @@ def sac(out: Path) -> None:
                 row = {"model": model, "batch_size": batch, "seq_len": seq, "variant": variant,
                        **{k: m.get(k) for k in ("step_time_s", "host_enqueue_s", "phase_times_s", "tokens_per_s",
                                                 "measured_peak_allocated_bytes", "num_alloc_retries", "error")}}
-                if model == "llama-guard-3-1b" and seq == 1152 and variant in ("none", "full", "torch-modes",
-                                                                                 "modules", "lean-modes"):
+                if study and model == "llama-guard-3-1b" and seq == 1152 and variant in (
+                        "none", "full", "torch-modes", "modules", "lean-modes"):
                     row["profile"] = _profile(spec, plan)
             finally:
                 recipe.checkpoint_layer = original
@@ -160,8 +164,12 @@ def sac(out: Path) -> None:
         case = {r["variant"]: r["step_time_s"] for r in rows if (r["model"], r["batch_size"], r["seq_len"]) ==
                 (model, batch, seq) and r.get("step_time_s")}
         ratios[f"{model} {batch}x{seq}"] = {v: t / case["none"] for v, t in case.items() if "none" in case}
-    out.write_text(json.dumps({"versions": versions(), "command": "python bench/timing.py sac OUT.json",
-                               "ratios_to_none": ratios, "rows": rows}, indent=1) + "\n")
+    result = {"versions": versions(), "command": f"python bench/timing.py sac OUT.json{' --study' * study}",
+              "cases": list(ratios),
+              "ratio_selective_to_none": [r.get("selective") for r in ratios.values()],
+              "ratio_full_to_none": [r.get("full") for r in ratios.values()],
+              "ratios_to_none": ratios, "rows": rows}
+    out.write_text(json.dumps(result, indent=1) + "\n")
     for case, r in ratios.items():
         print(case, {k: round(v, 3) for k, v in r.items()})
 
@@ -311,7 +319,7 @@ GRID = [
 ]
 
 
-def grid(out: Path, deadline: float, part: str) -> None:
+def grid(out: Path, deadline: float, checkpointing: str | None) -> None:
     started = time.time()
     done = set()
     if out.exists():
@@ -323,7 +331,7 @@ def grid(out: Path, deadline: float, part: str) -> None:
         has_bnb = False
     meta = versions()
     for i, (model, plan) in enumerate(GRID):
-        if part != "all" and i % 2 != (0 if part == "even" else 1):
+        if checkpointing and plan.checkpointing != checkpointing:
             continue
         key = f"{model} {json.dumps(plan.to_dict(), sort_keys=True)}"
         if key in done:
@@ -352,14 +360,16 @@ def main() -> None:
     ap.add_argument("what", choices=("sac", "kernels", "grid"))
     ap.add_argument("out")
     ap.add_argument("--deadline", type=float, default=1e9, help="grid: start no plan after this many seconds")
-    ap.add_argument("--part", choices=("all", "even", "odd"), default="all")
+    ap.add_argument("--checkpointing", choices=("none", "selective", "full"), default=None,
+                    help="grid: only the plans with this checkpointing")
+    ap.add_argument("--study", action="store_true", help="sac: every placement of selective checkpointing")
     args = ap.parse_args()
     # cuBLAS handles and workspaces exist before anything is measured
     a = torch.randn(256, 256, device="cuda", requires_grad=True)
     (a @ a).sum().backward()
     del a
-    {"sac": lambda: sac(Path(args.out)), "kernels": lambda: kernels(Path(args.out)),
-     "grid": lambda: grid(Path(args.out), args.deadline, args.part)}[args.what]()
+    {"sac": lambda: sac(Path(args.out), args.study), "kernels": lambda: kernels(Path(args.out)),
+     "grid": lambda: grid(Path(args.out), args.deadline, args.checkpointing)}[args.what]()
 
 
 if __name__ == "__main__":

@@ -86,10 +86,13 @@ def render_plan(console: Console, spec, gpu, result, *, top: int = 12) -> None:
         mark = "[bold]> [/]" if c is result.chosen else "  "
         table.add_row(mark + escape(c.label), f"{c.plan.batch_size} x {c.plan.grad_accum}",
                       f"{gib(c.breakdown.required_bytes):.2f}", f"{gib(c.breakdown.headroom_bytes):+.2f}",
-                      f"{c.cost.tokens_per_s:,.0f}",
+                      f"{c.cost.tokens_per_s:,.0f}" + (" measured" if c.measured else ""),
                       f"[{styles.get(verdict, 'red')}]{verdict}[/]",
                       {"trace": "traced", "screen": "screened"}[c.breakdown.method])
     console.print(table)
+    if any(c.measured for c in shown):
+        console.print("tokens/s marked measured: that plan ran on this GPU (`memtune tune`); its measured speed, "
+                      "counted in this data's real tokens", highlight=False)
     traced = sum(c.breakdown.method == "trace" for c in estimated)
     invalid = len(result.candidates) - len(estimated)
     console.print(f"{len(result.candidates)} candidates: {len(estimated)} estimated ({traced} traced, the rest "
@@ -117,8 +120,9 @@ def render_plan(console: Console, spec, gpu, result, *, top: int = 12) -> None:
     if result.chosen is None:
         console.print("[bold red]no candidate fits[/]: try a shorter --seq-len, a smaller --batch-size or more GPUs")
         return
+    speed = "measured" if result.chosen.measured else "about"
     console.print(f"chosen: [bold]{result.chosen.label}[/] - the fewest GPU-seconds per trained token among the plans "
-                  f"that fit (about {result.chosen.cost.tokens_per_s:,.0f} tokens/s per GPU)")
+                  f"that fit ({speed} {result.chosen.cost.tokens_per_s:,.0f} tokens/s per GPU)")
     render_breakdown(console, spec, result.chosen.breakdown)
 
 

@@ -28,7 +28,7 @@ from memtune.errors import InvalidPlanError
 from memtune.estimate import overhead
 from memtune.estimate.breakdown import MemoryBreakdown
 from memtune.estimate.categories import MemCategory, Phase
-from memtune.estimate.trace import PhasePeak, TraceResult
+from memtune.estimate.trace import OpRecord, PhasePeak, TraceResult
 from memtune.plan import Plan
 from memtune.specs.gpu import GpuSpec
 from memtune.specs.model import ModelSpec
@@ -36,7 +36,7 @@ from memtune.specs.model import ModelSpec
 DEFAULT_MARGIN = 0.02
 """Share of the GPU's memory kept free for the ``fits`` verdict."""
 
-TRACE_FORMAT = 7
+TRACE_FORMAT = 8
 
 
 def sdpa_backend(spec: ModelSpec, plan: Plan, gpu: GpuSpec) -> str:
@@ -289,14 +289,16 @@ def _to_json(r: TraceResult) -> dict:
             "events": [x for op, uid, n, st in r.events for x in (op, uid, n, streams.index(st))],
             "host_resident": sorted(r.host_resident), "gradients": sorted(r.gradients), "period": r.period,
             "per_layer": [[p.value, seg, {c.value: n for c, n in v.items() if n}]
-                          for (p, seg), v in (r.per_layer or {}).items()]}
+                          for (p, seg), v in (r.per_layer or {}).items()],
+            "ops": [list(op) for op in r.ops]}
 
 
 def _from_json(d: dict) -> TraceResult:
     flat, streams = d["events"], d["streams"]
     events = tuple((flat[i], flat[i + 1], flat[i + 2], streams[flat[i + 3]]) for i in range(0, len(flat), 4))
     per_layer = {(Phase(p), seg): {MemCategory(c): n for c, n in cats.items()} for p, seg, cats in d["per_layer"]}
-    return TraceResult(num_layers=d["num_layers"], peak_reserved=d["peak_reserved"], events=events,
+    ops = tuple(OpRecord(*op) for op in d["ops"])
+    return TraceResult(num_layers=d["num_layers"], peak_reserved=d["peak_reserved"], events=events, ops=ops,
                        host_resident=frozenset(d["host_resident"]), gradients=frozenset(d["gradients"]),
                        period=d["period"], per_layer=per_layer, landmarks={
         (Phase(p), seg): PhasePeak(total=total, by_category={MemCategory(c): n for c, n in cats.items()})

@@ -24,6 +24,7 @@ import gc
 import itertools
 import weakref
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -33,7 +34,7 @@ from memtune.estimate.allocator import Block, CachingAllocatorModel
 from memtune.estimate.categories import MemCategory, Phase
 from memtune.plan import Plan
 from memtune.specs.model import ModelSpec
-from memtune.train import recipe
+from memtune.train import quant, recipe
 
 
 @dataclass(slots=True, eq=False)
@@ -56,6 +57,29 @@ class _Storage:
 class PhasePeak:
     total: int
     by_category: dict[MemCategory, int]
+
+
+class OpRecord(NamedTuple):
+    """One op of the traced step, as the step-time model needs it."""
+
+    micro_batch: int
+    """0 for the first micro-batch's forward and backward (and the optimizer step), 1 for the second."""
+    phase: str
+    layer: int | None
+    kind: str
+    """``mm`` (matmuls), ``attn`` / ``attn_bwd`` (fused attention forward / backward), ``mem`` (any other kernel:
+    element-wise, reductions, copies, foreach and fused optimizer ops), ``view`` (no kernel: views, metadata),
+    ``comm`` (collectives), ``frame`` (a checkpointed region is entered: no kernel, host work) and the stand-ins'
+    ``kbit`` (a k-bit matmul with its dequantization) and ``adam8bit`` (bitsandbytes' 8-bit update of one tensor)."""
+    flops: float
+    bytes: int
+    """Bytes read and written (inputs plus outputs; for attention, q, k, v and the output)."""
+    itemsize: int
+    """Bytes per element of the op's first floating-point input (picks the matmul rate)."""
+    tensors: int
+    """Tensors a foreach op works on (1 for others)."""
+    selective: bool
+    """Dispatched through selective checkpointing's modes (host work per op)."""
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -81,6 +105,8 @@ class TraceResult:
     period: int = 1
     """Layers per repetition of the stack's layer types (``ModelSpec.layer_period``): ``per_layer`` is one period's
     bytes."""
+    ops: tuple[OpRecord, ...] = ()
+    """What the traced step runs, op by op in order, for its time (``memtune.planner.steptime``)."""
 
     def phase_peak(self, phase: Phase) -> int:
         return max((v.total for (p, _), v in self.landmarks.items() if p == phase), default=0)
@@ -89,6 +115,10 @@ class TraceResult:
 class _Tracker(TorchDispatchMode):
     """Sees every tensor an op creates, books its storage into the caching-allocator model, frees it when the
     storage dies, and keeps, for each (phase, segment), the live storages at its highest point."""
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True  # skips a plain mode's per-op compile checks, several times the cost of the op on fake tensors
 
     def __init__(self, vocab_size: int, logits_numel: int, *, expandable_segments: bool = False):
         super().__init__()
@@ -108,6 +138,8 @@ class _Tracker(TorchDispatchMode):
         self.records: list[_Storage] = []
         self.layer: int | None = None
         self.owners: dict[int, int] = {}  # id(weight storage) -> its decoder layer
+        self.ops: list[OpRecord] = []
+        self.micro_batch = -1
 
     # --- bookkeeping -------------------------------------------------------------------------------------
     def track(self, t: torch.Tensor, category: MemCategory | None = None, layer: int | None = None) -> None:
@@ -184,6 +216,8 @@ class _Tracker(TorchDispatchMode):
         return rec.layer if rec is not None else self.owners.get(key)
 
     def set_phase(self, phase: str) -> None:
+        if phase == Phase.FORWARD and self.recording:
+            self.micro_batch += 1
         if phase == Phase.BACKWARD:
             # Everything the forward made and still holds is saved for backward.
             for rec in self.forward_records:
@@ -208,8 +242,10 @@ class _Tracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        category = MemCategory.FSDP_BUFFERS if func.namespace in ("fsdp", "c10d", "_c10d_functional") else None
+        comm = func.namespace in ("fsdp", "c10d", "_c10d_functional")
+        category = MemCategory.FSDP_BUFFERS if comm else None
         outs = tree_flatten(out)[0]
+        made = len(self.records)
         # A foreach op makes one output per weight (e.g. the optimizer's temporaries): each belongs to that weight's
         # layer.
         foreach = func.__name__.startswith("_foreach_") and args and isinstance(args[0], (list, tuple))
@@ -220,7 +256,48 @@ class _Tracker(TorchDispatchMode):
         workspace = cuda_workspace_bytes(func, args)
         if workspace:
             self.transient(workspace)
+        if self.recording:
+            self.ops.append(self._op_record(func, args, outs, comm, new_storage=len(self.records) > made))
         return out
+
+    def _op_record(self, func, args, outs, comm: bool, new_storage: bool) -> OpRecord:
+        name = func.__name__.split(".")[0]
+        inputs = [t for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)]
+        floating = next((t for t in inputs if t.is_floating_point()), None)
+        itemsize = floating.element_size() if floating is not None else 4
+        flops, tensors = 0.0, 1
+        if comm:
+            kind = "comm"
+        elif name in _MATMULS:
+            kind, flops = "mm", _matmul_flops(name, args, outs)
+        elif name in _ATTENTION or name in _ATTENTION_BACKWARD:
+            q, k = args[0], args[1]
+            kind = "attn" if name in _ATTENTION else "attn_bwd"
+            if name in _ATTENTION_BACKWARD:
+                q, k = args[1], args[2]
+            b, h, s, d = q.shape
+            flops = 4.0 * b * h * s * k.shape[-2] * d / 2  # the causal half of QK^T and PV
+            return OpRecord(self.micro_batch, self.phase, self.layer, kind, flops,
+                            sum(t.numel() * t.element_size() for t in inputs[:3]) * 2, itemsize, 1,
+                            recipe.in_selective_region())
+        elif func.is_view or name in _NO_KERNEL or not (new_storage or func._schema.is_mutable):
+            kind = "view"
+        else:
+            kind = "mem"
+            if name.startswith("_foreach_") or name.startswith("_fused_"):
+                tensors = len(args[0]) if args and isinstance(args[0], (list, tuple)) else 1
+        nbytes = 0
+        if kind in ("mm", "mem"):
+            nbytes = sum(t.numel() * t.element_size() for t in inputs) + sum(
+                t.numel() * t.element_size() for t in outs if isinstance(t, torch.Tensor))
+        return OpRecord(self.micro_batch, self.phase, self.layer, kind, flops, nbytes, itemsize, tensors,
+                        recipe.in_selective_region())
+
+    def note(self, kind: str, flops: float, nbytes: int, itemsize: int = 2) -> None:
+        """A kernel a stand-in stands for (``memtune.train.quant``): its FLOPs and bytes, for the step time."""
+        if self.recording:
+            self.ops.append(OpRecord(self.micro_batch, self.phase, self.layer, kind, flops, nbytes, itemsize, 1,
+                                     recipe.in_selective_region()))
 
     # --- result ------------------------------------------------------------------------------------------
     def result(self, num_layers: int, period: int = 1) -> TraceResult:
@@ -243,13 +320,38 @@ class _Tracker(TorchDispatchMode):
                                   and (r.category in host or r.phase == Phase.OPTIMIZER_STEP))
         return TraceResult(num_layers=num_layers, peak_reserved=self.allocator.peak_reserved, landmarks=landmarks,
                            events=tuple(self.events), host_resident=host_resident, gradients=gradients,
-                           per_layer=per_layer, period=period)
+                           per_layer=per_layer, period=period, ops=tuple(self.ops))
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The tensor whose storage holds ``t``'s data on this rank: a DTensor's local shard, or ``t`` itself."""
     local = getattr(t, "_local_tensor", None)
     return local if local is not None else t
+
+
+_MATMULS = frozenset({"mm", "addmm", "bmm", "baddbmm"})
+_NO_KERNEL = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh",
+                        "set_", "resize_", "_has_compatible_shallow_copy_type"})
+_ATTENTION = frozenset({"_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+                        "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"})
+_ATTENTION_BACKWARD = frozenset({f"{n}_backward" for n in _ATTENTION})
+
+
+def _matmul_flops(name: str, args, outs) -> float:
+    """2 m n k (times the batch of a batched matmul): the output's elements times twice the inner dimension."""
+    a = args[1] if name in ("addmm", "baddbmm") else args[0]
+    out = outs[0]
+    return 2.0 * out.numel() * a.shape[-1]
+
+
+def _checkpoint_frames(tracker: _Tracker, model) -> None:
+    """Record each entry into a checkpointed region (host work the step-time model counts)."""
+    for module in model.modules():
+        if type(module).__name__ == "CheckpointWrapper":
+            module.register_forward_pre_hook(
+                lambda m, args: tracker.ops.append(OpRecord(tracker.micro_batch, tracker.phase, tracker.layer,
+                                                            "frame", 0.0, 0, 0, 1, False))
+                if tracker.recording else None)
 
 
 def _far_layers(phase: Phase, segment: str, num_layers: int, period: int) -> range:
@@ -467,7 +569,7 @@ def trace_step(spec: ModelSpec, plan: Plan, num_layers: int, *, sdpa_backend: st
         with FakeTensorMode(allow_non_fake_inputs=True):
             model.to_empty(device="cpu")
             _retie(model)
-            with tracker, _fsdp_storage_hooks(tracker), _cuda_kernel_choices(sdpa_backend):
+            with tracker, _fsdp_storage_hooks(tracker), _cuda_kernel_choices(sdpa_backend), quant.kernel_notes(tracker.note):
                 _owners(tracker, model)
                 for t in [*model.parameters(), *model.buffers()]:
                     tracker.track(t, MemCategory.PARAMETERS)
@@ -475,6 +577,7 @@ def trace_step(spec: ModelSpec, plan: Plan, num_layers: int, *, sdpa_backend: st
                 batch = recipe.make_batch(spec, plan, "cpu")
                 mark = _phase_marker(tracker, model, optimizer)
                 _segment_hooks(tracker, model)
+                _checkpoint_frames(tracker, model)
                 micro_batches = min(plan.grad_accum, 2)
                 if quick_warmup:
                     for p in model.parameters():

@@ -84,7 +84,11 @@ def tune(
     peft: Annotated[str | None, typer.Option("--peft", help="Fix PEFT: none (full fine-tune) | lora.")] = None,
     quantization: Annotated[str | None, typer.Option(help="Fix quantization: none | 8bit | 4bit.")] = None,
     optimizer: Annotated[str | None, typer.Option("--optimizer", help="Fix the optimizer.")] = None,
-    candidates: Annotated[int, typer.Option(help="Validate up to this many of the cheapest plans that fit.")] = 3,
+    candidates: Annotated[int, typer.Option(help="Plans to validate. On the GPU planned for: at least this many "
+                                                 "(and 3), plus every plan within the time model's error of the "
+                                                 "cheapest; the fastest measured is launched. Emulated or without a "
+                                                 "GPU: up to this many of the cheapest; the first that validates "
+                                                 "is launched.")] = 3,
     validate_steps: Annotated[int, typer.Option(help="Measured steps per validation.")] = 3,
     output_dir: OutputDir = None,
     max_steps: MaxSteps = None,
@@ -94,7 +98,8 @@ def tune(
                                                                 "nodes).")] = False,
     report: Report = None,
 ) -> None:
-    """Plan, validate the best candidates, and launch the best that validated (the others as its fallbacks).
+    """Plan, validate the best candidates, and launch the best that validated (the others as its fallbacks): on
+    the GPU planned for, the fastest measured; emulated or without a GPU, the cheapest by the estimate.
 
     Exit codes as for launch.
     """

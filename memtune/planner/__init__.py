@@ -15,6 +15,7 @@ from memtune.errors import InvalidPlanError
 from memtune.estimate import MemoryBreakdown, estimate
 from memtune.estimate.screen import screen, screen_band
 from memtune.plan import Plan
+from memtune.planner import measured, steptime
 from memtune.planner.cost import NETWORK_GBS, CostEstimate, step_cost
 from memtune.specs.gpu import GpuSpec
 from memtune.specs.model import ModelSpec
@@ -28,6 +29,9 @@ class Candidate:
     reason: str
     """Why it does or does not fit (or cannot run)."""
     cost: CostEstimate | None = None
+    measured: Measurement | None = None
+    """This exact plan's latest measurement on the GPU (``memtune.planner.measured.Measurement``), which its cost
+    then reflects; None when it was never measured there."""
 
     @property
     def fits(self) -> bool:
@@ -71,6 +75,7 @@ class PlanResult:
                     "required_bytes": c.breakdown.required_bytes if c.breakdown else None,
                     "headroom_bytes": c.breakdown.headroom_bytes if c.breakdown else None,
                     "estimated_tokens_per_s": c.cost.tokens_per_s if c.cost else None,
+                    "measured_tokens_per_s": c.measured.tokens_per_s if c.measured else None,
                     "components": ({k.value: v for k, v in c.breakdown.components.items()} if c.breakdown
                                    else None),
                     "cost": c.cost.to_json() if c.cost else None}
@@ -104,6 +109,11 @@ activation checkpointing (``bench/results/fast.json``: -12.8 % .. +9.1 % over 60
 over 48): a fast verdict this close to the limit, either way, is settled at full depth."""
 MAX_TRACED = 12
 """Candidates traced, cheapest first, before the search settles for the closest miss."""
+FINALIST_BAND = 1.5
+"""Plans whose closed-form cost is within this factor of the plan the search settled on are ranked by their traced
+step time: the closed form's error on held-out plans reached 46 % before it learned the host's share
+(``bench/results/step_time.json``), the traced time's is far smaller."""
+MAX_FINALISTS = 8
 
 
 def candidate_plans(gpu: GpuSpec, *, num_gpus: int, nodes: int, batch_size: int, seq_len: int,
@@ -281,8 +291,47 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
         if confirmed.fits:
             chosen = confirmed
             break
-    return PlanResult(candidates=tuple(candidates), chosen=chosen, reference=reference, data=data, model=spec.name,
-                      gpu=gpu.name)
+    finalists = _trace_finalists(spec, gpu, candidates, chosen, shapes, network_gbs) if chosen else []
+    if chosen is not None:
+        chosen = candidates[next(i for i in finalists if candidates[i].plan == chosen.plan)]
+    # What this GPU measured corrects the estimates (``measured``), then the fastest finalist that fits is chosen.
+    result = measured.apply(PlanResult(candidates=tuple(candidates), chosen=chosen, reference=reference, data=data,
+                                       model=spec.name, gpu=gpu.name), gpu.name)
+    fitting = [result.candidates[i] for i in finalists if result.candidates[i].fits]
+    return dataclasses.replace(result, chosen=min(fitting, key=rank)) if fitting else result
+
+
+def _trace_finalists(spec: ModelSpec, gpu: GpuSpec, candidates: list[Candidate], chosen: Candidate,
+                     shapes: dict, network_gbs: float) -> list[int]:
+    """Trace the finalists and cost them by their traced step time (``candidates`` is updated in place); returns
+    their indices.
+
+    Finalists: the plan the search settled on and the other plans that fit (by their trace or by the screen) whose
+    closed-form cost is within ``FINALIST_BAND`` of it, cheapest first, ``MAX_FINALISTS`` at most. Each is traced:
+    its memory confirmed (a finalist the trace finds too large drops out), its time taken from the trace
+    (``steptime.traced_cost``).
+    """
+    limit = chosen.cost.gpu_seconds_per_token * FINALIST_BAND
+    pool = [i for i, c in enumerate(candidates)
+            if c is chosen or (c.fits and c.cost is not None and c.cost.gpu_seconds_per_token <= limit)]
+    pool = sorted(pool, key=lambda i: rank(candidates[i]))[:MAX_FINALISTS]
+    if not any(candidates[i] is chosen for i in pool):
+        pool.append(next(i for i, c in enumerate(candidates) if c is chosen))
+    for i in pool:
+        c = candidates[i]
+        breakdown = c.breakdown
+        if breakdown.method != "trace":
+            breakdown = estimate(spec, c.plan, gpu, fast=True)
+            if _close_call(breakdown):
+                breakdown = estimate(spec, c.plan, gpu)
+        efficiency, mean_seq_len = shapes.get((c.plan.batching, c.plan.batch_size), (1.0, None))
+        try:
+            traced = steptime.traced_cost(spec, c.plan, gpu, padding_efficiency=efficiency,
+                                          mean_seq_len=mean_seq_len, network_gbs=network_gbs)
+        except InvalidPlanError:
+            traced = c.cost
+        candidates[i] = dataclasses.replace(c, breakdown=breakdown, reason=_reason(breakdown), cost=traced)
+    return pool
 
 
 def describe(plan: Plan) -> str:

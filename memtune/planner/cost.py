@@ -51,6 +51,8 @@ class CostEstimate:
     tokens_per_s: float
     """Real (unpadded) tokens trained per second per GPU."""
     utilization: float
+    method: str = "closed form"
+    """``closed form`` (``step_cost``) or ``trace`` (``memtune.planner.steptime.traced_cost``)."""
 
     @property
     def gpu_seconds_per_token(self) -> float:
@@ -59,7 +61,8 @@ class CostEstimate:
     def to_json(self) -> dict:
         return {"step_time_s": self.step_time_s, "compute_s": self.compute_s,
                 "communication_s": self.communication_s, "tokens_per_s": self.tokens_per_s,
-                "gpu_seconds_per_token": self.gpu_seconds_per_token, "utilization": self.utilization}
+                "gpu_seconds_per_token": self.gpu_seconds_per_token, "utilization": self.utilization,
+                "method": self.method}
 
 
 def linear_params(spec: ModelSpec) -> int:
@@ -157,6 +160,18 @@ def selective_recompute_s(spec: ModelSpec, plan: Plan, gpu: GpuSpec, tokens: int
     return moved / (gpu.bandwidth_gbs * 1e9 * RECOMPUTE_BANDWIDTH_EFFICIENCY)
 
 
+def host_s(spec: ModelSpec, plan: Plan, gpu: GpuSpec) -> float:
+    """Seconds the host takes to issue a step's layers (Python, autograd, the dispatcher, the launches): the
+    calibrated time per layer and micro-batch (``host_per_layer_s``, from the step-time model on the H200's
+    traces) for the plan's kind of fine-tune and checkpointing. A step cannot run faster than this, whatever the
+    GPU: small micro-batches on a fast card are host-bound."""
+    from memtune.planner.steptime import host_layer_key
+
+    per_layer = next((data["step_time"].get("host_per_layer_s", {}) for _, data in calibrations(gpu.name)
+                      if data.get("step_time")), {})
+    return plan.grad_accum * spec.num_layers * per_layer.get(host_layer_key(plan), 0.0)
+
+
 def plan_class(plan: Plan) -> str:
     """The key utilization is calibrated by: compute dtype and base-weight quantization."""
     dtype = "fp32" if plan.precision == "fp32" else "16bit"
@@ -189,6 +204,7 @@ def step_cost(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, padding_efficiency: 
     compute = flops_per_token(spec, plan) * tokens / (peak_flops(gpu, plan) * util)
     compute += selective_recompute_s(spec, plan, gpu, tokens) + offload_s(spec, plan, gpu)
     compute += optimizer_s(spec, plan, gpu)
+    compute = max(compute, host_s(spec, plan, gpu))
     comm = 0.0
     if plan.sharding != "none" and plan.world_size > 1:
         n = plan.shard_degree

@@ -17,7 +17,9 @@ memory-equivalent stand-ins that allocate what bitsandbytes allocates (bitsandby
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -26,6 +28,27 @@ NF4_BLOCK = 64
 NF4_DOUBLE_QUANT_BLOCK = 256
 ADAM8BIT_BLOCK = 256
 ADAM8BIT_MIN_SIZE = 4096
+
+
+_note: Callable[..., None] | None = None
+
+
+@contextlib.contextmanager
+def kernel_notes(sink: Callable[..., None]):
+    """Tell ``sink(kind, flops, nbytes, itemsize)`` about the kernels the stand-ins stand for (the trace's step
+    time): a k-bit matmul's dequantization and product, which the stand-in only allocates for."""
+    global _note
+    previous, _note = _note, sink
+    try:
+        yield
+    finally:
+        _note = previous
+
+
+def _dequantize_bytes(out_features: int, in_features: int, bits: int, dtype: torch.dtype) -> int:
+    """Bytes a dequantization moves: the packed weight read, the weight written in ``dtype`` and read back."""
+    numel = out_features * in_features
+    return numel * bits // 8 + 2 * numel * dtype.itemsize
 
 
 class _KbitMatmul(torch.autograd.Function):
@@ -41,6 +64,9 @@ class _KbitMatmul(torch.autograd.Function):
             # Nothing is saved but the packed weight, and no aten matmul runs: selective checkpointing (which
             # saves matmul outputs) recomputes it (op by op on an H200, bench/results/op_memory/).
             x = x.to(compute_dtype)
+            if _note is not None:
+                _note("kbit", 2.0 * x.numel() * out_features,
+                      _dequantize_bytes(out_features, in_features, bits, compute_dtype), compute_dtype.itemsize)
             out = torch.empty((*rows, out_features), dtype=compute_dtype, device=x.device)
             weight = torch.empty(ctx.shape, dtype=compute_dtype, device=x.device)
             del weight
@@ -52,11 +78,16 @@ class _KbitMatmul(torch.autograd.Function):
         quantized = torch.empty(x.shape, dtype=torch.int8, device=x.device)
         scales = torch.empty(rows, dtype=torch.float32, device=x.device)
         del half, quantized, scales
+        if _note is not None:
+            _note("kbit", 2.0 * x.numel() * out_features, x.numel() * 3 + out_features * in_features,
+                  torch.int8.itemsize)
         return torch.empty((*rows, out_features), dtype=x.dtype, device=x.device)
 
     @staticmethod
     def backward(ctx, grad):
         dtype = ctx.compute_dtype if ctx.bits == 4 else ctx.input_dtype
+        if _note is not None:  # the product itself runs as an aten matmul below
+            _note("kbit", 0.0, _dequantize_bytes(*ctx.shape, ctx.bits, dtype), dtype.itemsize)
         weight = torch.empty(ctx.shape, dtype=dtype, device=grad.device)
         return (grad.to(dtype) @ weight).to(ctx.input_dtype), None, None, None, None, None
 

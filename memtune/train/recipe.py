@@ -138,6 +138,14 @@ def _saved_ops() -> frozenset:
     return frozenset(getattr(aten, n).default for n in names if hasattr(aten, n))
 
 
+_SELECTIVE_DEPTH = [0]
+
+
+def in_selective_region() -> bool:
+    """Whether the op being dispatched passes through selective checkpointing's modes (host work per op)."""
+    return _SELECTIVE_DEPTH[0] > 0
+
+
 class _KeepOutputs(TorchDispatchMode):
     """The forward of a selectively checkpointed layer: keeps (detached) the outputs of the ops ``keep`` says to."""
 
@@ -150,7 +158,11 @@ class _KeepOutputs(TorchDispatchMode):
         self.ops, self.keep, self.store, self.count = ops, keep, store, {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        _SELECTIVE_DEPTH[0] += 1
+        try:
+            out = func(*args, **(kwargs or {}))
+        finally:
+            _SELECTIVE_DEPTH[0] -= 1
         if func in self.ops:
             i = self.count.get(func, 0)
             self.count[func] = i + 1
@@ -178,7 +190,11 @@ class _ReuseOutputs(TorchDispatchMode):
             kept = self.store.pop((func, i), None)
             if kept is not None:
                 return kept
-        return func(*args, **(kwargs or {}))
+        _SELECTIVE_DEPTH[0] += 1
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            _SELECTIVE_DEPTH[0] -= 1
 
 
 def _keep_all(func, i: int) -> bool:

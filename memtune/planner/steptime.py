@@ -1,0 +1,257 @@
+"""A training step's time from its trace: every op the fake-tensor trace saw gets a GPU time and a host time.
+
+The trace (``memtune.estimate.trace.OpRecord``) lists every op of one micro-batch's forward and backward
+(recomputation included) and of the optimizer step, in order, with its FLOPs and the bytes it reads and writes.
+
+GPU time of an op (the roofline of PyTorch's ``torch.distributed._tools.runtime_estimator``, with efficiencies
+measured on an H200 by ``bench/timing.py kernels`` and fitted by ``bench/step_time.py``):
+
+* matmuls: ``t0 + flops / (peak(dtype) x e_max)``, at least their bytes over the bandwidth: a product pays a fixed
+  time (tiles, waves, the launch) and then runs at a share of the dtype's peak;
+* fused attention: the same form with its own ``e_max`` and ``t0``, backward ``attn_bwd_factor`` times the
+  forward's FLOPs;
+* every other kernel: ``bytes / (bandwidth x mem_efficiency) + kernel_s``;
+* a k-bit matmul (bitsandbytes): its product and its dequantization, times ``kbit_factor``;
+* bitsandbytes' 8-bit AdamW: ``elements / adam8bit_rate`` (scaled by bandwidth) and ``adam8bit_tensor_s`` of host
+  work per tensor;
+* views, collectives (``memtune.planner.cost`` prices communication) and checkpoint frames: no GPU time.
+
+Host time of an op (Python, autograd, the dispatcher and the launch): ``host_op_s`` per kernel, ``host_view_s`` per
+view, ``host_frame_s`` per checkpointed region, ``host_selective_s`` more per op that passes through selective
+checkpointing's modes, and ``host_tensor_s`` per tensor of a foreach op; fitted on whole steps.
+
+The host issues the ops in order and the GPU runs each once it is issued and the previous one is done:
+``host += h; gpu = max(gpu, host) + g`` - a step is host-bound where its kernels are short (a 1B model at a few
+thousand tokens per micro-batch on an H200 is) and GPU-bound where they are long. A step is ``grad_accum``
+micro-batches and the optimizer step, the last kernel's end. Layers the fast trace leaves out are counted by
+repeating an inner period of layers; optimizer ops over all weights grow with the weights they cover.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from memtune.plan import Plan
+from memtune.specs.gpu import GpuSpec
+from memtune.specs.model import ModelSpec
+
+H200_BANDWIDTH_GBS = 4800.0
+"""The calibration card's bandwidth: rates measured there scale with a card's bandwidth."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Calibration:
+    """The step-time model's constants (see the module docstring); ``profiles/calibration/<GPU>.json`` holds the
+    fitted ones under ``step_time``."""
+
+    mm_e_max: float = 0.75
+    mm_t0: float = 1.5e-5
+    attn_e_max: float = 0.6
+    attn_t0: float = 2e-5
+    attn_bwd_factor: float = 2.5
+    mem_efficiency: float = 0.85
+    kernel_s: float = 2.5e-6
+    kbit_factor: float = 1.0
+    adam8bit_rate: float = 33e9
+    adam8bit_tensor_s: float = 1e-4
+    host_op_s: float = 15e-6
+    host_view_s: float = 4e-6
+    host_frame_s: float = 3e-4
+    host_selective_s: float = 12e-6
+    host_tensor_s: float = 2e-6
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@functools.cache
+def calibration(gpu_name: str) -> Calibration:
+    """The fitted constants for ``gpu_name``, else the first GPU's that has them (the efficiencies are a proxy
+    there: only the H200 was measured), else the defaults."""
+    from memtune.profiles import calibrations
+
+    for _, data in calibrations(gpu_name):
+        fitted = data.get("step_time")
+        if fitted:
+            known = {f.name for f in dataclasses.fields(Calibration)}
+            return Calibration(**{k: v for k, v in fitted["constants"].items() if k in known})
+    return Calibration()
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StepTime:
+    step_s: float
+    """One optimizer step: ``grad_accum`` micro-batches and the optimizer step."""
+    micro_batch_s: float
+    optimizer_s: float
+    gpu_s: float
+    """GPU time of the step's kernels, busy or not."""
+    host_s: float
+    """Host time to issue the step."""
+
+    @property
+    def host_bound(self) -> bool:
+        return self.host_s > self.gpu_s
+
+    def to_json(self) -> dict:
+        return {"step_s": self.step_s, "micro_batch_s": self.micro_batch_s, "optimizer_s": self.optimizer_s,
+                "gpu_s": self.gpu_s, "host_s": self.host_s}
+
+
+def _peak_flops(gpu: GpuSpec, plan: Plan, itemsize: int) -> float:
+    if itemsize >= 4:
+        return gpu.tflops["fp32"] * 1e12
+    return gpu.tflops["bf16" if "bf16" in plan.low_precision else "fp16"] * 1e12
+
+
+def op_times(ops, spec: ModelSpec, plan: Plan, gpu: GpuSpec, cal: Calibration, *, depth: int,
+             period: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(host seconds, GPU seconds, repeat, is-optimizer) per op: ``repeat`` counts the op once per layer it stands
+    for at the model's full depth."""
+    n = len(ops)
+    host, gpu_s, repeat, opt = np.zeros(n), np.zeros(n), np.ones(n), np.zeros(n, dtype=bool)
+    bandwidth = gpu.bandwidth_gbs * 1e9
+    extra_periods = (spec.num_layers - depth) / period
+    inner = range(period, 2 * period)
+    weights_scale = _optimizer_scale(spec, plan, depth)
+    for i, op in enumerate(ops):
+        if op.phase == "optimizer_step":
+            opt[i] = True
+            repeat[i] = weights_scale
+        elif op.layer in inner and extra_periods > 0:
+            repeat[i] = 1 + extra_periods
+        kind = op.kind
+        if kind == "view":
+            host[i] = cal.host_view_s
+        elif kind == "frame":
+            host[i] = cal.host_frame_s
+        elif kind == "comm":
+            host[i] = cal.host_op_s
+        elif kind == "mm":
+            gpu_s[i] = max(cal.mm_t0 + op.flops / (_peak_flops(gpu, plan, op.itemsize) * cal.mm_e_max),
+                           op.bytes / bandwidth)
+            host[i] = cal.host_op_s
+        elif kind in ("attn", "attn_bwd"):
+            flops = op.flops * (cal.attn_bwd_factor if kind == "attn_bwd" else 1.0)
+            gpu_s[i] = cal.attn_t0 + flops / (_peak_flops(gpu, plan, op.itemsize) * cal.attn_e_max)
+            host[i] = cal.host_op_s
+        elif kind == "kbit":
+            mm = cal.mm_t0 + op.flops / (_peak_flops(gpu, plan, 2) * cal.mm_e_max) if op.flops else 0.0
+            gpu_s[i] = (mm + op.bytes / (bandwidth * cal.mem_efficiency)) * cal.kbit_factor + cal.kernel_s
+            host[i] = cal.host_op_s
+        elif opt[i] and plan.optimizer == "adamw-8bit":
+            # the stand-in's in-place update of one tensor (weight and gradient read, weight written)
+            elements = op.bytes / (3 * op.itemsize)
+            gpu_s[i] = elements / (cal.adam8bit_rate * bandwidth / (H200_BANDWIDTH_GBS * 1e9)) + cal.kernel_s
+            host[i] = cal.adam8bit_tensor_s
+        else:
+            gpu_s[i] = op.bytes / (bandwidth * cal.mem_efficiency) + cal.kernel_s * op.tensors ** 0.5
+            host[i] = cal.host_op_s + cal.host_tensor_s * (op.tensors - 1)
+        if op.selective:
+            host[i] += cal.host_selective_s
+    return host, gpu_s, repeat, opt
+
+
+def _optimizer_scale(spec: ModelSpec, plan: Plan, depth: int) -> float:
+    """How many times the optimizer's work over a ``depth``-layer model the full model's is: trainable weights of
+    the layers grow with the depth, the others (embeddings, head) do not."""
+    if depth >= spec.num_layers:
+        return 1.0
+    from memtune.estimate.screen import layer_params
+
+    if plan.peft != "none":
+        return spec.num_layers / depth
+    per_layer = layer_params(spec)
+    rest = max(0, spec.num_params - spec.num_layers * per_layer)
+    return (rest + spec.num_layers * per_layer) / (rest + depth * per_layer)
+
+
+def _run(host: np.ndarray, gpu: np.ndarray, start_host: float, start_gpu: float) -> tuple[float, float]:
+    """Issue ops in order: ``host += h; gpu = max(gpu, host) + g``; returns both clocks at the end (vectorized:
+    the GPU's end is ``G_i + max(start_gpu, max_j<=i (H_j - G_{j-1}))``)."""
+    if len(host) == 0:
+        return start_host, start_gpu
+    h = start_host + np.cumsum(host)
+    g = np.cumsum(gpu)
+    before = np.concatenate(([0.0], g[:-1]))
+    end = g[-1] + max(start_gpu, float(np.max(h - before)))
+    return float(h[-1]), end
+
+
+def step_time(spec: ModelSpec, plan: Plan, gpu: GpuSpec, trace, cal: Calibration | None = None) -> StepTime:
+    """The step time of ``plan`` from its ``trace`` (a ``TraceResult`` with ops, at any depth)."""
+    cal = cal or calibration(gpu.name)
+    ops = [op for op in trace.ops if op.micro_batch <= 0 or op.phase == "optimizer_step"]
+    host, gpu_s, repeat, opt = op_times(ops, spec, plan, gpu, cal, depth=trace.num_layers, period=trace.period)
+    host, gpu_s = host * repeat, gpu_s * repeat
+    mb_host, mb_gpu = host[~opt], gpu_s[~opt]
+    clock_host = clock_gpu = 0.0
+    first_end = None
+    for _ in range(plan.grad_accum):
+        clock_host, clock_gpu = _run(mb_host, mb_gpu, clock_host, clock_gpu)
+        first_end = first_end if first_end is not None else clock_gpu
+    micro_end = clock_gpu
+    clock_host, clock_gpu = _run(host[opt], gpu_s[opt], clock_host, clock_gpu)
+    return StepTime(step_s=clock_gpu, micro_batch_s=first_end or 0.0, optimizer_s=clock_gpu - micro_end,
+                    gpu_s=float(gpu_s.sum()), host_s=float(host.sum()))
+
+
+def load_fit(path) -> Calibration:
+    """Constants from a ``bench/step_time.py`` result file."""
+    with open(path) as f:
+        return Calibration(**json.load(f)["constants"])
+
+
+def measured_error(gpu_name: str) -> float:
+    """The step-time model's largest error on held-out plans (``bench/results/step_time.json``), as calibrated for
+    ``gpu_name`` or the GPU whose constants stand in for it; 0.15 before any calibration."""
+    from memtune.profiles import calibrations
+
+    for _, data in calibrations(gpu_name):
+        fitted = data.get("step_time")
+        if fitted:
+            return float(fitted["heldout"]["max_abs_err"])
+    return 0.15
+
+
+def traced_cost(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, padding_efficiency: float = 1.0,
+                mean_seq_len: float | None = None, network_gbs: float | None = None):
+    """``memtune.planner.cost.step_cost`` with the compute part from the plan's (fast, cached) trace: the trace's
+    step time at ``plan.seq_len``, scaled to the mean padded length as the closed form scales, plus CPU offload's
+    copies and host step; communication as the closed form prices it, overlapped with compute."""
+    from memtune.estimate.compose import cached_trace, fast_depth, sdpa_backend
+    from memtune.planner import cost
+
+    extra = {} if network_gbs is None else {"network_gbs": network_gbs}
+    closed = cost.step_cost(spec, plan, gpu, padding_efficiency=padding_efficiency, mean_seq_len=mean_seq_len,
+                            **extra)
+    at_max = cost.step_cost(spec, plan, gpu, **extra) if mean_seq_len is not None else closed
+    traced_plan = dataclasses.replace(plan, offload=False) if plan.offload else plan
+    trace = cached_trace(spec, traced_plan, fast_depth(spec), sdpa_backend(spec, traced_plan, gpu))
+    offload = cost.offload_s(spec, plan, gpu)
+    compute = step_time(spec, plan, gpu, trace).step_s
+    compute *= (closed.compute_s - offload) / max(at_max.compute_s - offload, 1e-12)
+    compute += offload
+    step = max(compute, closed.communication_s)
+    return dataclasses.replace(closed, step_time_s=step, compute_s=compute,
+                               tokens_per_s=closed.tokens_per_s * closed.step_time_s / step, method="trace")
+
+
+def host_per_layer(spec: ModelSpec, plan: Plan, gpu: GpuSpec, trace, cal: Calibration) -> float:
+    """Host seconds one inner decoder layer takes to issue per micro-batch (forward, backward and recomputation):
+    what the closed-form cost model adds per layer where the host sets the pace."""
+    ops = [op for op in trace.ops if op.micro_batch <= 0 and op.phase != "optimizer_step"]
+    host, _, _, _ = op_times(ops, spec, plan, gpu, cal, depth=trace.num_layers, period=trace.period)
+    inner = range(trace.period, 2 * trace.period)
+    return float(sum(h for h, op in zip(host, ops) if op.layer in inner)) / trace.period
+
+
+def host_layer_key(plan: Plan) -> str:
+    """The key of ``host_per_layer_s`` in the calibration: the kind of fine-tune and the checkpointing."""
+    kind = "full" if plan.peft == "none" else "lora" if plan.quantization == "none" else "kbit"
+    return f"{kind}/{plan.checkpointing}"
