@@ -114,6 +114,8 @@ FINALIST_BAND = 1.5
 step time: the closed form's error on held-out plans reached 46 % before it learned the host's share
 (``bench/results/step_time.json``), the traced time's is far smaller."""
 MAX_FINALISTS = 8
+MAX_TRACED_FINALISTS = 16
+"""Finalists traced at most, those whose closed-form cost beats the fastest traced one included."""
 
 
 def candidate_plans(gpu: GpuSpec, *, num_gpus: int, nodes: int, batch_size: int, seq_len: int,
@@ -318,20 +320,39 @@ def _trace_finalists(spec: ModelSpec, gpu: GpuSpec, candidates: list[Candidate],
     if not any(candidates[i] is chosen for i in pool):
         pool.append(next(i for i, c in enumerate(candidates) if c is chosen))
     for i in pool:
-        c = candidates[i]
-        breakdown = c.breakdown
-        if breakdown.method != "trace":
-            breakdown = estimate(spec, c.plan, gpu, fast=True)
-            if _close_call(breakdown):
-                breakdown = estimate(spec, c.plan, gpu)
-        efficiency, mean_seq_len = shapes.get((c.plan.batching, c.plan.batch_size), (1.0, None))
-        try:
-            traced = steptime.traced_cost(spec, c.plan, gpu, padding_efficiency=efficiency,
-                                          mean_seq_len=mean_seq_len, network_gbs=network_gbs)
-        except InvalidPlanError:
-            traced = c.cost
-        candidates[i] = dataclasses.replace(c, breakdown=breakdown, reason=_reason(breakdown), cost=traced)
+        _trace_cost(spec, gpu, candidates, i, shapes, network_gbs)
+    # A plan left out whose closed-form cost beats the fastest traced finalist is traced too, so that no plan shows
+    # a better estimate than the chosen one only because it was never traced.
+    while len(pool) < MAX_TRACED_FINALISTS:
+        fitting = [candidates[i] for i in pool if candidates[i].fits]
+        best = min((c.cost.gpu_seconds_per_token for c in fitting), default=limit)
+        rest = [i for i, c in enumerate(candidates) if i not in pool and c.fits and c.cost is not None
+                and c.cost.gpu_seconds_per_token < best]
+        if not rest:
+            break
+        i = min(rest, key=lambda i: rank(candidates[i]))
+        pool.append(i)
+        _trace_cost(spec, gpu, candidates, i, shapes, network_gbs)
     return pool
+
+
+def _trace_cost(spec: ModelSpec, gpu: GpuSpec, candidates: list[Candidate], i: int, shapes: dict,
+                network_gbs: float) -> None:
+    """Trace candidate ``i`` (its memory at the fast depth, at full depth where that is a close call) and cost it
+    by its traced step time, in place."""
+    c = candidates[i]
+    breakdown = c.breakdown
+    if breakdown.method != "trace":
+        breakdown = estimate(spec, c.plan, gpu, fast=True)
+        if _close_call(breakdown):
+            breakdown = estimate(spec, c.plan, gpu)
+    efficiency, mean_seq_len = shapes.get((c.plan.batching, c.plan.batch_size), (1.0, None))
+    try:
+        traced = steptime.traced_cost(spec, c.plan, gpu, padding_efficiency=efficiency,
+                                      mean_seq_len=mean_seq_len, network_gbs=network_gbs)
+    except InvalidPlanError:
+        traced = c.cost
+    candidates[i] = dataclasses.replace(c, breakdown=breakdown, reason=_reason(breakdown), cost=traced)
 
 
 def describe(plan: Plan) -> str:

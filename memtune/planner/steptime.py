@@ -18,7 +18,8 @@ measured on an H200 by ``bench/timing.py kernels`` and fitted by ``bench/step_ti
 
 Host time of an op (Python, autograd, the dispatcher and the launch): ``host_op_s`` per kernel, ``host_view_s`` per
 view, ``host_frame_s`` per checkpointed region, ``host_selective_s`` more per op that passes through selective
-checkpointing's modes, and ``host_tensor_s`` per tensor of a foreach op; fitted on whole steps.
+checkpointing's modes, ``host_tensor_s`` per tensor of a foreach op and ``host_kbit_s`` per k-bit matmul
+(bitsandbytes' Python layers and their quantization state); fitted on whole steps.
 
 The host issues the ops in order and the GPU runs each once it is issued and the previous one is done:
 ``host += h; gpu = max(gpu, host) + g`` - a step is host-bound where its kernels are short (a 1B model at a few
@@ -64,6 +65,7 @@ class Calibration:
     host_frame_s: float = 3e-4
     host_selective_s: float = 12e-6
     host_tensor_s: float = 2e-6
+    host_kbit_s: float = 4e-5
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -143,7 +145,7 @@ def op_times(ops, spec: ModelSpec, plan: Plan, gpu: GpuSpec, cal: Calibration, *
         elif kind == "kbit":
             mm = cal.mm_t0 + op.flops / (_peak_flops(gpu, plan, 2) * cal.mm_e_max) if op.flops else 0.0
             gpu_s[i] = (mm + op.bytes / (bandwidth * cal.mem_efficiency)) * cal.kbit_factor + cal.kernel_s
-            host[i] = cal.host_op_s
+            host[i] = cal.host_kbit_s
         elif opt[i] and plan.optimizer == "adamw-8bit":
             # the stand-in's in-place update of one tensor (weight and gradient read, weight written)
             elements = op.bytes / (3 * op.itemsize)
