@@ -218,7 +218,9 @@ def measurement_shortlist(order: list[Candidate], *, at_least: int, error: float
 
 def fastest_first(trials: list[Trial]) -> list[Trial]:
     """Measured trials by measured tokens/s, fastest first; any without a measurement after them, in their order."""
-    timed = sorted((t for t in trials if t.measured is not None), key=lambda t: -t.measured.tokens_per_s)
+    # Speeds equal to four digits are a tie, which keeps the estimate's order.
+    timed = sorted((t for t in trials if t.measured is not None),
+                   key=lambda t: -float(f"{t.measured.tokens_per_s:.4g}"))
     return timed + [t for t in trials if t.measured is None]
 
 

@@ -228,14 +228,14 @@ class FakeRecord:
 
 
 def test_only_a_run_on_the_gpu_itself_is_a_measurement_and_the_slowest_rank_sets_it(tiny, h200):
-    from memtune.planner.cost import step_cost
+    from memtune.planner.steptime import traced_cost
 
     plan = Plan(sharding="fsdp", num_gpus=2, seq_len=64, batch_size=2)
     ranks = [{"step_time_s": 0.02, "tokens_per_s": 6400.0}, {"step_time_s": 0.025, "tokens_per_s": 5120.0}]
     m = measured.from_validation(FakeRecord(plan=plan, mode="gpu", ranks=ranks), tiny, h200)
     assert (m.gpu, m.model, m.plan) == (h200.name, tiny.name, plan.to_dict())
     assert (m.step_time_s, m.tokens_per_s) == (0.025, pytest.approx(5120.0))
-    assert m.estimated_step_time_s == pytest.approx(step_cost(tiny, plan, h200).step_time_s)
+    assert m.estimated_step_time_s == pytest.approx(traced_cost(tiny, plan, h200).step_time_s)
     for record in (FakeRecord(plan=plan, mode="emulated", ranks=ranks),
                    FakeRecord(plan=plan, mode="dry-run", ranks=[{"world_size": 2}]),
                    FakeRecord(plan=plan, mode="gpu", ranks=[{"error": "oom"}], oom=True)):
@@ -329,10 +329,10 @@ def test_tune_on_the_target_gpu_measures_at_least_three_plans(tune_env, tmp_path
 
 
 def test_tune_measures_every_plan_within_the_stated_time_model_error(tune_env, tmp_path, monkeypatch):
-    import memtune.planner.cost
+    import memtune.planner.steptime
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(memtune.planner.cost, "STEP_TIME_ERROR", 0.2, raising=False)
+    monkeypatch.setattr(memtune.planner.steptime, "measured_error", lambda gpu: 0.2)
     tune_env.tune(tmp_path)
     assert tune_env.validated == [0, 1, 2, 3, 4]  # 1.04 ** 4 = 1.17 is within 20 %, 1.04 ** 5 = 1.22 is not
 
