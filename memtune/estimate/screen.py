@@ -21,8 +21,8 @@ i intermediate, V vocabulary, p the compute dtype's bytes, P the parameter count
   ``2 x heads x s`` scores and probabilities; the gated MLP saves gate, activation and up outputs, and their
   product where down_proj trains). k-bit layers run attention in fp32 (peft upcasts the norms) and keep a
   dequantized copy of their input's dtype. Full checkpointing keeps one layer input per layer plus one layer's
-  activations during its recompute; selective keeps the aten matmul and attention outputs (the scores too under
-  math SDPA or eager attention; k-bit projections run bitsandbytes' own op and are recomputed).
+  activations during its recompute; selective keeps what no checkpointing keeps, less the norms' fp32 upcasts
+  (each norm keeps its input) and the MLP activation's tensors (the MLP keeps its input and its matmul outputs).
 * Math SDPA and eager attention: CUDA's softmax backward adds a temporary as large as one layer's fp32 scores.
 * Logits and loss: ``t V (p + 4 + 4)`` at the start of the backward (logits, fp32 upcast, log-softmax) plus the
   fp32 gradient of the log-softmax.
@@ -174,21 +174,20 @@ def _checkpoint_bytes(spec: ModelSpec, plan: Plan, tokens: int, layer: float, ba
     L = spec.num_layers
     if plan.checkpointing == "full":
         return L * p * spec.hidden_size * tokens  # each layer's input
-    # selective: the layer input and every aten matmul and attention output stay (LoRA's included); norms, RoPE
-    # and activation functions are recomputed, and so are k-bit projections (bitsandbytes' own op, not a matmul).
-    h, q, kv, i = (spec.hidden_size, spec.num_attention_heads * spec.head_dim,
-                   spec.num_key_value_heads * spec.head_dim, spec.intermediate_size)
-    dims = spec.layer_linears
-    kept = p * (h + q)  # the layer input and the attention output
-    if plan.quantization == "none":
-        kept += p * (q + 2 * kv + 2 * h + 2 * i)  # the projections' outputs
-    if backend in ("flash", "efficient"):
-        kept += 4 * spec.num_attention_heads  # log-sum-exp
-    else:  # math SDPA and eager attention save the scores, a batched matmul's output (fp32)
-        kept += 4 * spec.num_attention_heads * plan.seq_len
-    if plan.peft == "lora":
-        kept += sum(p * (dims[name][1] + plan.lora_rank) for name in plan.lora_targets)
-    return L * min(layer / tokens, kept) * tokens
+    # selective (``recipe.checkpoint_layer``): each norm keeps its input instead of its fp32 upcast; the MLP keeps
+    # its input and its projections' outputs (k-bit projections run bitsandbytes' own op and are recomputed) instead
+    # of the activation's input, output and product; attention keeps what it keeps without checkpointing.
+    h, i = spec.hidden_size, spec.intermediate_size
+    kbit = plan.quantization != "none"
+    act = 4 if plan.precision == "fp32" or kbit else 2
+    lora = set(plan.lora_targets) if plan.peft == "lora" else set()
+    dropout = plan.lora_dropout > 0
+    norms = 4 if spec.model_type.startswith("gemma") else 2
+    norm_outputs_counted = plan.peft == "none" or kbit or (lora & {"q_proj", "k_proj", "v_proj"} and not dropout)
+    per_token = layer / tokens - norms * 4 * h + norms * p * h
+    per_token -= 3 * act * i + (act * i if plan.peft == "none" or "down_proj" in lora and not dropout else 0)
+    per_token += (0 if kbit else 2 * act * i + act * h) + (0 if norm_outputs_counted else act * h)
+    return L * per_token * tokens
 
 
 def screen(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, margin: float = 0.02) -> MemoryBreakdown:

@@ -1,0 +1,119 @@
+"""The step-time model: the trace's op records, the host/GPU issue model, and selective checkpointing's placement."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from memtune.estimate.compose import fast_depth, sdpa_backend
+from memtune.estimate.trace import trace_step
+from memtune.plan import Plan
+from memtune.planner import steptime
+from memtune.specs import resolve_gpu
+
+
+def test_issue_model_is_host_bound_for_short_kernels_and_gpu_bound_for_long_ones():
+    # Three ops, each 1 ms of host work: kernels of 0.1 ms wait for the host; kernels of 5 ms queue on the GPU.
+    host = np.full(3, 1e-3)
+    assert steptime._run(host, np.full(3, 1e-4), 0.0, 0.0) == pytest.approx((3e-3, 3e-3 + 1e-4))
+    assert steptime._run(host, np.full(3, 5e-3), 0.0, 0.0) == pytest.approx((3e-3, 1e-3 + 15e-3))
+    # A GPU still busy from earlier work delays the first kernel; a late host delays it too.
+    assert steptime._run(host[:1], np.full(1, 1e-3), 0.0, 10e-3)[1] == pytest.approx(11e-3)
+    assert steptime._run(host[:1], np.full(1, 1e-3), 20e-3, 0.0)[1] == pytest.approx(22e-3)
+
+
+def _trace(spec, plan, depth=None):
+    gpu = resolve_gpu("H200-141GB")
+    return trace_step(spec, plan, depth or fast_depth(spec), sdpa_backend=sdpa_backend(spec, plan, gpu),
+                      quick_warmup=True)
+
+
+def test_trace_records_matmul_flops_attention_and_views(tiny):
+    plan = Plan(seq_len=64, batch_size=2)
+    trace = _trace(tiny, plan)
+    ops = [op for op in trace.ops if op.micro_batch == 0]
+    forward = [op for op in ops if op.phase == "forward"]
+    layers = trace.num_layers
+    # forward matmuls: 7 projections per layer and the lm_head, 2 m n k each
+    mm = sum(op.flops for op in forward if op.kind == "mm")
+    per_layer = 2 * 128 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128)
+    assert mm == pytest.approx(layers * per_layer + 2 * 128 * 64 * 256)
+    # one fused attention per layer in forward and one backward each, the causal half of 4 b h s^2 d
+    attention = [op for op in forward if op.kind == "attn"]
+    assert len(attention) == layers and attention[0].flops == pytest.approx(4 * 2 * 4 * 64 * 64 * 16 / 2)
+    assert sum(op.kind == "attn_bwd" for op in ops) == layers
+    # the backward computes the weight and input gradients of every trained matmul: twice the forward's FLOPs
+    backward_mm = sum(op.flops for op in ops if op.phase == "backward" and op.kind == "mm")
+    assert backward_mm == pytest.approx(2 * mm)
+    assert any(op.kind == "view" for op in forward) and all(op.bytes == 0 for op in ops if op.kind == "view")
+    assert {op.phase for op in ops} >= {"forward", "backward", "optimizer_step"}
+
+
+def test_lora_has_no_weight_gradient_matmuls_and_checkpointing_recomputes(tiny):
+    full = _trace(tiny, Plan(seq_len=64))
+    lora = _trace(tiny, Plan(seq_len=64, peft="lora", lora_targets=("q_proj", "v_proj")))
+
+    def backward_flops(trace):
+        return sum(op.flops for op in trace.ops if op.phase == "backward" and op.kind == "mm")
+
+    assert backward_flops(lora) < 0.6 * backward_flops(full)
+    recomputed = _trace(tiny, Plan(seq_len=64, checkpointing="full"))
+    assert sum(op.kind == "attn" for op in recomputed.ops) == 2 * recomputed.num_layers  # forward + recompute
+    assert sum(op.kind == "frame" for op in recomputed.ops) == recomputed.num_layers
+
+
+def test_selective_checkpointing_recomputes_norms_and_the_mlp_activation_only(tiny):
+    trace = _trace(tiny, Plan(seq_len=64, checkpointing="selective"))
+    layers = trace.num_layers
+    # two norms and the MLP per layer enter a checkpointed region; no matmul or attention is run twice
+    assert sum(op.kind == "frame" for op in trace.ops) == 3 * layers
+    assert sum(op.kind == "attn" for op in trace.ops) == layers
+    none = _trace(tiny, Plan(seq_len=64))
+    assert sum(op.flops for op in trace.ops if op.kind == "mm") == pytest.approx(
+        sum(op.flops for op in none.ops if op.kind == "mm"))
+    # the MLP's ops pass through the selective modes (host work), the attention's do not
+    assert 0 < sum(op.selective for op in trace.ops) < len(trace.ops) / 4
+
+
+def test_selective_checkpointing_gives_the_gradients_of_no_checkpointing(tiny):
+    from memtune.train import recipe
+
+    plan = Plan(seq_len=32, batch_size=2, precision="fp32")
+    grads = {}
+    for checkpointing in ("none", "selective", "full"):
+        torch.manual_seed(0)
+        model = recipe.build_model(tiny, dataclasses.replace(plan, checkpointing=checkpointing), device="cpu")
+        batch = recipe.make_batch(tiny, plan, "cpu")
+        model(**batch, use_cache=False).loss.backward()
+        grads[checkpointing] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert torch.allclose(grads["selective"], grads["none"], atol=1e-6)
+    assert torch.allclose(grads["full"], grads["none"], atol=1e-6)
+
+
+def test_step_time_grows_with_depth_tokens_and_accumulation(tiny):
+    gpu = resolve_gpu("H200-141GB")
+    cal = steptime.Calibration()
+    plan = Plan(seq_len=64, batch_size=2)
+    one = steptime.step_time(tiny, plan, gpu, _trace(tiny, plan), cal)
+    twice = steptime.step_time(tiny, dataclasses.replace(plan, grad_accum=2),
+                               gpu, _trace(tiny, dataclasses.replace(plan, grad_accum=2)), cal)
+    assert twice.step_s == pytest.approx(one.step_s + one.micro_batch_s, rel=0.05)
+    assert one.host_bound  # a tiny model's kernels are far shorter than their launches
+    deeper = dataclasses.replace(tiny, num_layers=2 * tiny.num_layers)
+    assert steptime.step_time(deeper, plan, gpu, _trace(tiny, plan), cal).step_s > 1.5 * one.step_s
+    slow_host = dataclasses.replace(cal, host_op_s=2 * cal.host_op_s, host_view_s=2 * cal.host_view_s)
+    assert steptime.step_time(tiny, plan, gpu, _trace(tiny, plan), slow_host).step_s > 1.5 * one.step_s
+
+
+def test_a_traced_cost_is_marked_and_keeps_the_closed_forms_communication(tiny):
+    gpu = resolve_gpu("H200-141GB")
+    plan = Plan(seq_len=64, batch_size=2, sharding="fsdp", num_gpus=8)
+    cost = steptime.traced_cost(tiny, plan, gpu)
+    from memtune.planner.cost import step_cost
+
+    closed = step_cost(tiny, plan, gpu)
+    assert cost.method == "trace" and closed.method == "closed form"
+    assert cost.communication_s == closed.communication_s
+    assert cost.step_time_s == pytest.approx(max(cost.compute_s, cost.communication_s))
+    assert cost.tokens_per_s == pytest.approx(64 * 2 / cost.step_time_s)
