@@ -10,7 +10,8 @@ measured on an H200 by ``bench/timing.py kernels`` and fitted by ``bench/step_ti
   time (tiles, waves, the launch) and then runs at a share of the dtype's peak;
 * fused attention: the same form with its own ``e_max`` and ``t0``, backward ``attn_bwd_factor`` times the
   forward's FLOPs;
-* every other kernel: ``bytes / (bandwidth x mem_efficiency) + kernel_s``;
+* every other kernel: ``bytes / (bandwidth x mem_efficiency) + kernel_s`` (``kernel_s x sqrt(n)`` for a foreach op
+  over n tensors, which launches several kernels);
 * a k-bit matmul (bitsandbytes): its product and its dequantization, times ``kbit_factor``;
 * bitsandbytes' 8-bit AdamW: ``elements / adam8bit_rate`` (scaled by bandwidth) and ``adam8bit_tensor_s`` of host
   work per tensor;
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -192,21 +192,15 @@ def step_time(spec: ModelSpec, plan: Plan, gpu: GpuSpec, trace, cal: Calibration
     host, gpu_s, repeat, opt = op_times(ops, spec, plan, gpu, cal, depth=trace.num_layers, period=trace.period)
     host, gpu_s = host * repeat, gpu_s * repeat
     mb_host, mb_gpu = host[~opt], gpu_s[~opt]
-    clock_host = clock_gpu = 0.0
-    first_end = None
-    for _ in range(plan.grad_accum):
+    clock_host, clock_gpu = _run(mb_host, mb_gpu, 0.0, 0.0)
+    first_end = clock_gpu
+    for _ in range(plan.grad_accum - 1):
         clock_host, clock_gpu = _run(mb_host, mb_gpu, clock_host, clock_gpu)
-        first_end = first_end if first_end is not None else clock_gpu
     micro_end = clock_gpu
     clock_host, clock_gpu = _run(host[opt], gpu_s[opt], clock_host, clock_gpu)
-    return StepTime(step_s=clock_gpu, micro_batch_s=first_end or 0.0, optimizer_s=clock_gpu - micro_end,
-                    gpu_s=float(gpu_s.sum()), host_s=float(host.sum()))
-
-
-def load_fit(path) -> Calibration:
-    """Constants from a ``bench/step_time.py`` result file."""
-    with open(path) as f:
-        return Calibration(**json.load(f)["constants"])
+    return StepTime(step_s=clock_gpu, micro_batch_s=first_end, optimizer_s=clock_gpu - micro_end,
+                    gpu_s=float(plan.grad_accum * mb_gpu.sum() + gpu_s[opt].sum()),
+                    host_s=float(plan.grad_accum * mb_host.sum() + host[opt].sum()))
 
 
 def measured_error(gpu_name: str) -> float:

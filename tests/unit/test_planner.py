@@ -55,7 +55,7 @@ def test_a_screen_its_traced_twin_proved_wrong_is_shown_corrected():
 
     # On a T4, a traced full fine-tune of Qwen2.5-0.5B misses; the same plan with the other AdamW variants is then
     # not traced but corrected by the same trace/screen ratio.
-    result = plan_candidates(resolve_model("qwen2.5-0.5b"), resolve_gpu("T4-16GB"), seq_len=2048,
+    result = plan_candidates(resolve_model("qwen2.5-0.5b"), resolve_gpu("T4-16GB"), seq_len=3072, batch_size=2,
                              batching="packing", fixed={"peft": "none"})
     corrected = [c for c in result.candidates if c.breakdown is not None
                  and c.breakdown.verdict_reason.startswith("screen corrected")]
