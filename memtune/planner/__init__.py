@@ -299,8 +299,17 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
     # What this GPU measured corrects the estimates (``measured``), then the fastest finalist that fits is chosen.
     result = measured.apply(PlanResult(candidates=tuple(candidates), chosen=chosen, reference=reference, data=data,
                                        model=spec.name, gpu=gpu.name), gpu.name)
-    fitting = [result.candidates[i] for i in finalists if result.candidates[i].fits]
-    return dataclasses.replace(result, chosen=min(fitting, key=rank)) if fitting else result
+    # The fastest finalist whose fast estimate is a close call is settled at full depth before it is chosen.
+    ranked = sorted((i for i in finalists if result.candidates[i].fits), key=lambda i: rank(result.candidates[i]))
+    candidates = list(result.candidates)
+    for i in ranked:
+        c = candidates[i]
+        if _close_call(c.breakdown):  # at full depth (cached when the search traced it there already)
+            full = estimate(spec, c.plan, gpu)
+            candidates[i] = c = dataclasses.replace(c, breakdown=full, reason=_reason(full))
+        if c.fits:
+            return dataclasses.replace(result, candidates=tuple(candidates), chosen=c)
+    return dataclasses.replace(result, candidates=tuple(candidates))
 
 
 def _trace_finalists(spec: ModelSpec, gpu: GpuSpec, candidates: list[Candidate], chosen: Candidate,
@@ -338,14 +347,10 @@ def _trace_finalists(spec: ModelSpec, gpu: GpuSpec, candidates: list[Candidate],
 
 def _trace_cost(spec: ModelSpec, gpu: GpuSpec, candidates: list[Candidate], i: int, shapes: dict,
                 network_gbs: float) -> None:
-    """Trace candidate ``i`` (its memory at the fast depth, at full depth where that is a close call) and cost it
-    by its traced step time, in place."""
+    """Trace candidate ``i`` (its memory at the fast depth; a close call is settled at full depth only if it is
+    to be chosen) and cost it by its traced step time, in place."""
     c = candidates[i]
-    breakdown = c.breakdown
-    if breakdown.method != "trace":
-        breakdown = estimate(spec, c.plan, gpu, fast=True)
-        if _close_call(breakdown):
-            breakdown = estimate(spec, c.plan, gpu)
+    breakdown = c.breakdown if c.breakdown.method == "trace" else estimate(spec, c.plan, gpu, fast=True)
     efficiency, mean_seq_len = shapes.get((c.plan.batching, c.plan.batch_size), (1.0, None))
     try:
         traced = steptime.traced_cost(spec, c.plan, gpu, padding_efficiency=efficiency,
