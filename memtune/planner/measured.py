@@ -191,10 +191,24 @@ def measurements(gpu: str) -> list[Measurement]:
     return found
 
 
+def same_model(a: str | None, b: str | None) -> bool:
+    """Whether two model names are one model: equal, or paths to the same folder or ``config.json`` (``tune`` names
+    a run file's model by its absolute path, ``plan --model`` by the path as given)."""
+    if a is None or b is None:
+        return False
+    if a == b:
+        return True
+    try:
+        pa, pb = Path(a).expanduser(), Path(b).expanduser()
+        return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+    except OSError:
+        return False
+
+
 def lookup(gpu: str, model: str, plan: Plan) -> Measurement | None:
     """The latest measurement of exactly this plan of ``model`` on ``gpu``, or None."""
     wanted = plan.to_dict()
-    return next((m for m in reversed(measurements(gpu)) if m.model == model and m.plan == wanted), None)
+    return next((m for m in reversed(measurements(gpu)) if same_model(m.model, model) and m.plan == wanted), None)
 
 
 def correction(gpu: str) -> float:
@@ -229,7 +243,7 @@ def apply(result: PlanResult, gpu: str) -> PlanResult:
     found = measurements(gpu)
     by_plan = {}
     for m in found:  # later lines overwrite earlier ones: the latest measurement of each plan wins
-        if m.model == result.model:
+        if same_model(m.model, result.model):
             by_plan[json.dumps(m.plan, sort_keys=True)] = m
 
     def updated(c):

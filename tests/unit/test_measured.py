@@ -375,3 +375,11 @@ def test_tune_with_no_candidates_to_validate_is_bad_input(tmp_path):
                                  "--output-dir", str(tmp_path), "--no-launch"])
     assert r.exit_code == 2, r.output
     assert r.stderr.strip() == "error: --candidates must be at least 1, not 0" and "Traceback" not in r.output
+
+
+def test_a_model_named_by_another_path_to_the_same_folder_is_the_same_model(tmp_path, monkeypatch):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert measured.same_model(str(folder), "model") and measured.same_model("llama-3.1-8b", "llama-3.1-8b")
+    assert not measured.same_model("model", "other") and not measured.same_model(None, "model")
