@@ -20,6 +20,7 @@ dispatch are not seen; bitsandbytes is replaced by the memory-equivalent stand-i
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import itertools
 import weakref
@@ -261,37 +262,29 @@ class _Tracker(TorchDispatchMode):
         return out
 
     def _op_record(self, func, args, outs, comm: bool, new_storage: bool) -> OpRecord:
-        name = func.__name__.split(".")[0]
-        inputs = [t for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)]
+        name, kind, foreach, mutable = _op_info(func)
+        selective = recipe.in_selective_region()
+        if comm:
+            return OpRecord(self.micro_batch, self.phase, self.layer, "comm", 0.0, 0, 4, 1, selective)
+        if kind is None and not (new_storage or mutable):
+            kind = "view"
+        if kind in ("view", "no kernel"):
+            return OpRecord(self.micro_batch, self.phase, self.layer, "view", 0.0, 0, 4, 1, selective)
+        inputs = _tensors(args)
         floating = next((t for t in inputs if t.is_floating_point()), None)
         itemsize = floating.element_size() if floating is not None else 4
-        flops, tensors = 0.0, 1
-        if comm:
-            kind = "comm"
-        elif name in _MATMULS:
-            kind, flops = "mm", _matmul_flops(name, args, outs)
-        elif name in _ATTENTION or name in _ATTENTION_BACKWARD:
-            q, k = args[0], args[1]
-            kind = "attn" if name in _ATTENTION else "attn_bwd"
-            if name in _ATTENTION_BACKWARD:
-                q, k = args[1], args[2]
+        if kind in ("attn", "attn_bwd"):
+            q, k = (args[1], args[2]) if kind == "attn_bwd" else (args[0], args[1])
             b, h, s, d = q.shape
             flops = 4.0 * b * h * s * k.shape[-2] * d / 2  # the causal half of QK^T and PV
-            return OpRecord(self.micro_batch, self.phase, self.layer, kind, flops,
-                            sum(t.numel() * t.element_size() for t in inputs[:3]) * 2, itemsize, 1,
-                            recipe.in_selective_region())
-        elif func.is_view or name in _NO_KERNEL or not (new_storage or func._schema.is_mutable):
-            kind = "view"
-        else:
-            kind = "mem"
-            if name.startswith("_foreach_") or name.startswith("_fused_"):
-                tensors = len(args[0]) if args and isinstance(args[0], (list, tuple)) else 1
-        nbytes = 0
-        if kind in ("mm", "mem"):
-            nbytes = sum(t.numel() * t.element_size() for t in inputs) + sum(
-                t.numel() * t.element_size() for t in outs if isinstance(t, torch.Tensor))
-        return OpRecord(self.micro_batch, self.phase, self.layer, kind, flops, nbytes, itemsize, tensors,
-                        recipe.in_selective_region())
+            nbytes = sum(t.numel() * t.element_size() for t in inputs[:3]) * 2
+            return OpRecord(self.micro_batch, self.phase, self.layer, kind, flops, nbytes, itemsize, 1, selective)
+        flops = _matmul_flops(name, args, outs) if kind == "mm" else 0.0
+        nbytes = sum(t.numel() * t.element_size() for t in inputs) + sum(
+            t.numel() * t.element_size() for t in outs if isinstance(t, torch.Tensor))
+        tensors = len(args[0]) if foreach and args and isinstance(args[0], (list, tuple)) else 1
+        return OpRecord(self.micro_batch, self.phase, self.layer, kind or "mem", flops, nbytes, itemsize, tensors,
+                        selective)
 
     def note(self, kind: str, flops: float, nbytes: int, itemsize: int = 2) -> None:
         """A kernel a stand-in stands for (``memtune.train.quant``): its FLOPs and bytes, for the step time."""
@@ -335,6 +328,26 @@ _NO_KERNEL = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "ne
 _ATTENTION = frozenset({"_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
                         "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"})
 _ATTENTION_BACKWARD = frozenset({f"{n}_backward" for n in _ATTENTION})
+
+
+@functools.cache
+def _op_info(func) -> tuple[str, str | None, bool, bool]:
+    """(name, kind where the op alone decides it, foreach, mutates an input) of an ATen op, once per op."""
+    name = func.__name__.split(".")[0]
+    kind = ("mm" if name in _MATMULS else "attn" if name in _ATTENTION else "attn_bwd" if name in _ATTENTION_BACKWARD
+            else "no kernel" if func.is_view or name in _NO_KERNEL else None)
+    return name, kind, name.startswith(("_foreach_", "_fused_")), func._schema.is_mutable
+
+
+def _tensors(args) -> list[torch.Tensor]:
+    """The tensors among an op's arguments, those in lists (foreach ops) included."""
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            out.extend(t for t in a if isinstance(t, torch.Tensor))
+    return out
 
 
 def _matmul_flops(name: str, args, outs) -> float:
