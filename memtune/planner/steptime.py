@@ -209,9 +209,9 @@ def measured_error(gpu_name: str) -> float:
     from memtune.profiles import calibrations
 
     for _, data in calibrations(gpu_name):
-        fitted = data.get("step_time")
-        if fitted:
-            return float(fitted["heldout"]["max_abs_err"])
+        error = (data.get("step_time") or {}).get("heldout", {}).get("max_abs_err")
+        if isinstance(error, int | float) and error > 0:
+            return float(error)
     return 0.15
 
 
