@@ -1,8 +1,10 @@
 """Choose how to run a fine-tune: estimate candidate plans, keep those that fit, pick the cheapest.
 
-"Cheapest" is the fewest GPU-seconds per trained token (``memtune.planner.cost``) among the plans that fit with the
-safety margin; ties go to more headroom. Every candidate is screened in closed form; the cheapest are traced until
-one is confirmed to fit.
+"Cheapest" is the fewest GPU-seconds per trained token among the plans that fit with the safety margin; ties go to
+more headroom. Every candidate is screened and costed in closed form (``memtune.estimate.screen``,
+``memtune.planner.cost``); the cheapest are traced until one is confirmed to fit; then the finalists near it are
+ranked by the step time of their traces (``memtune.planner.steptime``), corrected by what this GPU measured
+(``memtune.planner.measured``).
 """
 
 from __future__ import annotations
@@ -114,6 +116,7 @@ FINALIST_BAND = 1.5
 step time: the closed form's error on held-out plans reached 46 % before it learned the host's share
 (``bench/results/step_time.json``), the traced time's is far smaller."""
 MAX_FINALISTS = 8
+"""Finalists taken by closed-form cost (the search's plan among them)."""
 MAX_TRACED_FINALISTS = 16
 """Finalists traced at most, those whose closed-form cost beats the fastest traced one included."""
 

@@ -207,9 +207,9 @@ def selective_checkpoint_context(keep: Callable[[object, int], bool] = _keep_all
 
     What is kept is ``torch.utils.checkpoint.create_selective_checkpoint_contexts`` with a MUST_SAVE policy for those
     ops, as torchtitan's op-level policy keeps them; ``keep(op, i)`` may keep fewer (torchtitan recomputes every
-    other matmul). Its dispatch modes are PyTorch's in spirit but look only at those few ops: every op of a layer
-    passes through them twice (forward and recomputation) on the host, and the general modes' per-op bookkeeping
-    made a step host-bound (``bench/results/sac.json``).
+    other matmul). These modes book only those few ops, where PyTorch's record every op for a replay; the Python
+    call each op makes into a mode stays, twice per op (forward and recomputation), which is why
+    ``checkpoint_layer`` puts them around the feed-forward block only (``bench/results/timing/sac-variants.json``).
     """
     ops, store = _saved_ops(), {}
     return _KeepOutputs(ops, keep, store), _ReuseOutputs(ops, store)
