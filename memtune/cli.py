@@ -287,6 +287,8 @@ def plan(
     at the GPU's best precision; options given here fix a knob for all of them (--peft none for a full
     fine-tune). The chosen plan has the fewest GPU-seconds per trained token among those that fit. llama-cookbook's
     default path (no FSDP, so no checkpointing) is estimated alongside for comparison.
+
+    Exit code 0: a plan fits; 1: none fits (the closest miss is shown); 2: bad input.
     """
     from memtune.planner import plan_candidates
     from memtune.planner.export import EXPORTERS, expressible
@@ -352,6 +354,8 @@ def plan(
         from memtune.report import plan_report
 
         _say_written(plan_report(result.to_json(), report), as_json)
+    if result.chosen is None:  # as `check`: a plan that does not fit is an answer, not bad input
+        raise typer.Exit(code=1)
 
 
 def _print_export(tool: str, model: str, plan_) -> None:

@@ -67,13 +67,18 @@ def load_lengths(path: str | Path, *, text_field: str = "text", length_field: st
         extra_tokens: tokens every sample gains from a prompt template (214 for the Llama Guard 3 prompt).
 
     Raises:
-        ConfigError: missing file, unknown format or field, or no way to count tokens.
+        ConfigError: missing file, unknown format or field, no way to count tokens, counts that are not whole
+            non-negative numbers (or all zero), or a negative ``extra_tokens``.
     """
     data = read_dataset(path)
     if length_field is not None:
         if length_field not in data.column_names:
             raise ConfigError(f"dataset {path} has no column {length_field!r}; columns: {', '.join(data.column_names)}")
-        counts = [int(n) for n in data[length_field]]
+        counts = []
+        for n in data[length_field]:
+            if isinstance(n, bool) or not isinstance(n, int | float) or n != n or int(n) != n:
+                raise ConfigError(f"column {length_field!r} of {path} must hold whole token counts; found {n!r}")
+            counts.append(int(n))
     else:
         if tokenizer is None:
             raise ConfigError("counting tokens needs --tokenizer PATH (a local tokenizer folder) or --length-field")
@@ -88,4 +93,8 @@ def load_lengths(path: str | Path, *, text_field: str = "text", length_field: st
         counts = [len(ids) for ids in tok(list(data[text_field]), add_special_tokens=False)["input_ids"]]
     if not counts:
         raise ConfigError(f"dataset {path} is empty")
+    if extra_tokens < 0:
+        raise ConfigError(f"the prompt template's tokens must be 0 or more, not {extra_tokens}")
+    if min(counts) < 0 or max(counts) == 0:
+        raise ConfigError(f"the token lengths in {path} must be positive (found {min(counts)} .. {max(counts)})")
     return LengthStats(lengths=tuple(sorted(n + extra_tokens for n in counts)), source=str(path))

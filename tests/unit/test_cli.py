@@ -262,3 +262,24 @@ def test_plan_table_is_not_wrapped_to_80_columns_in_a_pipe():
     r = run("plan", "--model", str(TINY), "--gpu", "T4-16GB", "--seq-len", "128")
     assert r.exit_code == 0, r.output
     assert any("full fine-tune + checkpointing + fused AdamW, amp-fp16" in line for line in r.stdout.splitlines())
+
+
+def test_plan_exits_1_when_nothing_fits_as_check_does():
+    r = run("plan", "--model", "llama-3.1-8b", "--gpu", "T4-16GB", "--peft", "none", "--seq-len", "2048", "--json")
+    assert r.exit_code == 1, r.output
+    out = json.loads(r.stdout)
+    assert out["chosen"] is None and out["closest_miss"] is not None
+
+
+def test_length_files_with_bad_counts_are_bad_input(tmp_path):
+    cases = {"words.csv": "n\nten\n20\n", "zeros.csv": "n\n0\n0\n", "fractions.csv": "n\n1.5\n2\n"}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        r = run("plan", "--model", str(TINY), "--gpu", "L4-24GB", "--dataset", str(tmp_path / name),
+                "--length-field", "n")
+        assert r.exit_code == 2, (name, r.output)
+        assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    (tmp_path / "ok.csv").write_text("n\n10\n20\n")
+    r = run("plan", "--model", str(TINY), "--gpu", "L4-24GB", "--dataset", str(tmp_path / "ok.csv"),
+            "--length-field", "n", "--prompt-tokens", "-300")
+    assert r.exit_code == 2 and "0 or more" in r.output
