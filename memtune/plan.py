@@ -69,10 +69,17 @@ class Plan:
         errors = [f"{name.replace('_', '-')} must be one of {', '.join(allowed)}, not {value!r}"
                   for name, allowed, value in literal_mismatches(self)]
         for name in ("num_gpus", "nodes", "batch_size", "seq_len", "lora_rank", "grad_accum"):
-            if getattr(self, name) < 1:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                errors.append(f"{name.replace('_', '-')} must be a whole number, not {value!r}")
+            elif value < 1:
                 errors.append(f"{name.replace('_', '-')} must be at least 1")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            errors.append("lora-dropout must be in [0, 1)")
+        for name in ("offload", "expandable_segments"):
+            if not isinstance(getattr(self, name), bool):
+                errors.append(f"{name.replace('_', '-')} must be true or false, not {getattr(self, name)!r}")
+        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, int | float) \
+                or not 0.0 <= self.lora_dropout < 1.0:
+            errors.append(f"lora-dropout must be a number in [0, 1), not {self.lora_dropout!r}")
         if self.sharding == "none" and self.world_size > 1:
             errors.append(f"{self.world_size} GPUs need --sharding fsdp, fsdp-grad-op or hsdp")
         if self.sharding == "hsdp" and self.nodes < 2:

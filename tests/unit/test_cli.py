@@ -283,3 +283,12 @@ def test_length_files_with_bad_counts_are_bad_input(tmp_path):
     r = run("plan", "--model", str(TINY), "--gpu", "L4-24GB", "--dataset", str(tmp_path / "ok.csv"),
             "--length-field", "n", "--prompt-tokens", "-300")
     assert r.exit_code == 2 and "0 or more" in r.output
+
+
+def test_plan_files_with_mistyped_fields_are_bad_input(tmp_path):
+    for value in ('"one"', "1.7", "true"):
+        path = tmp_path / "plan.toml"
+        path.write_text(f'model = "{TINY}"\ngpu = "L4-24GB"\n[plan]\nbatch_size = {value}\n')
+        r = run("check", str(path))
+        assert r.exit_code == 2 and "batch-size must be a whole number" in r.output, (value, r.output)
+        assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
