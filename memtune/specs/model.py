@@ -115,15 +115,41 @@ def resolve_model(model: str) -> ModelSpec:
     path = _find_config(model)
     try:
         cfg = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"cannot read {path}: {e}; pass a valid Hugging Face config.json") from None
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+        raise ConfigError(f"cannot read {path}: {type(e).__name__}; pass a valid Hugging Face config.json") from None
     if not isinstance(cfg, dict) or "model_type" not in cfg:
         raise ConfigError(f"{path} has no 'model_type'; pass a Hugging Face config.json")
+    _check_sizes(cfg, path)
     spec = _spec_from_config(model, json.dumps(cfg, sort_keys=True))
     folder = path.parent
     if any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin")):
         spec = dataclasses.replace(spec, weights_dir=str(folder))
     return spec
+
+
+SIZE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+             "vocab_size", "head_dim", "max_position_embeddings")
+
+
+def _check_sizes(cfg: dict, path) -> None:
+    """The sizes a config gives (and its ``text_config``'s) are whole positive numbers, and the attention heads
+    divide as transformers needs. Raises ConfigError naming the first that is not."""
+    for part in (cfg, cfg.get("text_config")):
+        if not isinstance(part, dict):
+            continue
+        for key in SIZE_KEYS:
+            value = part.get(key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{path}: {key} must be a whole number of at least 1, not {value!r}")
+        heads, kv = part.get("num_attention_heads"), part.get("num_key_value_heads")
+        if heads and kv and heads % kv:
+            raise ConfigError(f"{path}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv})")
+        hidden = part.get("hidden_size")
+        if heads and hidden and not part.get("head_dim") and hidden % heads:
+            raise ConfigError(f"{path}: hidden_size ({hidden}) must be a multiple of num_attention_heads ({heads}), "
+                              "or give head_dim")
 
 
 @functools.lru_cache(maxsize=64)
@@ -140,8 +166,9 @@ def _spec_from_config(name: str, config_json: str) -> ModelSpec:
         hf = probe.hf_config()
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(hf)
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ConfigError(f"transformers cannot build a causal LM from {name}: {e}") from None
+    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError, ZeroDivisionError, AssertionError) as e:
+        raise ConfigError(f"transformers cannot build a causal LM from {name}: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}") from None
     layers = _decoder_layers(model)
     linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in layers[0].named_modules() if isinstance(m, nn.Linear)})
     text = hf.get_text_config() if hasattr(hf, "get_text_config") else hf

@@ -111,3 +111,20 @@ def test_every_calibration_profile_loads():
             assert family["configurations"] > 0 and family["allocated"]["max"] > 0.9
         util = data["utilization"]
         assert 0 < util["u_max"] <= 1 and util["x_half"] > 0 and util["class_factor"]["16bit/none"] > 0
+
+
+def test_malformed_config_sizes_are_bad_input(tmp_path):
+    from pathlib import Path
+
+    base = json.loads((Path(__file__).resolve().parents[2] / "profiles/models/llama-3.2-1b/config.json").read_text())
+    for key, value, said in (("hidden_size", -2048, "hidden_size"), ("hidden_size", "2048", "hidden_size"),
+                             ("hidden_size", 2048.5, "hidden_size"), ("num_attention_heads", 7, "multiple"),
+                             ("num_hidden_layers", True, "num_hidden_layers")):
+        path = tmp_path / f"{key}-{value}.json"
+        path.write_text(json.dumps({**base, key: value}))
+        with pytest.raises(ConfigError, match=said):
+            resolve_model(str(path))
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(bytes(range(256)))
+    with pytest.raises(ConfigError, match="cannot read"):
+        resolve_model(str(binary))
