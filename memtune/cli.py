@@ -59,15 +59,20 @@ ReportOpt = Annotated[str | None, typer.Option(help="Also write an HTML report t
 
 
 def _user_errors(command: Callable) -> Callable:
-    """Turn a MemtuneError into one line on stderr and exit code 2 (bad input), never a traceback."""
+    """Turn a MemtuneError, or a file the command cannot read or write (an output under ``/proc``, a folder where a
+    file was asked for), into one line on stderr and exit code 2 (bad input), never a traceback."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except MemtuneError as e:
-            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(code=2) from None
+            message = str(e)
+        except OSError as e:
+            where = f" {e.filename}" if e.filename else ""
+            message = f"cannot use{where}: {e.strerror or type(e).__name__}; give a path this user can read and write"
+        err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=2) from None
 
     return wrapper
 

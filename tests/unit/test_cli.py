@@ -292,3 +292,16 @@ def test_plan_files_with_mistyped_fields_are_bad_input(tmp_path):
         r = run("check", str(path))
         assert r.exit_code == 2 and "batch-size must be a whole number" in r.output, (value, r.output)
         assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_unwritable_outputs_are_bad_input(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for args in (["plan", "--model", str(TINY), "--gpu", "L4-24GB", "--seq-len", "128", "--out", "/proc/p.toml"],
+                 ["plan", "--model", str(TINY), "--gpu", "L4-24GB", "--seq-len", "128", "--report", "/proc/r.html"],
+                 ["report", "--index", "/proc/sys"],
+                 ["plan", "--model", str(TINY), "--gpu", "L4-24GB", "--seq-len", "128",
+                  "--out", str(a_file / "plan.toml")]):
+        r = run(*args)
+        assert r.exit_code == 2, (args, r.output)
+        assert "Traceback" not in r.output and "cannot use" in r.output, r.output
