@@ -71,15 +71,21 @@ def _norm(name: str) -> str:
 
 
 def resolve_gpu(name: str) -> GpuSpec:
-    """The profile whose name or alias matches ``name`` (case-insensitive).
+    """The profile whose name or alias matches ``name`` (case-insensitive), or the one card of a family name.
 
     Raises:
-        UnknownGpuError: listing the known names.
+        UnknownGpuError: listing the known names, or the sizes an ambiguous family name could be.
     """
     wanted = _norm(name)
     for gpu in known_gpus():
         if wanted in {_norm(n) for n in (gpu.name, *gpu.aliases)}:
             return gpu
+    # A family name ("A100", "V100") stands for one card only where the table has one size of it.
+    family = [g for g in known_gpus() if wanted and _norm(g.name).startswith(wanted)]
+    if len(family) == 1:
+        return family[0]
+    if family:
+        raise UnknownGpuError(f"{name!r} could be {' or '.join(g.name for g in family)}: say which")
     names = ", ".join(g.name for g in known_gpus())
     raise UnknownGpuError(f"unknown GPU {name!r}; known GPUs: {names}")
 

@@ -128,3 +128,11 @@ def test_malformed_config_sizes_are_bad_input(tmp_path):
     binary.write_bytes(bytes(range(256)))
     with pytest.raises(ConfigError, match="cannot read"):
         resolve_model(str(binary))
+
+
+def test_a_family_name_with_several_sizes_asks_which():
+    for family, sizes in (("A100", ("A100-40GB", "A100-80GB")), ("v100", ("V100-16GB", "V100-32GB"))):
+        with pytest.raises(UnknownGpuError, match="say which") as e:
+            resolve_gpu(family)
+        assert all(size in str(e.value) for size in sizes)
+    assert resolve_gpu("L4").name == "L4-24GB" and resolve_gpu("NVIDIA A100-SXM4-40GB").name == "A100-40GB"
