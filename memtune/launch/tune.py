@@ -141,6 +141,14 @@ def tune(*, model: str, gpu: str, run: RunConfig, output_dir: Path, num_gpus: in
     fitting = sorted((c for c in result.candidates if c.fits and c is not result.chosen),
                      key=lambda c: (c.cost.gpu_seconds_per_token, -c.breakdown.headroom_bytes))
     order = ([result.chosen] if result.chosen else []) + fitting
+    if order and not _has_bitsandbytes():
+        from memtune.train import quant
+
+        skipped = [c for c in order if quant.needs_bitsandbytes(c.plan)]
+        order = [c for c in order if not quant.needs_bitsandbytes(c.plan)]
+        if skipped:
+            console.print(f"[yellow]note:[/] bitsandbytes is not installed here: {len(skipped)} plan(s) with k-bit "
+                          "weights or 8-bit AdamW are left out")
     if not order:
         raise ConfigError(f"no candidate fits on {gpu_spec.name}; see `memtune plan` for the closest miss, or add "
                           "GPUs (--num-gpus)")
@@ -263,6 +271,12 @@ def render_speeds(console: Console, trials: list[Trial], *, chosen: Trial) -> No
     if any(t.measured is not None and t.candidate.plan.batching == "padding" for t in trials):
         console.print("measured on full-length batches and counted, like the estimate, in this data's real tokens "
                       "per second (length-grouped padded batches)", highlight=False)
+
+
+def _has_bitsandbytes() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
 
 
 def _same_gpu(device_name: str, gpu) -> bool:

@@ -131,8 +131,25 @@ def quantize_decoder_linears(model: nn.Module, plan, *, emulate: bool) -> None:
                     setattr(parent, child_name, new)
 
 
+def needs_bitsandbytes(plan) -> bool:
+    """k-bit base weights and 8-bit AdamW run bitsandbytes' kernels."""
+    return plan.quantization != "none" or plan.optimizer == "adamw-8bit"
+
+
+def bitsandbytes():
+    """The ``bitsandbytes`` module. Raises ConfigError (one line) where it is not installed."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        from memtune.errors import ConfigError
+
+        raise ConfigError("this plan runs bitsandbytes (k-bit weights or 8-bit AdamW), which is not installed here: "
+                          "pip install bitsandbytes, or choose --quantization none and another --optimizer") from None
+    return bnb
+
+
 def _bnb_linear(linear: nn.Linear, bits: int, plan) -> nn.Module:
-    import bitsandbytes as bnb
+    bnb = bitsandbytes()
 
     device = linear.weight.device
     data = linear.weight.data

@@ -304,9 +304,7 @@ def build_optimizer(model: nn.Module, plan: Plan, *, foreach: bool | None = None
     if plan.optimizer == "adamw-8bit":
         if emulate_8bit:
             return quant.EmulatedAdamW8bit(params, lr=lr, **decay)
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(params, lr=lr, **decay)
+        return quant.bitsandbytes().optim.AdamW8bit(params, lr=lr, **decay)
     decay = {"weight_decay": 0.0 if weight_decay is None else weight_decay}
     if plan.optimizer == "adamw-fused":
         return torch.optim.AdamW(params, lr=lr, fused=True, **decay)

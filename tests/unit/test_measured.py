@@ -383,3 +383,35 @@ def test_a_model_named_by_another_path_to_the_same_folder_is_the_same_model(tmp_
     monkeypatch.chdir(tmp_path)
     assert measured.same_model(str(folder), "model") and measured.same_model("llama-3.1-8b", "llama-3.1-8b")
     assert not measured.same_model("model", "other") and not measured.same_model(None, "model")
+
+
+def test_tune_leaves_out_plans_that_need_bitsandbytes_where_it_is_missing(tune_env, tmp_path, monkeypatch):
+    import memtune.launch.tune as tune_module
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(tune_module, "_has_bitsandbytes", lambda: False)
+    eight_bit = dataclasses.replace(PLANS[0], optimizer="adamw-8bit")
+    monkeypatch.setattr(tune_env, "result", fake_plan_result(3, 0.01))
+    first = tune_env.result.candidates[0]
+    candidates = (dataclasses.replace(first, plan=eight_bit), *tune_env.result.candidates[1:])
+    tune_env.result = SimpleNamespace(candidates=candidates, chosen=candidates[0], to_json=lambda: {})
+    _, out = tune_env.tune(tmp_path)
+    assert tune_env.validated == [1, 2] and "bitsandbytes is not installed" in out
+
+
+def test_a_plan_needing_bitsandbytes_says_so_where_it_is_missing(monkeypatch):
+    import builtins
+
+    from memtune.errors import ConfigError
+    from memtune.train import quant
+
+    real_import = builtins.__import__
+
+    def no_bnb(name, *args, **kwargs):
+        if name == "bitsandbytes":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_bnb)
+    with pytest.raises(ConfigError, match="pip install bitsandbytes"):
+        quant.bitsandbytes()
