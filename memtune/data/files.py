@@ -22,13 +22,16 @@ def read_dataset(path: str | Path):
         raise ConfigError(f"dataset {path}: use a .jsonl, .json, .csv or .parquet file")
     if not path.is_file():
         raise ConfigError(f"dataset {path} does not exist")
+    if path.stat().st_size == 0:
+        raise ConfigError(f"dataset {path} is empty")
     import datasets
 
     datasets.disable_progress_bars()
     try:
         data = datasets.load_dataset(fmt, data_files=str(path), split="train")
     except Exception as e:  # noqa: BLE001 - datasets raises many kinds for a malformed file
-        raise ConfigError(f"cannot read dataset {path}: {str(e).splitlines()[0]}") from None
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"cannot read dataset {path}: {first}") from None
     if len(data) == 0:
         raise ConfigError(f"dataset {path} is empty")
     return data

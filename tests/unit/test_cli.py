@@ -305,3 +305,12 @@ def test_unwritable_outputs_are_bad_input(tmp_path):
         r = run(*args)
         assert r.exit_code == 2, (args, r.output)
         assert "Traceback" not in r.output and "cannot use" in r.output, r.output
+
+
+def test_an_empty_dataset_is_bad_input(tmp_path):
+    for name, text in (("empty.jsonl", ""), ("blank.jsonl", "\n\n")):
+        (tmp_path / name).write_text(text)
+        r = run("plan", "--model", str(TINY), "--gpu", "L4-24GB", "--dataset", str(tmp_path / name),
+                "--length-field", "n")
+        assert r.exit_code == 2 and "Traceback" not in r.output, (name, r.output)
+        assert len(r.output.strip().splitlines()) == 1, r.output
