@@ -130,12 +130,16 @@ def tokenize(data, run, tokenizer, *, seq_len: int) -> Samples:
     """Token ids and targets of every row of ``data`` in ``run.format``, cut to ``seq_len`` tokens.
 
     Raises:
-        ConfigError: a field the format needs is not a column of the dataset.
+        ConfigError: a field the format needs is not a column of the dataset, or a row has no value for it.
     """
-    _check_fields(data, run)
+    needed = _check_fields(data, run)
     build = {"text": _text, "instruction": _instruction, "llama-guard": _llama_guard}[run.format]
     input_ids, labels, truncated = [], [], 0
-    for row in data:
+    for i, row in enumerate(data):
+        empty = [f for f in needed if row[f] is None and f != run.category_field]  # safe rows have no category
+        if empty:  # training on the text "None" would be silent
+            raise ConfigError(f"row {i + 1} of the dataset has no {', '.join(map(repr, empty))}: drop or fill the rows "
+                              "without one")
         ids, targets, cut = build(row, run, tokenizer, seq_len)
         input_ids.append(ids)
         labels.append(targets)
@@ -153,7 +157,8 @@ def check_columns(run) -> None:
         _check_fields(read_dataset(path), run, str(path))
 
 
-def _check_fields(data, run, source: str = "the dataset") -> None:
+def _check_fields(data, run, source: str = "the dataset") -> list[str]:
+    """The columns the run's format reads; raises ConfigError where the dataset lacks one."""
     needed = {"text": [run.text_field], "instruction": [run.prompt_field, run.response_field],
               "llama-guard": [run.prompt_field, run.label_field]}[run.format]
     if run.format == "llama-guard" and run.category_field:
@@ -162,6 +167,7 @@ def _check_fields(data, run, source: str = "the dataset") -> None:
     if missing:
         raise ConfigError(f"{source} has no column {', '.join(map(repr, missing))} for the {run.format} format; "
                           f"its columns: {', '.join(data.column_names)} (set the *_field keys in [run])")
+    return needed
 
 
 def _encode(tokenizer, text: str, *, special: bool = False) -> list[int]:

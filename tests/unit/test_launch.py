@@ -301,3 +301,26 @@ def test_bad_launch_input_is_one_line_and_exit_2(tmp_path, run, message):
     assert r.exit_code == 2, r.output
     assert message in r.stderr and r.stderr.startswith("error:") and "Traceback" not in r.output
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_a_row_without_a_prompt_is_bad_input_not_the_text_none():
+    from memtune.errors import ConfigError
+    from memtune.launch.config import RunConfig
+    from memtune.train import data as train_data
+
+    class Tokenizer:
+        bos_token, eos_token_id = "", 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [1] * len(str(text).split())}
+
+    run = RunConfig.from_dict({"dataset": "x.jsonl", "format": "instruction", "prompt_field": "q",
+                               "response_field": "a"})
+    rows = [{"q": "hello", "a": "world"}, {"q": None, "a": "world"}]
+
+    class Data(list):
+        column_names = ["q", "a"]
+
+    with pytest.raises(ConfigError, match="row 2 of the dataset has no 'q'"):
+        train_data.tokenize(Data(rows), run, Tokenizer(), seq_len=64)
+    assert len(train_data.tokenize(Data(rows[:1]), run, Tokenizer(), seq_len=64).input_ids) == 1
