@@ -72,7 +72,16 @@ def read_plan_file(path: str | Path) -> PlanFile:
         except InvalidPlanError as e:
             raise InvalidPlanError([f"fallback {i}: {r}" for r in e.reasons]) from None
     run = RunConfig.from_dict(data["run"]) if "run" in data else None
-    return PlanFile(model=str(data["model"]), gpu=str(data["gpu"]), plan=plan, fallbacks=tuple(fallbacks), run=run)
+    return PlanFile(model=model_beside(path, str(data["model"])), gpu=str(data["gpu"]), plan=plan,
+                    fallbacks=tuple(fallbacks), run=run)
+
+
+def model_beside(path: Path, model: str) -> str:
+    """A file's ``model``: a path relative to the file's folder where one is there (one rule for ``check``,
+    ``validate --plan-file``, ``launch`` and ``tune``), else as written (a profile name, a Hub id, a path from the
+    working directory)."""
+    beside = path.resolve().parent / model
+    return str(beside) if beside.exists() else model
 
 
 def write_plan_file(path: str | Path, plan_file: PlanFile) -> None:

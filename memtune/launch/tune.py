@@ -27,7 +27,7 @@ from rich.table import Table
 
 from memtune.errors import ConfigError
 from memtune.launch.config import RunConfig
-from memtune.planfile import PlanFile, read_table_file, write_plan_file
+from memtune.planfile import PlanFile, model_beside, read_table_file, write_plan_file
 
 if TYPE_CHECKING:  # imported where used: they bring torch along, which the launch command line need not load
     from memtune.data import LengthStats
@@ -59,8 +59,8 @@ def read_run_file(path: str | Path) -> RunFile:
         raise ConfigError(f"{path} has no [run] table; add one with at least dataset = PATH")
     folder = path.resolve().parent
     model = data.get("model")
-    if model and (folder / model).exists():
-        model = str(folder / model)
+    if model:
+        model = model_beside(path, str(model))
     return RunFile(run=RunConfig.from_dict(data["run"]).resolved(folder), model=model, gpu=data.get("gpu"),
                    folder=folder)
 

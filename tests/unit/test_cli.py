@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -314,3 +315,13 @@ def test_an_empty_dataset_is_bad_input(tmp_path):
                 "--length-field", "n")
         assert r.exit_code == 2 and "Traceback" not in r.output, (name, r.output)
         assert len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_check_finds_the_model_beside_the_plan_file_as_launch_does(tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copytree(TINY.parent, tmp_path / "model")
+    (tmp_path / "plan.toml").write_text('model = "model"\ngpu = "L4-24GB"\n[plan]\nseq_len = 64\n')
+    monkeypatch.chdir(Path(__file__).parent)  # a working directory without a "model" folder
+    r = run("check", str(tmp_path / "plan.toml"))
+    assert r.exit_code == 0, r.output
