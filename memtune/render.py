@@ -46,6 +46,9 @@ def render_breakdown(console: Console, spec, b: MemoryBreakdown) -> None:
             table.add_row(cat.value.replace("_", " "), *(f"{gib(v):.2f}" for v in values))
     table.add_row("[bold]allocated[/]", *(f"[bold]{gib(b.phase_peak(p)):.2f}[/]" for p in Phase), end_section=True)
     console.print(table)
+    if b.traced_layers is not None and b.traced_layers < spec.num_layers:
+        console.print(f"note: {spec.num_layers} layers, estimated from a trace of {b.traced_layers} extended to the "
+                      "full depth (the fast path: peak allocated within about 2 % of a full trace)")
     usable = b.usable_bytes
     pool = b.gpu_reserved_bytes if b.gpu_reserved_bytes is not None else b.peak_reserved_bytes
     squeezed = (f" (the allocator releases its cache under pressure: {fmt_gib(b.peak_reserved_bytes)} without a limit)"

@@ -37,6 +37,9 @@ class MemoryBreakdown:
     method: str = "trace"
     """``trace``: the training step traced on fake tensors and replayed through the allocator model; ``screen``:
     the closed-form screen the planner uses to order and prune candidates (``memtune.estimate.screen``)."""
+    traced_layers: int | None = None
+    """Decoder layers the trace ran: the model's depth, or fewer for the fast path (four periods of layer types,
+    extended to the full depth)."""
 
     def phase_peak(self, phase: Phase) -> int:
         return sum(self.phases[phase].values())
@@ -96,6 +99,7 @@ class MemoryBreakdown:
             "peak_phase": self.peak_phase.value,
             "calibration": self.calibration,
             "method": self.method,
+            "traced_layers": self.traced_layers,
             "components": {c.value: v for c, v in self.components.items()},
             "phases": {p.value: self.phase_peak(p) for p in self.phases},
             "phase_components": {p.value: {c.value: v for c, v in cats.items()} for p, cats in self.phases.items()},

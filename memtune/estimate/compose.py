@@ -37,6 +37,9 @@ DEFAULT_MARGIN = 0.02
 """Share of the GPU's memory kept free for the ``fits`` verdict."""
 
 TRACE_FORMAT = 8
+MAX_FULL_DEPTH = 128
+"""Deeper models are estimated by the fast path (``fast=True``) even when the full depth is asked for: a trace of
+every layer would take minutes. ``MemoryBreakdown.traced_layers`` says which it was."""
 
 
 def sdpa_backend(spec: ModelSpec, plan: Plan, gpu: GpuSpec) -> str:
@@ -92,6 +95,7 @@ def estimate(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, margin: float = DEFAU
     """
     plan.check_model(spec)
     plan.check_gpu(gpu)
+    fast = fast or spec.num_layers > MAX_FULL_DEPTH
     backend = sdpa_backend(spec, plan, gpu)
     workspace = overhead.cublas_workspace_bytes(gpu.compute_capability)
     # CPU offload: the same step with the sharded state on the host - traced on the device, then taken off it.
@@ -116,6 +120,7 @@ def estimate(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, margin: float = DEFAU
         gpu_reserved_bytes=None if gpu_reserved is None else gpu_reserved + workspace,
         runtime_overhead_bytes=runtime, device_usable_bytes=gpu.memory_bytes, margin_bytes=margin_bytes,
         verdict=verdict, verdict_reason=reason, calibration=factors[2] if factors else None,
+        traced_layers=trace.num_layers,
     )
 
 

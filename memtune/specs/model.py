@@ -127,6 +127,9 @@ def resolve_model(model: str) -> ModelSpec:
     return spec
 
 
+DEEP_LAYERS = 64
+"""Deeper stacks are counted from two short ones (one and two periods of layer types) and extended."""
+
 SIZE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
              "vocab_size", "head_dim", "max_position_embeddings")
 
@@ -164,11 +167,22 @@ def _spec_from_config(name: str, config_json: str) -> ModelSpec:
                       tie_word_embeddings=False, max_position_embeddings=0, num_params=0, linear_names=())
     try:
         hf = probe.hf_config()
+        depth = getattr(hf.get_text_config() if hasattr(hf, "get_text_config") else hf, "num_hidden_layers", 0) or 0
+        period = probe.layer_period
+        deep = depth > DEEP_LAYERS and depth % period == 0 and cfg.get("num_hidden_layers") == depth
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(hf)
+            if deep:  # count two short stacks and extend: building thousands of layers takes minutes
+                model = AutoModelForCausalLM.from_config(probe.hf_config(num_layers=2 * period))
+                shorter = AutoModelForCausalLM.from_config(probe.hf_config(num_layers=period))
+            else:
+                model = AutoModelForCausalLM.from_config(hf)
     except (ValueError, KeyError, TypeError, AttributeError, RuntimeError, ZeroDivisionError, AssertionError) as e:
         raise ConfigError(f"transformers cannot build a causal LM from {name}: {type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    num_params = sum(p.numel() for p in model.parameters())
+    if deep:
+        per_period = num_params - sum(p.numel() for p in shorter.parameters())
+        num_params += (depth // period - 2) * per_period
     layers = _decoder_layers(model)
     linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in layers[0].named_modules() if isinstance(m, nn.Linear)})
     text = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
@@ -177,7 +191,7 @@ def _spec_from_config(name: str, config_json: str) -> ModelSpec:
         name=name,
         config_json=config_json,
         model_type=cfg["model_type"],
-        num_layers=len(layers),
+        num_layers=depth if deep else len(layers),
         hidden_size=text.hidden_size,
         intermediate_size=getattr(text, "intermediate_size", 4 * text.hidden_size),
         num_attention_heads=heads,
@@ -186,7 +200,7 @@ def _spec_from_config(name: str, config_json: str) -> ModelSpec:
         vocab_size=text.vocab_size,
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         max_position_embeddings=getattr(text, "max_position_embeddings", 0) or 0,
-        num_params=sum(p.numel() for p in model.parameters()),
+        num_params=num_params,
         linear_names=tuple(linear_names),
         hub_id=cfg.get("_name_or_path") or None,
     )

@@ -325,3 +325,18 @@ def test_check_finds_the_model_beside_the_plan_file_as_launch_does(tmp_path, mon
     monkeypatch.chdir(Path(__file__).parent)  # a working directory without a "model" folder
     r = run("check", str(tmp_path / "plan.toml"))
     assert r.exit_code == 0, r.output
+
+
+def test_a_very_deep_model_is_estimated_by_the_fast_path_and_says_so(tmp_path):
+    from memtune.estimate.compose import MAX_FULL_DEPTH
+
+    config = json.loads(TINY.read_text())
+    config["num_hidden_layers"] = MAX_FULL_DEPTH * 8
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    r = run("estimate", "--model", str(path), "--gpu", "L4-24GB", "--seq-len", "64", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["traced_layers"] == 4 and out["peak_allocated_bytes"] > 0
+    r = run("estimate", "--model", str(path), "--gpu", "L4-24GB", "--seq-len", "64")
+    assert f"{MAX_FULL_DEPTH * 8} layers, estimated from a trace of 4" in r.stdout

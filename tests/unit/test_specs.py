@@ -136,3 +136,25 @@ def test_a_family_name_with_several_sizes_asks_which():
             resolve_gpu(family)
         assert all(size in str(e.value) for size in sizes)
     assert resolve_gpu("L4").name == "L4-24GB" and resolve_gpu("NVIDIA A100-SXM4-40GB").name == "A100-40GB"
+
+
+def test_a_deep_stack_is_counted_from_two_short_ones_exactly(tmp_path):
+    """Past DEEP_LAYERS the spec extends the parameters of one and two periods of layers instead of building every
+    layer (thousands take minutes): the count equals the full build's."""
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from memtune.specs.model import DEEP_LAYERS
+
+    config = json.loads((Path(__file__).resolve().parents[1] / "assets/tiny-llama/config.json").read_text())
+    config["num_hidden_layers"] = DEEP_LAYERS + 36
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    spec = resolve_model(str(path))
+    hf = AutoConfig.for_model(config.pop("model_type"), **config)
+    with torch.device("meta"):
+        full = AutoModelForCausalLM.from_config(hf)
+    assert spec.num_layers == DEEP_LAYERS + 36
+    assert spec.num_params == sum(p.numel() for p in full.parameters())
