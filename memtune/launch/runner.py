@@ -207,16 +207,43 @@ def _start_record(prep: _Prepared, out: Path, command: list[str] | None, torch) 
             "fallbacks": [p.to_dict() for p in prep.plans[1:]], "run": prep.run.to_dict(),
             "world_size": prep.plans[0].world_size, "device": _device_name(torch, prep.plans[0]), "estimate": None,
             "status": "running", "plans_tried": [], "started": now, "finished": None,
-            "command": shlex.join(command or [])}
+            "command": shlex.join(command or []), "identity": _identity(prep)}
     if not path.exists():
         return base
     old = json.loads(path.read_text())
     if old.get("status") == "finished":
         raise ConfigError(f"{out} holds a finished run; pass another --output-dir")
-    if old.get("model") != prep.plan_file.model:
+    from memtune.planner.measured import same_model
+
+    if not (old.get("model") == prep.plan_file.model or same_model(old.get("model_path"), prep.spec.name)):
         raise ConfigError(f"{out} holds a run of {old.get('model')}, not {prep.plan_file.model}; pass another "
                           "--output-dir")
+    changed = _changed(old.get("identity"), base["identity"])
+    if changed:
+        raise ConfigError(f"{out} holds a run with other settings ({'; '.join(changed)}): resuming would mix them; "
+                          "run with the settings it was started with, or pass another --output-dir")
     return {**base, "plans_tried": old.get("plans_tried", []), "started": old.get("started", now)}
+
+
+def _identity(prep: _Prepared) -> dict:
+    """What decides a run's numbers beside its model: every plan it may use, in order, and its run settings (the
+    output folder aside). A resume must find the same."""
+    run = {k: v for k, v in prep.run.to_dict().items() if k != "output_dir"}
+    return {"plans": [p.to_dict() for p in prep.plans], "run": run}
+
+
+def _changed(old: dict | None, new: dict) -> list[str]:
+    """The settings that differ between a run's recorded identity and a new one (none for a record without one)."""
+    if not isinstance(old, dict):
+        return []
+    changed = [f"{key}: {old['run'].get(key)!r} -> {new['run'].get(key)!r}"
+               for key in sorted(set(old.get("run", {})) | set(new["run"]))
+               if old.get("run", {}).get(key) != new["run"].get(key)]
+    if old.get("plans") != new["plans"]:
+        fields = sorted({k for a, b in zip(old.get("plans", []), new["plans"]) for k in set(a) | set(b)
+                         if a.get(k) != b.get(k)}) or ["the number of fallbacks"]
+        changed.append(f"plan {', '.join(fields)}")
+    return changed
 
 
 def _end(record: dict, out: Path, status: str, writer: bool, console: Console, *, error: str | None = None) -> None:

@@ -246,3 +246,16 @@ def test_launch_benchmark_script_runs_on_cpu(tmp_path):
     assert row["status"] == "finished" and row["device"] == "cpu" and row["steps"] == 2
     assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1 and row["estimated_peak_allocated_bytes"] > 0
     assert row["measured_peak_allocated_bytes"] is None  # measured only on a GPU
+
+
+def test_resuming_with_other_settings_is_refused_with_what_changed(small_plan, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setenv(FAULT_ENV, "sigterm@2")
+    assert launch(small_plan, out).exit_code == 130
+    monkeypatch.delenv(FAULT_ENV)
+    text = small_plan.read_text()
+    changed = tmp_path / "changed.toml"
+    changed.write_text("\n".join("lr = 0.3" if line.startswith("lr =") else line for line in text.splitlines()))
+    r = launch(changed, out)
+    assert r.exit_code == 2 and "lr: " in r.output and "0.3" in r.output, r.output
+    assert record(out)["status"] == "interrupted"  # the run is left as it was
