@@ -239,17 +239,13 @@ def data_cost(spec: ModelSpec, plan: Plan, gpu: GpuSpec, lengths: LengthStats | 
     A validation runs full-length batches; scaling this cost by its measured / estimated step time
     (``measured.scaled``) carries the measurement over to the data, so plans with different micro-batches (hence
     different padding) are compared by the real tokens they would train per second."""
-    from memtune.errors import InvalidPlanError
-    from memtune.planner import cost, steptime
+    from memtune.planner import steptime
 
     shape = {}
     if plan.batching == "padding" and lengths is not None:
         shape = {"padding_efficiency": lengths.padded(plan.batch_size)[1],
                  "mean_seq_len": lengths.mean_padded(plan.batch_size)}
-    try:
-        return steptime.traced_cost(spec, plan, gpu, **shape)
-    except InvalidPlanError:
-        return cost.step_cost(spec, plan, gpu, **shape)
+    return steptime.estimated_cost(spec, plan, gpu, **shape)
 
 
 def render_speeds(console: Console, trials: list[Trial], *, chosen: Trial) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from memtune.errors import InvalidPlanError
 from memtune.estimate import MemoryBreakdown, estimate
@@ -21,6 +22,9 @@ from memtune.planner import measured, steptime
 from memtune.planner.cost import NETWORK_GBS, CostEstimate, step_cost
 from memtune.specs.gpu import GpuSpec
 from memtune.specs.model import ModelSpec
+
+if TYPE_CHECKING:
+    from memtune.planner.measured import Measurement
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -355,11 +359,8 @@ def _trace_cost(spec: ModelSpec, gpu: GpuSpec, candidates: list[Candidate], i: i
     c = candidates[i]
     breakdown = c.breakdown if c.breakdown.method == "trace" else estimate(spec, c.plan, gpu, fast=True)
     efficiency, mean_seq_len = shapes.get((c.plan.batching, c.plan.batch_size), (1.0, None))
-    try:
-        traced = steptime.traced_cost(spec, c.plan, gpu, padding_efficiency=efficiency,
-                                      mean_seq_len=mean_seq_len, network_gbs=network_gbs)
-    except InvalidPlanError:
-        traced = c.cost
+    traced = steptime.estimated_cost(spec, c.plan, gpu, padding_efficiency=efficiency, mean_seq_len=mean_seq_len,
+                                     network_gbs=network_gbs)
     candidates[i] = dataclasses.replace(c, breakdown=breakdown, reason=_reason(breakdown), cost=traced)
 
 

@@ -65,7 +65,7 @@ class Measurement:
     tokens_per_s: float
     """Measured tokens per second per GPU (every token of the full-length batches)."""
     estimated_step_time_s: float
-    """The time model's seconds per optimizer step for the same batches (``steptime.traced_cost`` at the plan's
+    """The time model's seconds per optimizer step for the same batches (``steptime.estimated_cost`` at the plan's
     shape)."""
     when: str
     """When it was measured (ISO 8601, UTC)."""
@@ -109,6 +109,8 @@ def from_validation(record: ValidationRecord, spec: ModelSpec, gpu: GpuSpec) -> 
 
     The step time is the slowest rank's (FSDP ranks wait for each other); tokens/s follows from it.
     """
+    from memtune.planner.steptime import estimated_cost
+
     if record.mode != "gpu" or record.oom:
         return None
     times = [r.get("step_time_s") for r in record.ranks]
@@ -119,21 +121,8 @@ def from_validation(record: ValidationRecord, spec: ModelSpec, gpu: GpuSpec) -> 
     tokens = plan.batch_size * plan.seq_len * plan.grad_accum
     return Measurement(gpu=gpu.name, model=spec.name, plan=plan.to_dict(), step_time_s=step_time,
                        tokens_per_s=tokens / step_time,
-                       estimated_step_time_s=_estimated_step_s(spec, plan, gpu),
+                       estimated_step_time_s=estimated_cost(spec, plan, gpu).step_time_s,
                        when=datetime.now(UTC).isoformat(timespec="seconds"))
-
-
-def _estimated_step_s(spec: ModelSpec, plan: Plan, gpu: GpuSpec) -> float:
-    """The time model's step time for the batches validation runs: traced where the plan can be traced, else the
-    closed form (``memtune.planner.steptime.traced_cost``)."""
-    from memtune.errors import InvalidPlanError
-    from memtune.planner.cost import step_cost
-    from memtune.planner.steptime import traced_cost
-
-    try:
-        return traced_cost(spec, plan, gpu).step_time_s
-    except InvalidPlanError:
-        return step_cost(spec, plan, gpu).step_time_s
 
 
 # --- the store ---------------------------------------------------------------------------------------------

@@ -251,3 +251,16 @@ def host_layer_key(plan: Plan) -> str:
     """The key of ``host_per_layer_s`` in the calibration: the kind of fine-tune and the checkpointing."""
     kind = "full" if plan.peft == "none" else "lora" if plan.quantization == "none" else "kbit"
     return f"{kind}/{plan.checkpointing}"
+
+
+def estimated_cost(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, padding_efficiency: float = 1.0,
+                   mean_seq_len: float | None = None, network_gbs: float | None = None):
+    """``traced_cost`` where the plan can be traced, else the closed form (``cost.step_cost``) of the same shape."""
+    from memtune.errors import InvalidPlanError
+    from memtune.planner import cost
+
+    shape = {"padding_efficiency": padding_efficiency, "mean_seq_len": mean_seq_len}
+    try:
+        return traced_cost(spec, plan, gpu, network_gbs=network_gbs, **shape)
+    except InvalidPlanError:
+        return cost.step_cost(spec, plan, gpu, **shape, **({} if network_gbs is None else {"network_gbs": network_gbs}))
