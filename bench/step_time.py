@@ -38,7 +38,7 @@ from memtune.specs.model import resolve_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU = "H200-141GB"
-STEP_FITTED = ("host_op_s", "host_view_s", "host_frame_s", "host_selective_s", "host_tensor_s", "kbit_factor",
+STEP_FITTED = ("host_op_s", "host_view_s", "host_frame_s", "host_region_s", "host_selective_s", "host_tensor_s", "kbit_factor",
                "mem_efficiency", "mm_e_max",
                "adam8bit_rate", "adam8bit_tensor_s")
 
@@ -80,7 +80,10 @@ def load_rows(paths: list[Path]) -> list[dict]:
 
 def traced(row: dict):
     spec = resolve_model(row["model"])
-    plan = Plan(**{k: tuple(v) if isinstance(v, list) else v for k, v in row["plan"].items()})
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in row["plan"].items()}
+    if "kbit_upcast" not in fields and fields.get("quantization", "none") != "none":
+        fields["kbit_upcast"] = True  # measured when peft's fp32 upcast was the only k-bit preparation
+    plan = Plan(**fields)
     gpu = resolve_gpu(GPU)
     return spec, plan, gpu, cached_trace(spec, plan, fast_depth(spec), sdpa_backend(spec, plan, gpu))
 

@@ -70,7 +70,8 @@ def _wrap_whole(context_fn):
 
 
 def _wrap_modules(layer, checkpointing):
-    """Norms recomputed whole, the MLP selectively (its matmul outputs kept), attention not checkpointed."""
+    """The previous placement: a checkpoint frame around each norm (recomputed whole) and around the MLP (its matmul
+    outputs kept through the op-level modes); attention not checkpointed."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     if checkpointing == "full":
@@ -133,11 +134,12 @@ def _profile(spec, plan) -> dict:
 
 
 def sac(out: Path, study: bool) -> None:
-    """Step time of no, selective (memtune's) and full checkpointing at the same micro-batch; with ``study`` also
+    """Step time of no, selective (memtune's), full checkpointing and the previous placement of selective
+    (``modules``, checkpoint frames) at the same micro-batch; with ``study`` also
     the other placements of selective checkpointing (``SAC_VARIANTS``), profiled at 1B x 1,152 tokens."""
     rows = []
     original = recipe.checkpoint_layer
-    variants = ("none", "full", "selective", *(SAC_VARIANTS if study else ()))
+    variants = ("none", "full", "selective", "modules", *(v for v in SAC_VARIANTS if study and v != "modules"))
     for model, batch, seq in SAC_CASES:
         spec = resolve_model(model)
         steps = 3 if spec.num_params > 5e9 else 6
@@ -294,6 +296,7 @@ def _p(model, peft="none", ac="none", opt="adamw", b=1, s=2048, q="none", accum=
 
 
 L1, L3, L8, Q05, G2, M7 = "llama-guard-3-1b", "llama-3.2-3b", "llama-3.1-8b", "qwen2.5-0.5b", "gemma-2-2b", "mistral-7b"
+L1B, Q7 = "llama-3.2-1b", "qwen2.5-7b"
 GRID = [
     _p(L1, b=1), _p(L1, opt="adamw-fused", b=4), _p(L1, ac="selective", opt="adamw-fused", b=2, s=1152),
     _p(L1, ac="selective", b=4), _p(L1, ac="full", b=8, s=1152), _p(L1, ac="full", opt="adamw-8bit", b=4),
@@ -316,6 +319,24 @@ GRID = [
     _p(L8, "lora", b=4), _p(L8, q="4bit", b=2), _p(L8, q="4bit", ac="full", opt="adamw-fused", b=4),
     _p(L8, "lora", ac="selective", b=2, s=4096), _p(L8, ac="full", opt="adamw-8bit", b=1, s=4096),
     _p(M7, "lora", ac="full", b=4), _p(M7, q="4bit", b=2),
+    # more architectures and shapes (the held-out half of the step-time model)
+    _p(M7, opt="adamw-fused", b=1), _p(M7, ac="full", b=4), _p(M7, ac="selective", opt="adamw-8bit", b=2),
+    _p(M7, "lora", b=2), _p(M7, "lora", ac="selective", opt="adamw-fused", b=4, s=1024),
+    _p(M7, q="4bit", ac="selective", b=4), _p(M7, q="4bit", ac="full", opt="adamw-8bit", b=2, s=4096),
+    _p(M7, opt="sgd", ac="full", b=2, s=1024),
+    _p(Q7, opt="adamw-fused", b=1), _p(Q7, ac="full", opt="adamw-8bit", b=2), _p(Q7, ac="selective", b=2),
+    _p(Q7, "lora", b=4), _p(Q7, "lora", ac="full", opt="adamw-fused", b=8, s=1024),
+    _p(Q7, q="4bit", b=2), _p(Q7, q="4bit", ac="selective", opt="adamw-fused", b=2, s=4096),
+    _p(Q7, ac="selective", opt="adamw-fused", b=1, s=4096),
+    _p(Q05, ac="selective", opt="adamw-fused", b=16, s=1024), _p(Q05, ac="full", b=4, s=4096),
+    _p(Q05, "lora", ac="full", b=16), _p(Q05, q="4bit", ac="selective", b=8, s=1024),
+    _p(Q05, opt="adamw-8bit", ac="selective", b=8), _p(Q05, b=4, s=1024, precision="amp-bf16"),
+    _p(L1B, b=2), _p(L1B, ac="selective", b=8, s=1024), _p(L1B, ac="full", opt="adamw-fused", b=4, s=4096),
+    _p(L1B, "lora", ac="selective", b=8), _p(L1B, q="4bit", ac="full", b=8, s=1024),
+    _p(L1B, opt="adamw-8bit", ac="selective", b=4, s=2048, accum=2),
+    _p(L3, ac="selective", opt="adamw-fused", b=8, s=1024), _p(L3, "lora", ac="selective", opt="adamw-fused", b=8),
+    _p(L3, q="4bit", ac="full", b=8), _p(L8, ac="selective", opt="adamw-fused", b=2),
+    _p(L8, "lora", ac="selective", opt="adamw-fused", b=8), _p(L8, q="4bit", ac="selective", opt="adamw-8bit", b=4),
 ]
 
 

@@ -55,6 +55,10 @@ SeqLen = Annotated[int, typer.Option(help="Tokens per sequence.")]
 Attention = Annotated[str, typer.Option(help="sdpa | eager")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
 GradAccum = Annotated[int, typer.Option(help="Micro-batches per optimizer step.")]
+KbitUpcast = Annotated[bool, typer.Option(help="QLoRA: peft's prepare_model_for_kbit_training upcasts the "
+                                               "unquantized weights to fp32 (fp32 residual stream and logits).")]
+StackOpt = Annotated[str, typer.Option(help="The code that runs the step: memtune (its own recipe) | hf (the "
+                                            "Hugging Face Trainer's checkpointing and optimizer).")]
 ReportOpt = Annotated[str | None, typer.Option(help="Also write an HTML report to this file.")]
 
 
@@ -84,7 +88,7 @@ def _say_written(path, quiet: bool) -> None:
 
 def _plan_from_options(gpu, *, num_gpus, nodes, precision, sharding, checkpointing, peft, lora_rank, lora_targets,
                        lora_dropout, quantization, optimizer, batch_size, seq_len, attention, grad_accum,
-                       offload, expandable_segments):
+                       offload, expandable_segments, kbit_upcast=False, stack="memtune"):
     from memtune.plan import Plan
 
     if precision == "auto":
@@ -96,7 +100,7 @@ def _plan_from_options(gpu, *, num_gpus, nodes, precision, sharding, checkpointi
                 peft=peft, lora_rank=lora_rank, lora_targets=targets, lora_dropout=lora_dropout,
                 quantization=quantization, optimizer=optimizer, batch_size=batch_size, seq_len=seq_len,
                 attention=attention, grad_accum=grad_accum, offload=offload,
-                expandable_segments=expandable_segments)
+                expandable_segments=expandable_segments, kbit_upcast=kbit_upcast, stack=stack)
 
 
 def _plan_knobs(
@@ -120,6 +124,8 @@ def _plan_knobs(
                                                "states in host memory (needs --sharding fsdp; one GPU works).")] = False,
     expandable_segments: Annotated[bool, typer.Option(help="The allocator's expandable segments "
                                                            "(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True).")] = False,
+    kbit_upcast: KbitUpcast = False,
+    stack: StackOpt = "memtune",
 ) -> dict:
     """The plan options estimate and validate share: this signature is their part of the command line."""
     return locals()
@@ -277,6 +283,9 @@ def plan(
                                                                               "off.")] = None,
     expandable_segments: Annotated[bool | None, typer.Option(
         "--expandable-segments/--no-expandable-segments", help="Fix the allocator's expandable segments.")] = None,
+    kbit_upcast: Annotated[bool | None, typer.Option("--kbit-upcast/--no-kbit-upcast", help="Fix peft's fp32 "
+                                                      "upcast of a QLoRA model's unquantized weights.")] = None,
+    stack: StackOpt = "memtune",
     lora_rank: Annotated[int | None, typer.Option(help="LoRA rank r of the LoRA candidates.")] = None,
     lora_targets: Annotated[str | None, typer.Option(help="Comma-separated linear layers the LoRA candidates "
                                                           "adapt.")] = None,
@@ -321,6 +330,7 @@ def plan(
                                 "quantization": quantization, "optimizer": optimizer, "attention": attention,
                                 "grad_accum": grad_accum, "sharding": sharding, "offload": offload,
                                 "expandable_segments": expandable_segments, "lora_rank": lora_rank,
+                                "kbit_upcast": kbit_upcast, "stack": "hf" if export == "hf" else stack,
                                 "lora_targets": targets}.items() if v is not None}
     if fixed:
         from memtune.plan import Plan

@@ -17,6 +17,7 @@ Quantization = Literal["none", "8bit", "4bit"]
 Optimizer = Literal["adamw", "adamw-fused", "adamw-8bit", "sgd"]
 Attention = Literal["sdpa", "eager"]
 Batching = Literal["padding", "packing"]
+Stack = Literal["memtune", "hf"]
 
 DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
 
@@ -65,6 +66,15 @@ class Plan:
     """padding: length-grouped batches padded to their longest sample; packing: samples concatenated into seq_len
     chunks. Memory depends only on seq_len; the cost model uses the padding waste."""
 
+    kbit_upcast: bool = False
+    """k-bit plans: run peft's ``prepare_model_for_kbit_training``, which upcasts the weights left unquantized
+    (embeddings, norms, lm_head) to fp32, so the residual stream and the logits run in fp32. Off (the usual QLoRA:
+    ``BitsAndBytesConfig`` with a bf16 compute dtype and ``get_peft_model``), they stay in the compute dtype."""
+    stack: Stack = "memtune"
+    """The code that runs the step: memtune's recipe, or the Hugging Face Trainer's (``hf``: its own gradient
+    checkpointing, its optimizer's two parameter groups, and fp32 optimizer states for embeddings under bitsandbytes'
+    8-bit optimizers, as ``Trainer.create_optimizer`` registers them)."""
+
     def __post_init__(self) -> None:
         errors = [f"{name.replace('_', '-')} must be one of {', '.join(allowed)}, not {value!r}"
                   for name, allowed, value in literal_mismatches(self)]
@@ -74,7 +84,7 @@ class Plan:
                 errors.append(f"{name.replace('_', '-')} must be a whole number, not {value!r}")
             elif value < 1:
                 errors.append(f"{name.replace('_', '-')} must be at least 1")
-        for name in ("offload", "expandable_segments"):
+        for name in ("offload", "expandable_segments", "kbit_upcast"):
             if not isinstance(getattr(self, name), bool):
                 errors.append(f"{name.replace('_', '-')} must be true or false, not {getattr(self, name)!r}")
         if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, int | float) \
@@ -93,6 +103,11 @@ class Plan:
                           "or --optimizer adamw / adamw-fused")
         if self.offload and self.sharding == "none":
             errors.append("CPU offload is FSDP2's: use --sharding fsdp (one GPU works too)")
+        if self.kbit_upcast and self.quantization == "none":
+            errors.append("kbit-upcast prepares k-bit weights: use it with --quantization 4bit or 8bit")
+        if self.stack == "hf" and self.checkpointing == "selective":
+            errors.append("the Hugging Face Trainer checkpoints whole layers only: use --checkpointing full or none, "
+                          "or --stack memtune")
         if self.peft == "lora" and not self.lora_targets:
             errors.append("lora-targets is empty")
         if errors:
@@ -122,6 +137,11 @@ class Plan:
     @property
     def is_amp(self) -> bool:
         return self.precision.startswith("amp-")
+
+    @property
+    def fp32_residual(self) -> bool:
+        """The residual stream (and the logits) run in fp32: fp32 plans, and k-bit plans with ``kbit_upcast``."""
+        return self.precision == "fp32" or (self.quantization != "none" and self.kbit_upcast)
 
     @property
     def low_precision(self) -> str:

@@ -47,15 +47,15 @@ def sdpa_backend(spec: ModelSpec, plan: Plan, gpu: GpuSpec) -> str:
 
     Flash attention needs fp16/bf16, compute capability 8.0+ and head_dim <= 256. Memory-efficient attention takes
     any dtype but not grouped-query attention (``enable_gqa``). Otherwise SDPA runs the math kernel, which
-    materializes the s x s attention matrix. k-bit plans run their activations in fp32: the usual QLoRA preparation
-    (peft's ``prepare_model_for_kbit_training``) upcasts the norms, and bitsandbytes' layers return their input's
-    dtype, so attention sees fp32 queries - unless autocast (amp-*) casts them to the compute dtype: a QLoRA plan
-    under amp-bf16 runs flash attention (Llama-3.1-8B at 2 x 2,048 tokens measured 48.03 GB on an H200, the
-    estimate with the math kernel said 86.06 GB, with flash 48.03 GB).
+    materializes the s x s attention matrix. k-bit plans with ``kbit_upcast`` run their activations in fp32 (peft's
+    ``prepare_model_for_kbit_training`` upcasts the norms, and bitsandbytes' layers return their input's dtype), so
+    attention sees fp32 queries - unless autocast (amp-*) casts them to the compute dtype: a QLoRA plan under amp-bf16
+    runs flash attention (Llama-3.1-8B at 2 x 2,048 tokens measured 48.03 GB on an H200, the estimate with the math
+    kernel said 86.06 GB, with flash 48.03 GB).
     """
     if plan.attention != "sdpa":
         return "eager"
-    low_precision = plan.precision != "fp32" and (plan.quantization == "none" or plan.is_amp)
+    low_precision = plan.precision != "fp32" and (not plan.fp32_residual or plan.is_amp)
     if low_precision and gpu.compute_capability >= (8, 0) and spec.head_dim <= 256:
         return "flash"
     if spec.num_key_value_heads == spec.num_attention_heads:

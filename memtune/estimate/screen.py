@@ -118,8 +118,9 @@ def static_bytes(spec: ModelSpec, plan: Plan) -> dict[C, float]:
     other = spec.num_params - linears
     lora = lora_params(spec, plan)
     if plan.quantization != "none":
-        # peft's k-bit preparation upcasts the remaining weights (embeddings, norms, lm_head) to fp32.
-        params = _quantized_bytes(linears, plan.quantization) + other * 4 + lora * 4
+        # the remaining weights (embeddings, norms, lm_head) in the compute dtype, or fp32 after peft's k-bit
+        # preparation (kbit_upcast); the adapters in fp32.
+        params = _quantized_bytes(linears, plan.quantization) + other * (4 if plan.fp32_residual else 2) + lora * 4
     else:
         params = spec.num_params * pbytes + lora * pbytes
     trainable = lora if plan.peft == "lora" else spec.num_params
@@ -129,6 +130,8 @@ def static_bytes(spec: ModelSpec, plan: Plan) -> dict[C, float]:
         states = 0.0
     elif plan.optimizer == "adamw-8bit":
         states = trainable * (2 + 2 * 4 / 256)
+        if plan.stack == "hf" and plan.peft == "none":  # the Trainer keeps fp32 states for the input embedding
+            states += spec.vocab_size * spec.hidden_size * (8 - 2 - 2 * 4 / 256)
     else:
         states = 2 * trainable * tbytes
     if plan.offload:  # FSDP2's CPU offload keeps the sharded state on the host
@@ -141,7 +144,7 @@ def layer_activation_bytes(spec: ModelSpec, plan: Plan, tokens: int, backend: st
     h, q, kv, i = (spec.hidden_size, spec.num_attention_heads * spec.head_dim,
                    spec.num_key_value_heads * spec.head_dim, spec.intermediate_size)
     kbit = plan.quantization != "none"
-    p = 4 if plan.precision == "fp32" or kbit else 2  # k-bit plans run in fp32 (peft upcasts the norms)
+    p = 4 if plan.fp32_residual else 2  # k-bit plans with kbit_upcast run in fp32 (peft upcasts the norms)
     full = plan.peft == "none"
     lora = set(plan.lora_targets) if plan.peft == "lora" else set()
     dropout = plan.lora_dropout > 0
@@ -170,23 +173,25 @@ def layer_activation_bytes(spec: ModelSpec, plan: Plan, tokens: int, backend: st
 
 def _checkpoint_bytes(spec: ModelSpec, plan: Plan, tokens: int, layer: float, backend: str) -> float:
     """What checkpointing keeps of the whole stack at the start of the backward."""
-    p = 4 if plan.precision == "fp32" or plan.quantization != "none" or plan.is_amp else 2
+    p = 4 if plan.fp32_residual or plan.is_amp else 2
     L = spec.num_layers
     if plan.checkpointing == "full":
         return L * p * spec.hidden_size * tokens  # each layer's input
     # selective (``recipe.checkpoint_layer``): each norm keeps its input instead of its fp32 upcast; the MLP keeps
-    # its input and its projections' outputs (k-bit projections run bitsandbytes' own op and are recomputed) instead
-    # of the activation's input, output and product; attention keeps what it keeps without checkpointing.
+    # its input and the gate and up projections' outputs instead of the activation's input, output and product (and
+    # the down projection's LoRA tensors, recomputed with it); attention keeps what it keeps without checkpointing.
     h, i = spec.hidden_size, spec.intermediate_size
     kbit = plan.quantization != "none"
-    act = 4 if plan.precision == "fp32" or kbit else 2
+    act = 4 if plan.fp32_residual else 2
     lora = set(plan.lora_targets) if plan.peft == "lora" else set()
     dropout = plan.lora_dropout > 0
     norms = 4 if spec.model_type.startswith("gemma") else 2
     norm_outputs_counted = plan.peft == "none" or kbit or (lora & {"q_proj", "k_proj", "v_proj"} and not dropout)
     per_token = layer / tokens - norms * 4 * h + norms * p * h
     per_token -= 3 * act * i + (act * i if plan.peft == "none" or "down_proj" in lora and not dropout else 0)
-    per_token += (0 if kbit else 2 * act * i + act * h) + (0 if norm_outputs_counted else act * h)
+    per_token += 2 * act * i + (0 if norm_outputs_counted else act * h)
+    if "down_proj" in lora:
+        per_token -= ((4 + 1) * i if dropout else 0) + 4 * plan.lora_rank
     return L * per_token * tokens
 
 
@@ -200,7 +205,7 @@ def screen(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, margin: float = 0.02) -
     layer = layer_activation_bytes(spec, plan, tokens, backend)
     acts = (spec.num_layers * layer if plan.checkpointing == "none"
             else _checkpoint_bytes(spec, plan, tokens, layer, backend))
-    wide = 4 if plan.precision == "fp32" or plan.quantization != "none" else 2
+    wide = 4 if plan.fp32_residual else 2
     h, V = spec.hidden_size, spec.vocab_size
     acts += 2 * wide * h * tokens  # embedding output and the final norm's input
     if plan.is_amp:

@@ -70,7 +70,8 @@ class OpRecord(NamedTuple):
     kind: str
     """``mm`` (matmuls), ``attn`` / ``attn_bwd`` (fused attention forward / backward), ``mem`` (any other kernel:
     element-wise, reductions, copies, foreach and fused optimizer ops), ``view`` (no kernel: views, metadata),
-    ``comm`` (collectives), ``frame`` (a checkpointed region is entered: no kernel, host work) and the stand-ins'
+    ``comm`` (collectives), ``frame`` (a checkpointed region is entered: no kernel, host work), ``region`` (a
+    selectively recomputed region, ``recipe.recompute``, is entered: no kernel, host work) and the stand-ins'
     ``kbit`` (a k-bit matmul with its dequantization) and ``adam8bit`` (bitsandbytes' 8-bit update of one tensor)."""
     flops: float
     bytes: int
@@ -358,13 +359,16 @@ def _matmul_flops(name: str, args, outs) -> float:
 
 
 def _checkpoint_frames(tracker: _Tracker, model) -> None:
-    """Record each entry into a checkpointed region (host work the step-time model counts)."""
+    """Record each entry into a checkpointed or recomputed region (host work the step-time model counts)."""
+    def record(kind):
+        return lambda m, args: tracker.ops.append(OpRecord(tracker.micro_batch, tracker.phase, tracker.layer,
+                                                           kind, 0.0, 0, 0, 1, False)) if tracker.recording else None
+
     for module in model.modules():
         if type(module).__name__ == "CheckpointWrapper":
-            module.register_forward_pre_hook(
-                lambda m, args: tracker.ops.append(OpRecord(tracker.micro_batch, tracker.phase, tracker.layer,
-                                                            "frame", 0.0, 0, 0, 1, False))
-                if tracker.recording else None)
+            module.register_forward_pre_hook(record("frame"))
+        elif getattr(module, recipe.RECOMPUTED, False):
+            module.register_forward_pre_hook(record("region"))
 
 
 def _far_layers(phase: Phase, segment: str, num_layers: int, period: int) -> range:

@@ -10,6 +10,7 @@ ranked by the step time of their traces (``memtune.planner.steptime``), correcte
 from __future__ import annotations
 
 import dataclasses
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -335,8 +336,10 @@ def _trace_finalists(spec: ModelSpec, gpu: GpuSpec, candidates: list[Candidate],
     pool = sorted(pool, key=lambda i: rank(candidates[i]))[:MAX_FINALISTS]
     if not any(candidates[i] is chosen for i in pool):
         pool.append(next(i for i, c in enumerate(candidates) if c is chosen))
+    closed_form = {i: candidates[i].cost for i in pool}
     for i in pool:
         _trace_cost(spec, gpu, candidates, i, shapes, network_gbs)
+    _scale_untraced(candidates, pool, closed_form)
     # A plan left out whose closed-form cost beats the fastest traced finalist is traced too, so that no plan shows
     # a better estimate than the chosen one only because it was never traced.
     while len(pool) < MAX_TRACED_FINALISTS:
@@ -350,6 +353,23 @@ def _trace_finalists(spec: ModelSpec, gpu: GpuSpec, candidates: list[Candidate],
         pool.append(i)
         _trace_cost(spec, gpu, candidates, i, shapes, network_gbs)
     return pool
+
+
+def _scale_untraced(candidates: list[Candidate], pool: list[int], closed_form: dict) -> None:
+    """Put the closed-form costs of the plans left untraced in the finalists' currency: each is scaled by the
+    median ratio of traced to closed-form step time over the finalists (the closed form is calibrated on one model;
+    this is how far it is off for this one), so that the plans compare like with like."""
+    ratios = [candidates[i].cost.step_time_s / closed_form[i].step_time_s for i in pool
+              if closed_form.get(i) is not None and candidates[i].cost is not None
+              and candidates[i].cost.method == "trace" and closed_form[i].method == "closed form"]
+    if not ratios:
+        return
+    r = statistics.median(ratios)
+    for i, c in enumerate(candidates):
+        if i not in pool and c.cost is not None and c.cost.method == "closed form":
+            candidates[i] = dataclasses.replace(c, cost=dataclasses.replace(
+                c.cost, step_time_s=c.cost.step_time_s * r, compute_s=c.cost.compute_s * r,
+                tokens_per_s=c.cost.tokens_per_s / r, utilization=c.cost.utilization / r))
 
 
 def _trace_cost(spec: ModelSpec, gpu: GpuSpec, candidates: list[Candidate], i: int, shapes: dict,

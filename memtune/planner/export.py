@@ -96,6 +96,10 @@ def hf_trainer_config(model_name: str, plan: Plan) -> dict:
     if plan.checkpointing == "selective":
         raise InvalidPlanError(["the Hugging Face Trainer checkpoints whole layers only: export the plan with full "
                                 "checkpointing (less memory, more recompute) or run it with memtune launch"])
+    if plan.sharding == "hsdp":
+        raise InvalidPlanError(["the Hugging Face Trainer's FSDP2 has no hybrid sharding (TrainingArguments takes "
+                                "hybrid_shard with FSDP1 only): export with --sharding fsdp or run it with memtune "
+                                "launch"])
     dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(plan.precision, "float32")
     model_kwargs: dict = {"pretrained_model_name_or_path": model_name, "dtype": dtype, "attn_implementation": plan.attention}
     if plan.quantization == "4bit":
@@ -111,13 +115,18 @@ def hf_trainer_config(model_name: str, plan: Plan) -> dict:
                   "gradient_checkpointing": plan.checkpointing == "full",
                   "optim": {"adamw": "adamw_torch", "adamw-fused": "adamw_torch_fused", "adamw-8bit": "adamw_bnb_8bit",
                             "sgd": "sgd"}[plan.optimizer],
-                  "group_by_length": plan.batching == "padding"}
+                  **_length_grouping(plan.batching == "padding")}
     if plan.checkpointing == "full":
         args["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
     if plan.sharding != "none":
-        args["fsdp"] = {"fsdp": "full_shard auto_wrap", "fsdp-grad-op": "shard_grad_op auto_wrap",
-                        "hsdp": "hybrid_shard auto_wrap"}[plan.sharding] + (" offload" if plan.offload else "")
-        args["fsdp_config"] = {"fsdp_version": 2, "reshard_after_forward": plan.sharding != "fsdp-grad-op"}
+        # Under FSDP the checkpointing is FSDP's own (inside each wrapped layer, as memtune traces it); the
+        # Trainer's would gather each layer's weights once more in the backward.
+        args["gradient_checkpointing"] = False
+        args.pop("gradient_checkpointing_kwargs", None)
+        args["fsdp"] = {"fsdp": "full_shard auto_wrap",
+                        "fsdp-grad-op": "shard_grad_op auto_wrap"}[plan.sharding] + (" offload" if plan.offload else "")
+        args["fsdp_config"] = {"fsdp_version": 2, "reshard_after_forward": plan.sharding != "fsdp-grad-op",
+                               "activation_checkpointing": plan.checkpointing == "full"}
     out = {"model": model_kwargs, "training_arguments": args, "accelerate_config": accelerate_config(plan)}
     if plan.allocator_env:
         out["environment"] = plan.allocator_env
@@ -129,9 +138,21 @@ def hf_trainer_config(model_name: str, plan: Plan) -> dict:
     return out
 
 
+def _length_grouping(grouped: bool) -> dict:
+    """Length-grouped batches in the installed transformers' words: ``train_sampling_strategy`` (transformers 5)
+    or ``group_by_length`` (4.x)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    if "train_sampling_strategy" in {f.name for f in dataclasses.fields(TrainingArguments)}:
+        return {"train_sampling_strategy": "group_by_length" if grouped else "random"}
+    return {"group_by_length": grouped}
+
+
 def accelerate_config(plan: Plan) -> dict:
     """An ``accelerate launch --config_file`` configuration for the plan (FSDP2 when sharded)."""
-    config: dict = {"compute_environment": "LOCAL_MACHINE", "num_machines": plan.nodes,
+    config: dict = {"compute_environment": "LOCAL_MACHINE", "debug": False, "use_cpu": False, "num_machines": plan.nodes,
                     "num_processes": plan.world_size, "machine_rank": 0,
                     "mixed_precision": {"amp-bf16": "bf16", "amp-fp16": "fp16"}.get(plan.precision, "no"),
                     "distributed_type": "NO" if plan.world_size == 1 and plan.sharding == "none" else "MULTI_GPU"}

@@ -15,10 +15,12 @@ measured on an H200 by ``bench/timing.py kernels`` and fitted by ``bench/step_ti
 * a k-bit matmul (bitsandbytes): its product and its dequantization, times ``kbit_factor``;
 * bitsandbytes' 8-bit AdamW: ``elements / adam8bit_rate`` (scaled by bandwidth) and ``adam8bit_tensor_s`` of host
   work per tensor;
-* views, collectives (``memtune.planner.cost`` prices communication) and checkpoint frames: no GPU time.
+* views, collectives (``memtune.planner.cost`` prices communication), checkpoint frames and recomputed regions:
+  no GPU time.
 
 Host time of an op (Python, autograd, the dispatcher and the launch): ``host_op_s`` per kernel, ``host_view_s`` per
-view, ``host_frame_s`` per checkpointed region, ``host_selective_s`` more per op that passes through selective
+view, ``host_frame_s`` per checkpointed region, ``host_region_s`` per selectively recomputed region (an autograd
+node and its backward's re-entry into autograd), ``host_selective_s`` more per op that passes through selective
 checkpointing's modes, ``host_tensor_s`` per tensor of a foreach op and ``host_kbit_s`` per k-bit matmul
 (bitsandbytes' Python layers and their quantization state); fitted on whole steps.
 
@@ -63,6 +65,7 @@ class Calibration:
     host_op_s: float = 15e-6
     host_view_s: float = 4e-6
     host_frame_s: float = 3e-4
+    host_region_s: float = 5e-5
     host_selective_s: float = 12e-6
     host_tensor_s: float = 2e-6
     host_kbit_s: float = 4e-5
@@ -132,6 +135,8 @@ def op_times(ops, spec: ModelSpec, plan: Plan, gpu: GpuSpec, cal: Calibration, *
             host[i] = cal.host_view_s
         elif kind == "frame":
             host[i] = cal.host_frame_s
+        elif kind == "region":
+            host[i] = cal.host_region_s
         elif kind == "comm":
             host[i] = cal.host_op_s
         elif kind == "mm":

@@ -169,11 +169,22 @@ def _bnb_linear(linear: nn.Linear, bits: int, plan) -> nn.Module:
     return layer
 
 
+def keep_fp32_states(optimizer, module: nn.Module) -> None:
+    """Give ``module.weight`` 32-bit optimizer states under a bitsandbytes 8-bit optimizer (or its stand-in), as
+    ``GlobalOptimManager.register_module_override(module, "weight", {"optim_bits": 32})`` does."""
+    if isinstance(optimizer, EmulatedAdamW8bit):
+        optimizer.fp32_states.add(module.weight)
+    else:
+        bitsandbytes().optim.GlobalOptimManager.get_instance().register_module_override(
+            module, "weight", {"optim_bits": 32})
+
+
 class EmulatedAdamW8bit(torch.optim.Optimizer):
     """bitsandbytes ``AdamW8bit``'s state layout, with an in-place update and no temporaries (fused kernel)."""
 
-    def __init__(self, params, lr: float = 1e-4):
-        super().__init__(params, {"lr": lr})
+    def __init__(self, params, lr: float = 1e-4, weight_decay: float = 0.01):
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+        self.fp32_states: set[torch.Tensor] = set()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -184,7 +195,7 @@ class EmulatedAdamW8bit(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.zeros((), dtype=torch.float32)
-                    if p.numel() >= ADAM8BIT_MIN_SIZE:
+                    if p.numel() >= ADAM8BIT_MIN_SIZE and p not in self.fp32_states:
                         blocks = math.ceil(p.numel() / ADAM8BIT_BLOCK)
                         state["state1"] = torch.zeros_like(p, dtype=torch.uint8)
                         state["state2"] = torch.zeros_like(p, dtype=torch.uint8)

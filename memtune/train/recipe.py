@@ -8,6 +8,8 @@ Order (as in torchtitan): build on the meta device -> quantize -> LoRA (peft) ->
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -61,16 +63,19 @@ def build_model(spec: ModelSpec, plan: Plan, *, device: str | torch.device, num_
             model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation=plan.attention)
     base = model
     if plan.quantization != "none":
-        from peft import prepare_model_for_kbit_training
-
         quant.quantize_decoder_linears(model, plan, emulate=emulate_quant or device.type == "meta")
-        # The usual QLoRA preparation: freeze the base and upcast its remaining bf16/fp16 weights (embeddings,
-        # norms, lm_head) to fp32; checkpointing stays the plan's own knob.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        if plan.kbit_upcast:
+            from peft import prepare_model_for_kbit_training
+
+            # peft's k-bit preparation: freeze the base and upcast its remaining bf16/fp16 weights (embeddings,
+            # norms, lm_head) to fp32; checkpointing stays the plan's own knob.
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if plan.peft == "lora":
         model = _add_lora(model, plan)
     layers = _decoder_layers(model)
-    if plan.checkpointing != "none":
+    if plan.checkpointing != "none" and plan.stack == "hf":
+        hf_checkpointing(model)
+    elif plan.checkpointing != "none":
         for i, layer in enumerate(layers):
             layers[i] = checkpoint_layer(layer, plan.checkpointing)
     if plan.sharding != "none":
@@ -97,24 +102,39 @@ def use_plan_allocator(plan: Plan, device: torch.device) -> None:
         torch._C._accelerator_setAllocatorSettings(f"expandable_segments:{plan.expandable_segments}")
 
 
+def hf_checkpointing(model: nn.Module) -> None:
+    """What ``Trainer`` does with ``gradient_checkpointing=True`` and ``gradient_checkpointing_kwargs={"use_reentrant":
+    False}``: transformers' own checkpointing of each decoder layer (and, for a model that takes ``input_ids``,
+    ``enable_input_require_grads``)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe")
 """What decoder layers call their feed-forward block (dense or mixture-of-experts) in transformers."""
 
 
 def checkpoint_layer(layer: nn.Module, checkpointing: str) -> nn.Module:
-    """A decoder layer under ``full`` or ``selective`` activation checkpointing (non-reentrant, as torchtitan).
+    """A decoder layer under ``full`` or ``selective`` activation checkpointing.
 
-    ``full`` recomputes the whole layer in backward. ``selective`` recomputes the cheap element-wise work and keeps
-    what the matmuls made: each normalization module of the layer is checkpointed whole (its fp32 upcast and
-    normalized copy are not kept; its input and output are), and the feed-forward block keeps its matmul outputs and
-    recomputes its activation function (``selective_checkpoint_context``); attention keeps what it keeps without
-    checkpointing. Layers without a feed-forward block under one of ``MLP_NAMES`` get the op-level policy over the
-    whole layer instead.
+    ``full`` recomputes the whole layer in backward (``checkpoint_wrapper``, non-reentrant, as torchtitan).
+    ``selective`` keeps what the matmuls and attention made and recomputes the cheap element-wise work, in regions
+    that each cost one autograd node on the host (``recompute``), not a checkpoint frame:
 
-    Why not the op-level policy everywhere (torchtitan's): its dispatch modes see every op of the layer twice on
-    the host, and a step that is host-bound without checkpointing (a 1B model at a few thousand tokens per
-    micro-batch on an H200) ran 2.1-2.4 times as long as without checkpointing, an 8B one 1.18 times; this
-    placement takes a fifth of the mode calls (``bench/results/sac.json``).
+    * each normalization module of the layer keeps only its input (not its fp32 upcast and normalized copy);
+    * a gated MLP of the transformers form ``down(act(gate(x)) * up(x))`` keeps ``gate(x)`` and ``up(x)`` and
+      recomputes ``down(act(gate) * up)`` (the activation's output and the product are not kept; the down
+      projection's matmul runs again, as in torchtitan's "every other matmul" policy);
+    * any other feed-forward block keeps its matmul outputs and recomputes the rest through the op-level modes of
+      ``selective_checkpoint_context``; a layer without a feed-forward block under one of ``MLP_NAMES`` gets that
+      policy over the whole layer.
+
+    Attention keeps what it keeps without checkpointing. Why regions and not the op-level policy everywhere: a step
+    that is host-bound without checkpointing (a 1B model at a few thousand tokens per micro-batch on an H200) pays
+    for every Python call per op and per frame (``bench/results/sac.json``, ``bench/results/timing/sac-variants.json``).
     """
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
@@ -124,11 +144,106 @@ def checkpoint_layer(layer: nn.Module, checkpointing: str) -> nn.Module:
     mlp = next((name for name in MLP_NAMES if name in children), None)
     if mlp is None:
         return checkpoint_wrapper(layer, context_fn=selective_checkpoint_context)
-    for name, child in children.items():
+    for child in children.values():
         if "Norm" in type(child).__name__:
-            setattr(layer, name, checkpoint_wrapper(child))
-    setattr(layer, mlp, checkpoint_wrapper(children[mlp], context_fn=selective_checkpoint_context))
+            _recompute_whole(child)
+    if is_gated_mlp(children[mlp]):
+        _recompute_gated_tail(children[mlp])
+    else:
+        setattr(layer, mlp, checkpoint_wrapper(children[mlp], context_fn=selective_checkpoint_context))
     return layer
+
+
+RECOMPUTED = "_memtune_recomputed"
+"""Attribute set on a module whose forward runs (partly) in a ``recompute`` region (the trace counts the regions)."""
+
+
+class _Recompute(torch.autograd.Function):
+    """``fn(*inputs)`` run without keeping anything but ``inputs``; backward runs it again and differentiates.
+
+    The parameters ``fn`` uses are passed in explicitly (after the inputs), so that their gradients flow even where
+    no input needs one (a frozen base model under LoRA), which PyTorch's reentrant checkpoint does not do. The
+    autocast state of the forward is the recomputation's.
+    """
+
+    @staticmethod
+    def forward(ctx, fn, num_inputs, *args):
+        inputs, params = args[:num_inputs], args[num_inputs:]
+        ctx.fn, ctx.params = fn, params
+        ctx.autocast = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cuda", "cpu")]
+        ctx.save_for_backward(*inputs)
+        with torch.no_grad():
+            return fn(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inputs = [x.detach().requires_grad_(x.requires_grad) for x in ctx.saved_tensors]
+        with torch.enable_grad(), contextlib.ExitStack() as stack:
+            for device, enabled, dtype in ctx.autocast:
+                stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
+            out = ctx.fn(*inputs)
+        wanted = [t for t in (*inputs, *ctx.params) if t.requires_grad]
+        found = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
+        grads = [next(found) if t.requires_grad else None for t in (*inputs, *ctx.params)]
+        if any(g is None for g, p in zip(grads[len(inputs):], ctx.params)):
+            raise RuntimeError("a recomputed region did not use the parameters it was given")
+        return (None, None, *grads)
+
+
+def recompute(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor],
+              params: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+    """``fn(*inputs)``, keeping only ``inputs`` for the backward, which recomputes it (``_Recompute``).
+    ``params``: the trainable tensors ``fn`` uses besides its inputs."""
+    return _Recompute.apply(fn, len(inputs), *inputs, *[p for p in params if p.requires_grad])
+
+
+def _recompute_whole(module: nn.Module) -> None:
+    """``module`` (one tensor in, one out) keeps only its input; its forward runs again in backward."""
+    forward = module.forward
+
+    def recomputed(x, *args, **kwargs):
+        if args or kwargs or not torch.is_grad_enabled():
+            return forward(x, *args, **kwargs)
+        return recompute(forward, (x,), list(module.parameters()))
+
+    module.forward = recomputed
+    setattr(module, RECOMPUTED, True)
+
+
+_GATED_FORWARD = ("down_proj=self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))returndown_proj",
+                  "returnself.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))")
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_is_gated(cls: type) -> bool:
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    body = "".join(line.split("#")[0] for line in source.splitlines()[1:] if not line.strip().startswith(('"', "'")))
+    return "".join(body.split()) in _GATED_FORWARD and "def forward(self, x)" in source.splitlines()[0]
+
+
+def is_gated_mlp(mlp: nn.Module) -> bool:
+    """Whether ``mlp.forward`` is exactly ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` (the form of Llama,
+    Mistral, Qwen, Gemma and most transformers models), so that ``_recompute_gated_tail`` computes the same."""
+    return all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")) \
+        and _forward_is_gated(type(mlp))
+
+
+def _recompute_gated_tail(mlp: nn.Module) -> None:
+    """A gated MLP that keeps its gate and up projections' outputs and recomputes ``down(act(gate) * up)``."""
+    def tail(gate, up):
+        return mlp.down_proj(mlp.act_fn(gate) * up)
+
+    def forward(x):
+        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+        if not torch.is_grad_enabled():
+            return tail(gate, up)
+        return recompute(tail, (gate, up), list(mlp.down_proj.parameters()) + list(mlp.act_fn.parameters()))
+
+    mlp.forward = forward
+    setattr(mlp, RECOMPUTED, True)
 
 
 def _saved_ops() -> frozenset:
@@ -291,20 +406,35 @@ def _init_materialized(model: nn.Module, device: torch.device) -> None:
 def build_optimizer(model: nn.Module, plan: Plan, *, foreach: bool | None = None,
                     emulate_8bit: bool = False, lr: float = 1e-4,
                     weight_decay: float | None = None) -> torch.optim.Optimizer:
-    """The plan's optimizer over the trainable parameters (one parameter group).
+    """The plan's optimizer over the trainable parameters: one parameter group, or under the ``hf`` stack the
+    Trainer's two (``Trainer.get_decay_parameter_names``: biases and norms without weight decay) with fp32 states
+    for embeddings under bitsandbytes (``Trainer.create_optimizer`` registers that override).
 
     ``foreach=None`` keeps PyTorch's default (foreach on CUDA); the fake-tensor trace runs on the CPU and passes
     ``True`` to allocate what the CUDA default allocates. ``weight_decay=None`` keeps each optimizer's default
     as memtune measures it (none for SGD and AdamW, bitsandbytes' 0.01 for 8-bit AdamW).
     """
-    params = [p for p in model.parameters() if p.requires_grad]
+    params: list = [p for p in model.parameters() if p.requires_grad]
+    if plan.stack == "hf":
+        from transformers import Trainer
+
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        decayed = set(Trainer.get_decay_parameter_names(None, model))
+        params = [{"params": [p for n, p in named if n in decayed]},
+                  {"params": [p for n, p in named if n not in decayed], "weight_decay": 0.0}]
     decay = {} if weight_decay is None else {"weight_decay": weight_decay}
     if plan.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.0, foreach=foreach, **decay)
     if plan.optimizer == "adamw-8bit":
         if emulate_8bit:
-            return quant.EmulatedAdamW8bit(params, lr=lr, **decay)
-        return quant.bitsandbytes().optim.AdamW8bit(params, lr=lr, **decay)
+            optimizer = quant.EmulatedAdamW8bit(params, lr=lr, **decay)
+        else:
+            optimizer = quant.bitsandbytes().optim.AdamW8bit(params, lr=lr, **decay)
+        if plan.stack == "hf":
+            for module in model.modules():
+                if isinstance(module, nn.Embedding) and module.weight.requires_grad:
+                    quant.keep_fp32_states(optimizer, module)
+        return optimizer
     decay = {"weight_decay": 0.0 if weight_decay is None else weight_decay}
     if plan.optimizer == "adamw-fused":
         return torch.optim.AdamW(params, lr=lr, fused=True, **decay)

@@ -41,7 +41,8 @@ def test_hf_trainer_config():
     cfg = hf_trainer_config("m", Plan(precision="amp-bf16", checkpointing="full", sharding="fsdp", num_gpus=4,
                                       optimizer="adamw-fused", batching="packing", seq_len=4096))
     args = cfg["training_arguments"]
-    assert args["bf16"] and args["gradient_checkpointing"] and args["optim"] == "adamw_torch_fused"
+    assert args["bf16"] and args["fsdp_config"]["activation_checkpointing"] and args["optim"] == "adamw_torch_fused"
+    assert not args["gradient_checkpointing"]  # FSDP's own checkpointing, not a second gather in the backward
     assert args["fsdp"] == "full_shard auto_wrap" and cfg["sft_config"] == {"packing": True, "max_length": 4096}
     acc = cfg["accelerate_config"]
     assert acc["distributed_type"] == "FSDP" and acc["num_processes"] == 4 and acc["mixed_precision"] == "bf16"
@@ -66,3 +67,39 @@ def test_selective_checkpointing_is_not_expressible_in_llama_cookbook_or_the_tra
         llama_cookbook_kwargs("m", plan)
     with pytest.raises(InvalidPlanError, match="checkpoints whole layers only"):
         hf_trainer_config("m", plan)
+
+
+HF_PLANS = [Plan(), Plan(checkpointing="full", optimizer="adamw-8bit"), Plan(precision="amp-bf16", optimizer="adamw-fused"),
+            Plan(precision="amp-fp16", peft="lora", lora_targets=("q_proj", "k_proj", "v_proj", "o_proj")),
+            Plan(peft="lora", quantization="4bit", checkpointing="full"), Plan(peft="lora", quantization="8bit"),
+            Plan(sharding="fsdp", num_gpus=4, checkpointing="full", precision="amp-bf16"),
+            Plan(sharding="fsdp-grad-op", num_gpus=2, peft="lora"), Plan(sharding="fsdp", offload=True),
+            Plan(batching="packing", optimizer="sgd", expandable_segments=True)]
+
+
+@pytest.mark.parametrize("plan", HF_PLANS, ids=lambda p: f"{p.peft}-{p.quantization}-{p.sharding}-{p.optimizer}")
+def test_the_hf_export_constructs_with_the_installed_libraries(plan):
+    """Every part of the export is taken by the class it is for, on the transformers, peft and accelerate here
+    (``use_cpu`` only because this machine has no GPU for bf16/fp16)."""
+    from accelerate.commands.config.config_args import ClusterConfig
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig, TrainingArguments
+
+    cfg = hf_trainer_config("m", plan)
+    args = TrainingArguments(output_dir="unused", use_cpu=True, **cfg["training_arguments"])
+    assert args.per_device_train_batch_size == plan.batch_size and args.gradient_accumulation_steps == plan.grad_accum
+    assert bool(args.fsdp) == (plan.sharding != "none")
+    if plan.batching == "padding":
+        assert "group_by_length" in str(getattr(args, "train_sampling_strategy", "")) or args.group_by_length
+    if "quantization_config" in cfg["model"]:
+        q = BitsAndBytesConfig(**cfg["model"]["quantization_config"])
+        assert q.load_in_4bit == (plan.quantization == "4bit") and q.load_in_8bit == (plan.quantization == "8bit")
+    if plan.peft == "lora":
+        assert set(LoraConfig(**cfg["lora_config"]).target_modules) == set(plan.lora_targets)
+    acc = ClusterConfig(**cfg["accelerate_config"])
+    assert acc.num_processes == plan.world_size and (acc.distributed_type == "FSDP") == (plan.sharding != "none")
+
+
+def test_hybrid_sharding_is_not_expressible_in_the_trainer():
+    with pytest.raises(InvalidPlanError, match="no hybrid sharding"):
+        hf_trainer_config("m", Plan(sharding="hsdp", num_gpus=8, nodes=2))
