@@ -377,7 +377,8 @@ def _print_export(tool: str, model: str, plan_) -> None:
     from memtune.planner.export import hf_trainer_config, llama_cookbook_command, llama_cookbook_kwargs, shell
 
     if tool == "llama-cookbook":
-        print(json.dumps(llama_cookbook_kwargs(model, plan_), indent=2))
+        # an enum value prints as its Python name (finetuning.main takes the ShardingStrategy member)
+        print(json.dumps(llama_cookbook_kwargs(model, plan_), indent=2, default=lambda v: f"ShardingStrategy.{v.name}"))
     elif tool == "hf":
         print(json.dumps(hf_trainer_config(model, plan_), indent=2))
     else:

@@ -15,11 +15,17 @@ from memtune.errors import InvalidPlanError
 from memtune.plan import Plan
 
 LLAMA_COOKBOOK_MODULE = "llama_cookbook.finetuning"
-_SHARDING = {"fsdp": "FULL_SHARD", "fsdp-grad-op": "SHARD_GRAD_OP", "hsdp": "HYBRID_SHARD"}
+_SHARDING = {"fsdp-grad-op": "SHARD_GRAD_OP", "hsdp": "HYBRID_SHARD"}
+"""llama-cookbook's ``fsdp_config.sharding_strategy`` is torch's ``ShardingStrategy`` enum (FULL_SHARD by default)."""
 
 
 def llama_cookbook_kwargs(model_name: str, plan: Plan) -> dict:
-    """Keyword arguments for ``llama_cookbook.finetuning.main(**kwargs)`` (the same names as its CLI flags)."""
+    """Keyword arguments for ``llama_cookbook.finetuning.main(**kwargs)`` (the same names as its CLI flags; each a
+    field of its ``train_config``, ``fsdp_config``, ``lora_config`` or ``quantization_config``).
+
+    ``sharding_strategy`` is a ``torch.distributed.fsdp.ShardingStrategy`` member where the plan needs other than
+    llama-cookbook's default (full sharding); 4-bit plans ask for NF4 with double quantization (its default is FP4
+    without), the 4-bit format memtune estimates."""
     errors = []
     if plan.checkpointing == "selective":
         errors.append("llama-cookbook checkpoints whole layers only: export the plan with full checkpointing "
@@ -30,7 +36,10 @@ def llama_cookbook_kwargs(model_name: str, plan: Plan) -> dict:
                     "context_length": plan.seq_len, "enable_fsdp": fsdp}
     if fsdp:
         kwargs["fsdp_activation_checkpointing"] = plan.checkpointing == "full"
-        kwargs["sharding_strategy"] = _SHARDING.get(plan.sharding, "FULL_SHARD")
+        if plan.sharding in _SHARDING:
+            from torch.distributed.fsdp import ShardingStrategy
+
+            kwargs["sharding_strategy"] = ShardingStrategy[_SHARDING[plan.sharding]]
         if plan.offload:
             kwargs["fsdp_cpu_offload"] = True
         if plan.sharding == "hsdp":
@@ -53,6 +62,8 @@ def llama_cookbook_kwargs(model_name: str, plan: Plan) -> dict:
         if fsdp and plan.quantization == "8bit":
             errors.append("llama-cookbook rejects 8-bit quantization with FSDP (and FSDP is how it checkpoints)")
         kwargs["quantization"] = plan.quantization
+        if plan.quantization == "4bit":
+            kwargs.update(quant_type="nf4", use_double_quant=True)
     if plan.peft == "lora":
         kwargs.update(use_peft=True, peft_method="lora", r=plan.lora_rank, lora_alpha=plan.lora_alpha,
                       lora_dropout=plan.lora_dropout, target_modules=list(plan.lora_targets))
@@ -66,6 +77,10 @@ def llama_cookbook_kwargs(model_name: str, plan: Plan) -> dict:
 def llama_cookbook_command(model_name: str, plan: Plan, *, rdzv_endpoint: str = "$MASTER_ADDR:29500") -> list[str]:
     """The command that runs llama-cookbook's fine-tuning with this plan (torchrun whenever FSDP is on)."""
     kwargs = llama_cookbook_kwargs(model_name, plan)
+    if "sharding_strategy" in kwargs:
+        raise InvalidPlanError([f"llama-cookbook's command line cannot set sharding_strategy (an enum): call "
+                                f"llama_cookbook.finetuning.main(sharding_strategy=ShardingStrategy."
+                                f"{kwargs['sharding_strategy'].name}, ...) or use --sharding fsdp"])
     flags = []
     for key, value in kwargs.items():
         if value is True:
@@ -172,7 +187,7 @@ def shell(cmd: list[str]) -> str:
     return " ".join(c if "$" in c else shlex.quote(c) for c in cmd)
 
 
-EXPORTERS = {"llama-cookbook": llama_cookbook_kwargs, "hf": hf_trainer_config, "torchrun": llama_cookbook_kwargs}
+EXPORTERS = {"llama-cookbook": llama_cookbook_kwargs, "hf": hf_trainer_config, "torchrun": llama_cookbook_command}
 """What each ``--export`` target prints the plan with (the torchrun command runs llama-cookbook)."""
 
 

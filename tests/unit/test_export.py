@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from memtune.errors import InvalidPlanError
@@ -33,7 +35,8 @@ def test_lora_and_hsdp_flags():
     kw = llama_cookbook_kwargs("m", plan)
     assert kw["use_peft"] and kw["target_modules"] == ["q_proj", "k_proj"]
     assert kw["hsdp"] and kw["sharding_group_size"] == 8 and kw["replica_group_size"] == 2
-    line = shell(llama_cookbook_command("m", plan))
+    assert kw["sharding_strategy"].name == "HYBRID_SHARD"  # hsdp needs it, and only Python can pass the enum
+    line = shell(llama_cookbook_command("m", dataclasses.replace(plan, sharding="fsdp")))
     assert "--nnodes=2" in line and "--rdzv-endpoint=$MASTER_ADDR:29500" in line and "--target_modules q_proj,k_proj" in line
 
 
@@ -103,3 +106,39 @@ def test_the_hf_export_constructs_with_the_installed_libraries(plan):
 def test_hybrid_sharding_is_not_expressible_in_the_trainer():
     with pytest.raises(InvalidPlanError, match="no hybrid sharding"):
         hf_trainer_config("m", Plan(sharding="hsdp", num_gpus=8, nodes=2))
+
+
+COOKBOOK_PLANS = [Plan(), Plan(checkpointing="full"), Plan(precision="fp16", peft="lora"),
+                  Plan(peft="lora", quantization="4bit"), Plan(peft="lora", quantization="8bit"),
+                  Plan(sharding="fsdp", num_gpus=8, precision="amp-bf16", checkpointing="full", offload=True),
+                  Plan(sharding="fsdp-grad-op", num_gpus=2, precision="fp32"),
+                  Plan(sharding="hsdp", num_gpus=8, nodes=2, peft="lora", lora_targets=("q_proj", "o_proj"))]
+
+
+@pytest.mark.parametrize("plan", COOKBOOK_PLANS, ids=lambda p: f"{p.peft}-{p.quantization}-{p.sharding}-{p.precision}")
+def test_every_llama_cookbook_key_is_a_field_of_its_configs_with_the_type_it_uses(plan):
+    configs = pytest.importorskip("llama_cookbook.configs")
+    import dataclasses
+    import typing
+
+    kinds = (configs.train_config, configs.fsdp_config, configs.lora_config, configs.quantization_config)
+    for key, value in llama_cookbook_kwargs("meta-llama/Llama-Guard-3-1B", plan).items():
+        owners = [c for c in kinds if key in {f.name for f in dataclasses.fields(c)} or hasattr(c, key)]
+        assert owners, f"{key} is not a llama-cookbook config field"
+        hints = typing.get_type_hints(owners[0])
+        expected = hints.get(key)
+        default = getattr(owners[0](), key)
+        if expected is not None and typing.get_origin(expected) is list:
+            assert isinstance(value, list) and all(isinstance(v, str) for v in value), key
+        elif expected is not None and not (default is None and isinstance(value, str)):
+            assert isinstance(value, expected), f"{key}={value!r} is not a {expected}"
+
+
+def test_the_llama_cookbook_command_refuses_what_its_command_line_cannot_say():
+    from torch.distributed.fsdp import ShardingStrategy
+
+    plan = Plan(sharding="fsdp-grad-op", num_gpus=2)
+    assert llama_cookbook_kwargs("m", plan)["sharding_strategy"] is ShardingStrategy.SHARD_GRAD_OP
+    assert "sharding_strategy" not in llama_cookbook_kwargs("m", Plan(sharding="fsdp", num_gpus=2))
+    with pytest.raises(InvalidPlanError, match="cannot set sharding_strategy"):
+        llama_cookbook_command("m", plan)

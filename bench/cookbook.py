@@ -1,0 +1,136 @@
+"""The seed case with the real llama-cookbook: Llama-Guard-3-1B full fine-tune through ``finetuning.main`` with its
+defaults (padding, batch 1, no FSDP - so no activation checkpointing) and then with ``enable_fsdp``, on an H200 capped
+to an L4-24GB and to a V100-32GB (with the attention kernel each card would run), against memtune's verdicts.
+
+    python bench/cookbook.py OUT.json        # on the GPU machine, llama-cookbook 0.0.5 and fire installed
+
+Each run is a fresh process calling ``llama_cookbook.finetuning.main(**kwargs)`` (FSDP runs as rank 0 of a world of
+one) on a random-init model saved to a folder with a word-level tokenizer of the model's vocabulary, and the longest
+ToxicChat sample of the case (1,139 tokens, ``bench/assets/cookbook_dataset.py``) for ``max_train_step`` steps. The one
+change to llama-cookbook: ``accelerate.utils.is_ccl_available`` (removed from accelerate 1.x, an Intel-only check)
+returns False so that it imports.
+
+OUT.json: ``runs`` (``gpu``, ``kwargs``, ``oom``, ``measured_peak_allocated_bytes``, ``error``) and, for each, memtune's
+estimate of the plan it corresponds to (``memtune_plan``, ``estimated_peak_allocated_bytes``, ``memtune_verdict``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from memtune.plan import Plan  # noqa: E402
+
+MODEL = "llama-guard-3-1b"
+SEQ = 1139
+BASE = {"batch_size_training": 1, "batching_strategy": "padding", "context_length": 4096, "use_peft": False,
+        "quantization": None, "dataset": "custom_dataset", "run_validation": False, "num_epochs": 1,
+        "max_train_step": 3, "save_model": False, "num_workers_dataloader": 0,
+        "custom_dataset.file": str(ROOT / "bench/assets/cookbook_dataset.py") + ":get_custom_dataset"}
+RUNS = [("L4-24GB", {}), ("L4-24GB", {"enable_fsdp": True}), ("V100-32GB", {}), ("V100-32GB", {"enable_fsdp": True})]
+
+
+def memtune_plan(extra: dict) -> Plan:
+    """The plan memtune estimates for a llama-cookbook run: bf16 weights and AdamW; with FSDP, FSDP over one GPU
+    and checkpointing of every layer (llama-cookbook's fsdp_activation_checkpointing default)."""
+    if extra.get("enable_fsdp"):
+        return Plan(sharding="fsdp", checkpointing="full", batch_size=1, seq_len=SEQ)
+    return Plan(batch_size=1, seq_len=SEQ)
+
+
+def model_dir() -> Path:
+    import torch
+    from tokenizers import Tokenizer, models
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from memtune.specs import resolve_model
+
+    path = Path("/tmp/memtune-cookbook") / MODEL
+    if not (path / "config.json").exists():
+        spec = resolve_model(MODEL)
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(spec.hf_config(), dtype=torch.bfloat16).save_pretrained(path)
+        vocab = {f"t{i}": i for i in range(spec.vocab_size)}
+        tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
+                                      bos_token="t1", eos_token="t2", pad_token="t2", unk_token="t0")
+        tok.save_pretrained(path)
+    return path
+
+
+def run_one(gpu_name: str, extra: dict, path: str) -> dict:
+    import torch
+
+    from memtune.estimate import overhead
+    from memtune.estimate.compose import sdpa_backend
+    from memtune.specs import resolve_gpu, resolve_model
+    from memtune.validate.probe import _sdpa_kernel
+
+    import accelerate.utils
+
+    accelerate.utils.is_ccl_available = lambda: False
+    from llama_cookbook import finetuning
+
+    gpu = resolve_gpu(gpu_name)
+    plan = memtune_plan(extra)
+    cap = gpu.memory_bytes - overhead.runtime_overhead_bytes(plan.has_process_group)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / torch.cuda.get_device_properties(0).total_memory), 0)
+    if extra.get("enable_fsdp"):
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29531")
+    result = {"gpu": gpu_name, "kwargs": {**BASE, **extra, "model_name": path}}
+    try:
+        with _sdpa_kernel(sdpa_backend(resolve_model(MODEL), plan, gpu)):
+            finetuning.main(**result["kwargs"])
+        result["oom"] = False
+    except torch.OutOfMemoryError:
+        result["oom"] = True
+    result["measured_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    return result
+
+
+def main() -> None:
+    if sys.argv[1] == "--run":
+        print("RESULT " + json.dumps(run_one(sys.argv[2], json.loads(sys.argv[3]), sys.argv[4])), flush=True)
+        return
+    import torch
+    import transformers
+
+    from memtune.estimate.compose import estimate
+    from memtune.specs import resolve_gpu, resolve_model
+
+    out = Path(sys.argv[1])
+    path = str(model_dir())
+    result = {"command": "python bench/cookbook.py OUT.json", "model": MODEL, "seq_len": SEQ,
+              "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                           "llama_cookbook": "0.0.5", "gpu_name": torch.cuda.get_device_name()}, "runs": []}
+    for gpu_name, extra in RUNS:
+        started = time.time()
+        proc = subprocess.run([sys.executable, __file__, "--run", gpu_name, json.dumps(extra), path],
+                              capture_output=True, text=True)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        row = json.loads(lines[-1][7:]) if lines else {
+            "gpu": gpu_name, "kwargs": extra, "error": " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-4:])[-800:]}
+        plan = memtune_plan(extra)
+        gpu = resolve_gpu(gpu_name)
+        if not gpu.bf16:  # memtune plans fp16 there; llama-cookbook loads bf16 anyway: estimate what it runs
+            row["memtune_note"] = f"memtune refuses bf16 on {gpu_name}; estimated as if the card took it"
+            gpu = dataclasses.replace(gpu, bf16=True)
+        b = estimate(resolve_model(MODEL), plan, gpu)
+        row.update(memtune_plan=plan.to_dict(), estimated_peak_allocated_bytes=b.peak_allocated_bytes,
+                   memtune_verdict=b.verdict, wall_s=round(time.time() - started, 1))
+        if row.get("measured_peak_allocated_bytes") and not row.get("oom"):
+            row["error_allocated"] = b.peak_allocated_bytes / row["measured_peak_allocated_bytes"] - 1
+        result["runs"].append(row)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("kwargs", "memtune_plan")}), flush=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
