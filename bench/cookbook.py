@@ -6,9 +6,11 @@ to an L4-24GB and to a V100-32GB (with the attention kernel each card would run)
 
 Each run is a fresh process calling ``llama_cookbook.finetuning.main(**kwargs)`` (FSDP runs as rank 0 of a world of
 one) on a random-init model saved to a folder with a word-level tokenizer of the model's vocabulary, and the longest
-ToxicChat sample of the case (1,139 tokens, ``bench/assets/cookbook_dataset.py``) for ``max_train_step`` steps. The one
-change to llama-cookbook: ``accelerate.utils.is_ccl_available`` (removed from accelerate 1.x, an Intel-only check)
-returns False so that it imports.
+ToxicChat sample of the case (1,139 tokens, ``bench/assets/cookbook_dataset.py``) for ``max_train_step`` steps. Two
+changes let llama-cookbook 0.0.5 run on accelerate 1.x and transformers 5, neither touching what it allocates:
+``accelerate.utils.is_ccl_available`` (removed from accelerate, an Intel-only check) returns False, and its
+``from_pretrained(use_cache=None)`` (which transformers 5's config refuses) leaves ``use_cache`` to the config's
+default, which is what None meant.
 
 OUT.json: ``runs`` (``gpu``, ``kwargs``, ``oom``, ``measured_peak_allocated_bytes``, ``error``) and, for each, memtune's
 estimate of the plan it corresponds to (``memtune_plan``, ``estimated_peak_allocated_bytes``, ``memtune_verdict``).
@@ -34,7 +36,7 @@ SEQ = 1139
 BASE = {"batch_size_training": 1, "batching_strategy": "padding", "context_length": 4096, "use_peft": False,
         "quantization": None, "dataset": "custom_dataset", "run_validation": False, "num_epochs": 1,
         "max_train_step": 3, "save_model": False, "num_workers_dataloader": 0,
-        "custom_dataset.file": str(ROOT / "bench/assets/cookbook_dataset.py") + ":get_custom_dataset"}
+        "custom_dataset.file": str(ROOT / "bench/assets/cookbook_dataset.py")}
 RUNS = [("L4-24GB", {}), ("L4-24GB", {"enable_fsdp": True}), ("V100-32GB", {}), ("V100-32GB", {"enable_fsdp": True})]
 
 
@@ -77,6 +79,15 @@ def run_one(gpu_name: str, extra: dict, path: str) -> dict:
 
     accelerate.utils.is_ccl_available = lambda: False
     from llama_cookbook import finetuning
+
+    load = finetuning.LlamaForCausalLM.from_pretrained.__func__
+
+    def from_pretrained(cls, *args, **kwargs):
+        if kwargs.get("use_cache", False) is None:  # transformers 5's config takes a bool; None meant its default
+            del kwargs["use_cache"]
+        return load(cls, *args, **kwargs)
+
+    finetuning.LlamaForCausalLM.from_pretrained = classmethod(from_pretrained)
 
     gpu = resolve_gpu(gpu_name)
     plan = memtune_plan(extra)
