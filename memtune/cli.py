@@ -393,15 +393,19 @@ def check(
     gpu: Annotated[str | None, typer.Option("--gpu", "-g", help="Check against this GPU instead of the file's.")] = None,
 ) -> None:
     """Pre-flight check for scripts and CI: exit 0 if the plan fits, 1 if not (with the reason), 2 on bad input."""
-    from memtune.estimate import estimate as run_estimate
     from memtune.planfile import read_plan_file
+    from memtune.planner import settled_estimate
     from memtune.specs import resolve_gpu, resolve_model
 
     pf = read_plan_file(plan_file)
     gpu_spec = resolve_gpu(gpu or pf.gpu)
-    b = run_estimate(resolve_model(pf.model), pf.plan, gpu_spec)
+    spec = resolve_model(pf.model)
+    b = settled_estimate(spec, pf.plan, gpu_spec)
     usable = b.usable_bytes
     line = f"{b.verdict} on {gpu_spec.name}: needs {b.required_bytes / 2**30:.2f} GiB of {usable / 2**30:.2f} GiB usable"
+    if b.traced_layers is not None and b.traced_layers < spec.num_layers:
+        line += (f" (as plan estimates it: {b.traced_layers} of {spec.num_layers} layers traced and extended; "
+                 f"memtune estimate traces them all)")
     if b.fits:
         console.print(f"[green]{escape(line)}[/]")
         return

@@ -36,8 +36,9 @@ METRICS = "metrics.jsonl"
 STOP_FILE = ".stop-request"
 FAULT_ENV = "MEMTUNE_FAULT"
 """Test hook, ``KIND@STEP``: ``oom`` raises an out-of-memory error in the backward pass of step STEP, ``sigterm``
-and ``kill`` send that signal to the process after step STEP, ``error`` raises a RuntimeError there; only rank 0 of
-the first plan (attempt 0) is affected."""
+and ``kill`` send that signal to the process after step STEP, ``sigterm-eval`` sends SIGTERM as the evaluation after
+step STEP starts, ``error`` raises a RuntimeError after step STEP; only rank 0 of the first plan (attempt 0) is
+affected."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -339,15 +340,22 @@ class Trainer:
                 "peak_allocated_bytes": allocated, "peak_reserved_bytes": reserved}
 
     def _eval_row(self, step: int, out) -> None:
+        if self.fault == ("sigterm-eval", step):
+            os.kill(os.getpid(), signal.SIGTERM)
         loss = self.evaluate()
+        if loss is None:
+            self.print(f"step {step}: evaluation stopped (stop requested)")
+            return
         if self.main:
             out.write(json.dumps({"step": step, "eval_loss": loss}) + "\n")
             out.flush()
             self.print(f"step {step}: eval loss {loss:.4f}")
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean loss per target token over the held-out samples (all ranks)."""
+    def evaluate(self) -> float | None:
+        """Mean loss per target token over the held-out samples (all ranks); None when a stop request (signal or stop
+        file, on any rank) came during it: the evaluation ends at the next batch, so that the checkpoint or the
+        final weights are saved without waiting for the rest of it."""
         from memtune.train import data as train_data
         from memtune.train import recipe
 
@@ -359,6 +367,10 @@ class Trainer:
         self.model.eval()
         try:
             for group in groups:
+                stop = self.stop_requested or (self.main and (self.output_dir / STOP_FILE).exists())
+                if self._sum([float(stop)])[0] > 0:
+                    self.stop_requested = True
+                    return None
                 items = [samples[i] for i in (group or [0])]
                 batch = train_data.collate(items, pad_token_id=self.data.pad_token_id)
                 batch = {k: v.to(self.device) for k, v in batch.items()}

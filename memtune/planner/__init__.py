@@ -284,9 +284,7 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
         if _clearly_misses(c.breakdown) or traced >= MAX_TRACED:
             continue
         traced += 1
-        full = estimate(spec, c.plan, gpu, fast=True)
-        if _close_call(full):
-            full = estimate(spec, c.plan, gpu)  # the full-depth trace and its allocator replay under the limit
+        full = settled_estimate(spec, c.plan, gpu)  # full depth (and its allocator replay) for a close call
         learned[twin] = full.required_bytes / c.breakdown.required_bytes
         confirmed = dataclasses.replace(c, breakdown=full, reason=_reason(full))
         candidates[i] = confirmed
@@ -417,6 +415,13 @@ def _clearly_fits(b: MemoryBreakdown) -> bool:
     """A screened plan whose need is below the usable memory by more than the screen's largest under-estimate in
     its class."""
     return b.required_bytes < b.usable_bytes * (1 - screen_band(b.plan)[0])
+
+
+def settled_estimate(spec: ModelSpec, plan: Plan, gpu: GpuSpec) -> MemoryBreakdown:
+    """The estimate ``plan`` shows for a plan: the fast one (``fast_depth`` layers traced and extended), settled at
+    full depth where its verdict is a close call. ``check`` shows the same, so a plan reads one number."""
+    b = estimate(spec, plan, gpu, fast=True)
+    return estimate(spec, plan, gpu) if _close_call(b) else b
 
 
 def _close_call(b: MemoryBreakdown) -> bool:

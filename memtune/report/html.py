@@ -536,9 +536,10 @@ def render_index(folder: Path) -> str:
     entries = [read_meta(p) for p in sorted(folder.glob("*.html")) if p.name != "index.html"]
     entries.sort(key=lambda e: (e.date, e.file), reverse=True)
     entries = [dataclasses.replace(e, date=_short_date(e.date)) for e in entries]
-    generated = now()
+    # Dated by its newest report, not by when it was written: the same reports give the same index.
+    newest = entries[0].date if entries and entries[0].date else "no reports"
     return _environment().get_template("index.html.j2").render(
         title=f"memtune reports in {folder.resolve().name}", entries=[dataclasses.asdict(e) for e in entries],
-        generated=generated.strftime("%Y-%m-%d %H:%M UTC"), version=__version__)
+        newest=newest, version=__version__)
 
 

@@ -345,3 +345,37 @@ def test_a_very_deep_model_is_estimated_by_the_fast_path_and_says_so(tmp_path):
     assert out["traced_layers"] == 4 and out["peak_allocated_bytes"] > 0
     r = run("estimate", "--model", str(path), "--gpu", "L4-24GB", "--seq-len", "64")
     assert f"{MAX_FULL_DEPTH * 8} layers, estimated from a trace of 4" in r.stdout
+
+
+def test_check_reads_the_number_plan_showed(tmp_path):
+    """A model deep enough for the fast path: plan and check of its plan file give the same bytes, and check says
+    which estimate that is."""
+    config = json.loads(Path(TINY).read_text())
+    config["num_hidden_layers"] = 12
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    r = run("plan", "--model", str(tmp_path / "config.json"), "--gpu", "L4-24GB", "--seq-len", "128", "--peft", "none",
+            "--out", str(tmp_path / "p.toml"), "--json")
+    assert r.exit_code == 0, r.output
+    planned = json.loads(r.stdout)["estimate"]
+    assert planned["traced_layers"] < 12
+    c = run("check", str(tmp_path / "p.toml"))
+    assert c.exit_code == 0, c.output
+    assert f"needs {planned['required_bytes'] / 2**30:.2f} GiB" in c.stdout
+    assert f"{planned['traced_layers']} of 12 layers traced" in c.stdout
+
+
+def test_a_mixture_of_experts_config_is_estimated(tmp_path):
+    """Mixtral: fused expert weights (3-D parameters, not linears) and a router; a full fine-tune and a QLoRA, whose
+    k-bit quantization leaves the fused experts in bf16 as bitsandbytes does."""
+    config = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 64,
+              "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "vocab_size": 256, "max_position_embeddings": 512, "num_local_experts": 4, "num_experts_per_tok": 2,
+              "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    experts = 2 * 4 * 3 * 64 * 128  # layers x experts x (gate, up, down) x hidden x intermediate
+    for extra in ([], ["--peft", "lora", "--quantization", "4bit"]):
+        r = run("estimate", "--model", str(tmp_path / "config.json"), "--gpu", "H200-141GB", "--seq-len", "64",
+                *extra, "--json")
+        assert r.exit_code == 0, r.output
+        params = json.loads(r.stdout)["components"]["parameters"]
+        assert params >= 2 * experts  # bf16 experts, whole

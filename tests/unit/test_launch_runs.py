@@ -146,6 +146,18 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches(small_plan, refe
     assert record(out)["status"] == "finished"
 
 
+def test_sigterm_during_the_final_evaluation_ends_it_and_keeps_the_trained_model(small_plan, reference, tmp_path,
+                                                                              monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setenv(FAULT_ENV, "sigterm-eval@8")  # the last step is 8: its evaluation is the final one
+    r = launch(small_plan, out)
+    assert "step 8: evaluation stopped" in r.output
+    assert record(out)["status"] == "finished"
+    # every training step is what the uninterrupted run logged; only the final evaluation is missing
+    assert curve(out) == [row for row in reference if not (row[0] == 8 and row[2] is not None)]
+    assert (out / "final").is_dir()
+
+
 def test_a_killed_run_resumes_exactly_from_its_last_checkpoint(small_plan, reference, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "memtune", "launch", str(small_plan), "--output-dir", str(out)],

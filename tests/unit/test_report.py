@@ -300,7 +300,7 @@ def test_sources_are_recognised_by_content(tmp_path):
         validation_report(load("plan.json"), tmp_path / "x.html")
 
 
-def test_plan_report_api_and_index(tmp_path, plan_page):
+def test_plan_report_api_and_index(tmp_path, plan_page, monkeypatch):
     out = plan_report(load("plan.json"), tmp_path / "a.html")
     assert out == tmp_path / "a.html" and out.read_text().count("<svg ") == 2
     (tmp_path / "b.html").write_text(html.render(data.Sources(origin="v", validation=load("validation.json")),
@@ -314,6 +314,11 @@ def test_plan_report_api_and_index(tmp_path, plan_page):
     assert '<a href="a.html">llama-guard-3-1b on L4-24GB: plan report</a></td><td>plan</td>' in page
     assert '<a href="b.html">llama-guard-3-1b on L4-24GB: validation report</a></td><td>validation</td>' in page
     assert '<a href="notes.html">My notes</a>' in page
+    # the same reports give the same index, whenever it is written (a tracked index stays unchanged)
+    import datetime as dt
+
+    monkeypatch.setattr(html, "now", lambda: dt.datetime(2031, 1, 1, tzinfo=dt.UTC))
+    assert write_index(tmp_path).read_text() == page
     with pytest.raises(ConfigError, match="no such folder"):
         write_index(tmp_path / "nowhere")
 
