@@ -17,8 +17,33 @@ from rich.markup import escape
 
 from memtune.errors import ConfigError, MemtuneError, UnknownGpuError
 
-app = typer.Typer(rich_markup_mode="rich", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  context_settings={"help_option_names": ["-h", "--help"]},
+class _OneLineUsageErrors(typer.core.TyperGroup):
+    """A usage error (unknown option, a value of the wrong type) is one line on stderr and exit code 2, as every
+    other bad input is, instead of a usage panel."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:  # typer 0.2x carries its own copy of click
+            from typer._click.exceptions import UsageError
+        except ImportError:
+            from click import UsageError
+
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except UsageError as e:
+            where = e.ctx.command_path if e.ctx is not None else "memtune"
+            err_console.print(f"[bold red]error:[/] {escape(e.format_message())} (see {escape(where)} --help)",
+                              highlight=False, soft_wrap=True)
+            sys.exit(2)
+        except typer.Abort:
+            err_console.print("aborted", highlight=False)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(cls=_OneLineUsageErrors, rich_markup_mode="rich", no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False, context_settings={"help_option_names": ["-h", "--help"]},
                   help="Will this LLM fine-tune fit in GPU memory, and what is the cheapest way to run it?")
 PIPED_WIDTH = 160
 """Columns for tables written to a pipe or a log (Rich's default there is 80, which wraps the plan table's rows)."""

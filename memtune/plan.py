@@ -108,7 +108,9 @@ class Plan:
         if self.stack == "hf" and self.checkpointing == "selective":
             errors.append("the Hugging Face Trainer checkpoints whole layers only: use --checkpointing full or none, "
                           "or --stack memtune")
-        if self.peft == "lora" and not self.lora_targets:
+        if not isinstance(self.lora_targets, tuple) or not all(isinstance(t, str) for t in self.lora_targets):
+            errors.append(f"lora-targets must be a tuple of layer names, not {self.lora_targets!r}")
+        elif self.peft == "lora" and not self.lora_targets:
             errors.append("lora-targets is empty")
         if errors:
             raise InvalidPlanError(errors)
@@ -183,7 +185,11 @@ class Plan:
         d = dict(d)
         if "lora_targets" in d:
             targets = d["lora_targets"]
-            d["lora_targets"] = tuple(targets.split(",") if isinstance(targets, str) else targets)
+            if isinstance(targets, str):
+                targets = targets.split(",")
+            if not isinstance(targets, list | tuple) or not all(isinstance(t, str) for t in targets):
+                raise InvalidPlanError([f"lora-targets must be a list of layer names, not {targets!r}"])
+            d["lora_targets"] = tuple(targets)
         return cls(**d)
 
 

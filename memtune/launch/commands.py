@@ -25,6 +25,9 @@ Report = Annotated[str | None, typer.Option(help="Also write the run's HTML repo
                                                  "always gets report.html).")]
 NoFallback = Annotated[bool, typer.Option("--no-fallback", help="End the run at an out-of-memory error instead of "
                                                                  "restarting with the next plan.")]
+Override = Annotated[str | None, typer.Option(help="Resume a run whose settings changed, taking the new values of "
+                                                   "these (comma-separated run settings or plan fields, e.g. "
+                                                   "lr,batch_size); any other change is refused.")]
 
 
 def launch(
@@ -37,6 +40,7 @@ def launch(
     node_rank: NodeRank = 0,
     rdzv_endpoint: RdzvEndpoint = None,
     no_fallback: NoFallback = False,
+    override: Override = None,
     report: Report = None,
 ) -> None:
     """Run the fine-tune of a plan file: its plan, its \\[run] settings, its \\[\\[fallback]] plans after an OOM.
@@ -62,7 +66,8 @@ def launch(
     command = launch_command(path.resolve(), Path(out).resolve(), max_steps=max_steps, torchrun=torchrun,
                              fallback=not no_fallback) if out else None
     _run(pf, base_dir=path.resolve().parent, output_dir=out, max_steps=max_steps, torchrun=torchrun,
-         fallback=not no_fallback, command=command, report=report)
+         fallback=not no_fallback, command=command, report=report,
+         override=[k.strip() for k in (override or "").split(",") if k.strip()])
 
 
 def tune(
@@ -138,14 +143,15 @@ def tune(
 
 
 def _run(pf, *, base_dir: Path, output_dir, max_steps, fallback: bool, command, torchrun=None,
-         console: Console | None = None, report: str | None = None) -> None:
+         console: Console | None = None, report: str | None = None, override: list[str] | None = None) -> None:
     from memtune.launch.runner import Torchrun
     from memtune.launch.runner import launch as run_launch
 
     console = console or Console(highlight=False)
     try:
         result = run_launch(pf, base_dir=base_dir, output_dir=output_dir, max_steps=max_steps,
-                            torchrun=torchrun or Torchrun(), fallback=fallback, command=command, console=console)
+                            torchrun=torchrun or Torchrun(), fallback=fallback, command=command, console=console,
+                            override=override or ())
     except KeyboardInterrupt:
         console.print("stopped without a checkpoint; the newest one is kept")
         raise typer.Exit(code=EXIT_INTERRUPTED) from None

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,12 +134,15 @@ def _prepare(plan_file: PlanFile, base_dir: Path, output_dir: str | Path | None,
 
 def launch(plan_file: PlanFile, *, base_dir: str | Path = ".", output_dir: str | Path | None = None,
            max_steps: int | None = None, torchrun: Torchrun = Torchrun(), fallback: bool = True,
-           command: list[str] | None = None, console: Console | None = None) -> RunResult:
+           command: list[str] | None = None, console: Console | None = None,
+           override: Sequence[str] = ()) -> RunResult:
     """Run (or resume) the fine-tune of ``plan_file`` into ``output_dir``.
 
     Relative paths of the plan file (model folder, dataset, tokenizer) are taken from ``base_dir``. A folder that
     holds an unfinished run of the same model is resumed from its newest checkpoint; the plans that ran out of memory
-    there are skipped.
+    there are skipped. A resume with other settings is refused, except those named in ``override`` (run settings by
+    name, plan fields as ``FIELD`` or ``plan.FIELD``), whose new values are taken and recorded in run.json's
+    ``overrides``.
 
     Raises:
         ConfigError: bad input (missing [run], dataset, fields, weights, a finished run in the folder...).
@@ -150,7 +154,7 @@ def launch(plan_file: PlanFile, *, base_dir: str | Path = ".", output_dir: str |
     out = prep.output_dir
     out.mkdir(parents=True, exist_ok=True)
     writer = torchrun.node_rank == 0
-    record = _start_record(prep, out, command, torch)
+    record = _start_record(prep, out, command, torch, frozenset(override))
     tried_oom = {Plan.from_dict(t["plan"]) for t in record["plans_tried"] if t["outcome"] == "oom"}
     queue = [(i, p) for i, p in enumerate(prep.plans) if p not in tried_oom]
     if not queue:
@@ -199,7 +203,8 @@ def launch(plan_file: PlanFile, *, base_dir: str | Path = ".", output_dir: str |
     return RunResult(output_dir=out, status=status, record=record, message=message)
 
 
-def _start_record(prep: _Prepared, out: Path, command: list[str] | None, torch) -> dict:
+def _start_record(prep: _Prepared, out: Path, command: list[str] | None, torch,
+                  override: frozenset[str] = frozenset()) -> dict:
     path = out / RUN_JSON
     now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     base = {"model": prep.plan_file.model, "model_path": prep.spec.name, "gpu": prep.gpu.name,
@@ -219,10 +224,14 @@ def _start_record(prep: _Prepared, out: Path, command: list[str] | None, torch) 
         raise ConfigError(f"{out} holds a run of {old.get('model')}, not {prep.plan_file.model}; pass another "
                           "--output-dir")
     changed = _changed(old.get("identity"), base["identity"])
-    if changed:
-        raise ConfigError(f"{out} holds a run with other settings ({'; '.join(changed)}): resuming would mix them; "
-                          "run with the settings it was started with, or pass another --output-dir")
-    return {**base, "plans_tried": old.get("plans_tried", []), "started": old.get("started", now)}
+    refused = {k: v for k, v in changed.items() if k not in override and k.removeprefix("plan.") not in override}
+    if refused:
+        raise ConfigError(f"{out} holds a run with other settings ({'; '.join(f'{k}: {v}' for k, v in refused.items())}"
+                          f"): resuming would mix them; run with the settings it was started with, pass another "
+                          f"--output-dir, or take the new ones with --override {','.join(refused)}")
+    overrides = old.get("overrides", []) + ([{"at": now, "changed": changed}] if changed else [])
+    return {**base, "plans_tried": old.get("plans_tried", []), "started": old.get("started", now),
+            "overrides": overrides}
 
 
 def _identity(prep: _Prepared) -> dict:
@@ -232,17 +241,21 @@ def _identity(prep: _Prepared) -> dict:
     return {"plans": [p.to_dict() for p in prep.plans], "run": run}
 
 
-def _changed(old: dict | None, new: dict) -> list[str]:
-    """The settings that differ between a run's recorded identity and a new one (none for a record without one)."""
+def _changed(old: dict | None, new: dict) -> dict[str, str]:
+    """The settings that differ between a run's recorded identity and a new one, ``{key: "old -> new"}``: run
+    settings by name, plan fields as ``plan.FIELD`` (``plan.fallbacks`` for their number); none for a record
+    without an identity."""
     if not isinstance(old, dict):
-        return []
-    changed = [f"{key}: {old['run'].get(key)!r} -> {new['run'].get(key)!r}"
+        return {}
+    changed = {key: f"{old.get('run', {}).get(key)!r} -> {new['run'].get(key)!r}"
                for key in sorted(set(old.get("run", {})) | set(new["run"]))
-               if old.get("run", {}).get(key) != new["run"].get(key)]
-    if old.get("plans") != new["plans"]:
-        fields = sorted({k for a, b in zip(old.get("plans", []), new["plans"]) for k in set(a) | set(b)
-                         if a.get(k) != b.get(k)}) or ["the number of fallbacks"]
-        changed.append(f"plan {', '.join(fields)}")
+               if old.get("run", {}).get(key) != new["run"].get(key)}
+    before, after = old.get("plans", []), new["plans"]
+    for key in sorted({k for a, b in zip(before, after) for k in set(a) | set(b) if a.get(k) != b.get(k)}):
+        changed[f"plan.{key}"] = " / ".join(f"{a.get(key)!r} -> {b.get(key)!r}" for a, b in zip(before, after)
+                                             if a.get(key) != b.get(key))
+    if len(before) != len(after):
+        changed["plan.fallbacks"] = f"{len(before) - 1} -> {len(after) - 1}"
     return changed
 
 

@@ -271,3 +271,14 @@ def test_resuming_with_other_settings_is_refused_with_what_changed(small_plan, t
     r = launch(changed, out)
     assert r.exit_code == 2 and "lr: " in r.output and "0.3" in r.output, r.output
     assert record(out)["status"] == "interrupted"  # the run is left as it was
+    # also a plan field changed: overriding one of the two is not enough; both resume, with the change recorded
+    both = tmp_path / "both.toml"
+    both.write_text(changed.read_text().replace("batch_size = 4", "batch_size = 2", 1))
+    r = launch(both, out, "--override", "lr")
+    assert r.exit_code == 2 and "plan.batch_size" in r.output and "--override plan.batch_size" in r.output, r.output
+    r = launch(both, out, "--override", "lr,batch_size")
+    assert r.exit_code == 0, r.output
+    assert "resuming from the checkpoint of step 2" in r.output
+    rec = record(out)
+    assert rec["run"]["lr"] == 0.3 and rec["plan"]["batch_size"] == 2
+    assert set(rec["overrides"][-1]["changed"]) == {"lr", "plan.batch_size"} and rec["status"] == "finished"
