@@ -106,6 +106,13 @@ def _user_errors(command: Callable) -> Callable:
     return wrapper
 
 
+def _working(message: str):
+    """A spinner with ``message`` on stderr while the work runs, where stderr is a terminal (nothing in a pipe)."""
+    import contextlib
+
+    return err_console.status(escape(message)) if err_console.is_terminal else contextlib.nullcontext()
+
+
 def _say_written(path, quiet: bool) -> None:
     """Where a file went, on stderr when stdout carries JSON."""
     (err_console if quiet else console).print(f"report written to {escape(str(path))}", highlight=False)
@@ -191,7 +198,8 @@ def estimate(
     gpu_spec = resolve_gpu(gpu)
     spec = resolve_model(model)
     plan = _plan_from_options(gpu_spec, **knobs)
-    breakdown = run_estimate(spec, plan, gpu_spec, calibrated=calibrated)
+    with _working(f"tracing a training step of {spec.name} on fake tensors"):
+        breakdown = run_estimate(spec, plan, gpu_spec, calibrated=calibrated)
     if as_json:
         print(json.dumps(breakdown.to_json(), indent=2))
         return
@@ -254,9 +262,12 @@ def validate(
         gpu_spec = local[0]
     spec = resolve_model(model)
     plan_ = from_file.plan if from_file else _plan_from_options(gpu_spec, **knobs)
-    record = validate_plan(spec, plan_, gpu_spec, steps=steps, emulate=emulate_gpu is not None,
-                           dry_run=True if dry_run else None, tolerance=tolerance,
-                           out_dir=Path(out) if out else None, snapshot=snapshot, random_init=random_init)
+    import contextlib
+
+    with _working(f"tracing {spec.name} on fake tensors") if dry_run else contextlib.nullcontext():
+        record = validate_plan(spec, plan_, gpu_spec, steps=steps, emulate=emulate_gpu is not None,
+                               dry_run=True if dry_run else None, tolerance=tolerance,
+                               out_dir=Path(out) if out else None, snapshot=snapshot, random_init=random_init)
     if as_json:
         print(json.dumps(record.to_json(), indent=2))
     else:
@@ -368,9 +379,11 @@ def plan(
         if global_batch is not None:
             raise ConfigError("give --global-batch (sequences) or --global-tokens, not both")
         global_batch = max(1, round(global_tokens / seq_len))
-    result = plan_candidates(spec, gpu_spec, num_gpus=num_gpus, nodes=nodes, batch_size=batch_size, seq_len=seq_len,
-                             batching=batching, data=data, fixed=fixed, global_batch=global_batch, lengths=lengths,
-                             network_gbs=network_gbs, runs_with=expressible(export) if export else None)
+    with _working(f"searching the plans for {spec.name} on {gpu_spec.name}"):
+        result = plan_candidates(spec, gpu_spec, num_gpus=num_gpus, nodes=nodes, batch_size=batch_size,
+                                 seq_len=seq_len, batching=batching, data=data, fixed=fixed,
+                                 global_batch=global_batch, lengths=lengths, network_gbs=network_gbs,
+                                 runs_with=expressible(export) if export else None)
     if result.chosen is None and all(c.breakdown is None for c in result.candidates):
         first = result.candidates[0].reason.split(";")[0] if result.candidates else "no candidates"
         raise ConfigError(f"no plan can run under the options given{' with ' + export if export else ''} "
@@ -425,7 +438,8 @@ def check(
     pf = read_plan_file(plan_file)
     gpu_spec = resolve_gpu(gpu or pf.gpu)
     spec = resolve_model(pf.model)
-    b = settled_estimate(spec, pf.plan, gpu_spec)
+    with _working(f"estimating {pf.model} on {gpu_spec.name}"):
+        b = settled_estimate(spec, pf.plan, gpu_spec)
     usable = b.usable_bytes
     line = f"{b.verdict} on {gpu_spec.name}: needs {b.required_bytes / 2**30:.2f} GiB of {usable / 2**30:.2f} GiB usable"
     if b.traced_layers is not None and b.traced_layers < spec.num_layers:

@@ -379,3 +379,22 @@ def test_a_mixture_of_experts_config_is_estimated(tmp_path):
         assert r.exit_code == 0, r.output
         params = json.loads(r.stdout)["components"]["parameters"]
         assert params >= 2 * experts  # bf16 experts, whole
+
+
+def test_long_work_shows_a_spinner_on_a_terminal_only(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    import memtune.cli as cli
+
+    terminal = io.StringIO()
+    monkeypatch.setattr(cli, "err_console", Console(file=terminal, force_terminal=True))
+    with cli._working("tracing a training step"):
+        pass
+    assert "tracing a training step" in terminal.getvalue()
+    piped = io.StringIO()
+    monkeypatch.setattr(cli, "err_console", Console(file=piped, force_terminal=False))
+    with cli._working("tracing a training step"):
+        pass
+    assert piped.getvalue() == ""
