@@ -189,6 +189,8 @@ def estimate(
     knobs: dict,
     calibrated: Annotated[bool, typer.Option("--calibrated", help="Scale by the measured/estimated ratios in "
                                                                   "profiles/calibration for this architecture.")] = False,
+    full_depth: Annotated[bool, typer.Option("--full-depth", help="Trace every layer of a model deeper than "
+                                                                  "64 (minutes) instead of the fast path.")] = False,
     as_json: JsonOut = False,
 ) -> None:
     """Per-GPU peak memory of one training step, by category and phase, and whether it fits."""
@@ -199,7 +201,7 @@ def estimate(
     spec = resolve_model(model)
     plan = _plan_from_options(gpu_spec, **knobs)
     with _working(f"tracing a training step of {spec.name} on fake tensors"):
-        breakdown = run_estimate(spec, plan, gpu_spec, calibrated=calibrated)
+        breakdown = run_estimate(spec, plan, gpu_spec, calibrated=calibrated, full_depth=full_depth)
     if as_json:
         print(json.dumps(breakdown.to_json(), indent=2))
         return
@@ -444,7 +446,7 @@ def check(
     line = f"{b.verdict} on {gpu_spec.name}: needs {b.required_bytes / 2**30:.2f} GiB of {usable / 2**30:.2f} GiB usable"
     if b.traced_layers is not None and b.traced_layers < spec.num_layers:
         line += (f" (as plan estimates it: {b.traced_layers} of {spec.num_layers} layers traced and extended; "
-                 f"memtune estimate traces them all)")
+                 f"memtune estimate --full-depth traces them all)")
     if b.fits:
         console.print(f"[green]{escape(line)}[/]")
         return

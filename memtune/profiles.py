@@ -1,4 +1,4 @@
-"""Where the shipped profiles (models, GPUs, calibration) live."""
+"""Where the shipped profiles (models, GPUs, calibration) live, and memtune's cache."""
 
 from __future__ import annotations
 
@@ -12,6 +12,11 @@ def profiles_dir() -> Path:
     """``$MEMTUNE_PROFILES`` if set, else the ``profiles/`` folder next to the package."""
     env = os.environ.get("MEMTUNE_PROFILES")
     return Path(env) if env else Path(__file__).resolve().parent.parent / "profiles"
+
+
+def cache_root() -> Path:
+    """memtune's cache folder: ``$MEMTUNE_CACHE``, default ``~/.cache/memtune`` (traces, model specs, measurements)."""
+    return Path(os.environ.get("MEMTUNE_CACHE", Path.home() / ".cache" / "memtune"))
 
 
 @functools.lru_cache(maxsize=16)

@@ -6,7 +6,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from memtune.estimate import MemCategory, MemoryBreakdown, Phase
+from memtune.estimate.breakdown import MemoryBreakdown
+from memtune.estimate.categories import MemCategory, Phase
 from memtune.units import fmt_gib, gib
 
 

@@ -10,6 +10,15 @@ from __future__ import annotations
 
 from memtune.estimate.breakdown import MemoryBreakdown
 from memtune.estimate.categories import MemCategory, Phase
-from memtune.estimate.compose import estimate, sdpa_backend
 
 __all__ = ["MemCategory", "MemoryBreakdown", "Phase", "estimate", "sdpa_backend"]
+
+
+def __getattr__(name: str):
+    """``estimate`` and ``sdpa_backend`` on first use: they bring torch and transformers, which commands that only
+    show memory (``gpus``, ``models``, ``report``) do not need."""
+    if name in ("estimate", "sdpa_backend"):
+        from memtune.estimate import compose
+
+        return getattr(compose, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -130,9 +130,9 @@ def from_validation(record: ValidationRecord, spec: ModelSpec, gpu: GpuSpec) -> 
 def store_dir() -> Path:
     """``measured/`` under memtune's cache folder (``$MEMTUNE_CACHE``, default ``~/.cache/memtune``), next to
     the trace cache."""
-    from memtune.estimate.compose import cache_dir
+    from memtune.profiles import cache_root
 
-    return cache_dir().parent / "measured"
+    return cache_root() / "measured"
 
 
 def store_file(gpu: str) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,8 +156,39 @@ def _check_sizes(cfg: dict, path) -> None:
                               "or give head_dim")
 
 
+SPEC_FORMAT = 1
+"""Version of the cached spec files (``$MEMTUNE_CACHE/specs``); bump it when ``ModelSpec`` changes."""
+
+
 @functools.lru_cache(maxsize=64)
 def _spec_from_config(name: str, config_json: str) -> ModelSpec:
+    """The spec of a config: from the cache on disk (keyed by the config and the transformers version, which
+    builds the model), else counted on the meta device (``_build_spec``) and stored there."""
+    import hashlib
+    from importlib.metadata import version
+
+    from memtune.profiles import cache_root
+
+    key = hashlib.sha256(f"{SPEC_FORMAT}|{version('transformers')}|{config_json}".encode()).hexdigest()[:32]
+    path = cache_root() / "specs" / f"{key}.json"
+    try:
+        fields = json.loads(path.read_text())
+        return ModelSpec(name=name, config_json=config_json, **{**fields, "linear_names": tuple(fields["linear_names"])})
+    except (OSError, ValueError, TypeError, KeyError):
+        pass
+    spec = _build_spec(name, config_json)
+    fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name not in ("name", "config_json")}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**fields, "linear_names": list(spec.linear_names)}))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only cache costs the rebuild next time, nothing else
+    return spec
+
+
+def _build_spec(name: str, config_json: str) -> ModelSpec:
     import torch
     from torch import nn
     from transformers import AutoModelForCausalLM

@@ -158,3 +158,19 @@ def test_a_deep_stack_is_counted_from_two_short_ones_exactly(tmp_path):
         full = AutoModelForCausalLM.from_config(hf)
     assert spec.num_layers == DEEP_LAYERS + 36
     assert spec.num_params == sum(p.numel() for p in full.parameters())
+
+
+def test_a_model_spec_is_counted_once_and_then_read_from_the_cache(tmp_path, monkeypatch):
+    """Counting parameters builds the model on the meta device (seconds for a large one); the count is kept in
+    memtune's cache, keyed by the config and the transformers version, and read back equal."""
+    from memtune.specs import model as model_module
+
+    monkeypatch.setenv("MEMTUNE_CACHE", str(tmp_path))
+    model_module._spec_from_config.cache_clear()
+    first = model_module.resolve_model("llama-guard-3-1b")
+    cached = list((tmp_path / "specs").glob("*.json"))
+    assert len(cached) == 1
+    model_module._spec_from_config.cache_clear()
+    monkeypatch.setattr(model_module, "_build_spec", lambda *a: pytest.fail("rebuilt instead of read"))
+    assert model_module.resolve_model("llama-guard-3-1b") == first
+    model_module._spec_from_config.cache_clear()
