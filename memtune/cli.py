@@ -89,19 +89,21 @@ ReportOpt = Annotated[str | None, typer.Option(help="Also write an HTML report t
 
 def _user_errors(command: Callable) -> Callable:
     """Turn a MemtuneError, or a file the command cannot read or write (an output under ``/proc``, a folder where a
-    file was asked for), into one line on stderr and exit code 2 (bad input), never a traceback."""
+    file was asked for), into one line on stderr and its exit code (2 for bad input, 1 for a plan that does not fit
+    or a run that could not finish), never a traceback."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        code = 2
         try:
             return command(*args, **kwargs)
         except MemtuneError as e:
-            message = str(e)
+            message, code = str(e), e.exit_code
         except OSError as e:
             where = f" {e.filename}" if e.filename else ""
             message = f"cannot use{where}: {e.strerror or type(e).__name__}; give a path this user can read and write"
         err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=2) from None
+        raise typer.Exit(code=code) from None
 
     return wrapper
 

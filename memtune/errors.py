@@ -1,10 +1,13 @@
-"""Errors memtune raises for bad input. The CLI prints each as one line and exits with code 2."""
+"""Errors memtune raises. The CLI prints each as one line and exits with its ``exit_code``: 2 for bad input, 1 for a
+plan that does not fit or a run that could not finish."""
 
 from __future__ import annotations
 
 
 class MemtuneError(Exception):
     """Base class: the message says what went wrong and what to do about it."""
+
+    exit_code = 2
 
 
 class ConfigError(MemtuneError):
@@ -25,3 +28,15 @@ class InvalidPlanError(MemtuneError):
     def __init__(self, reasons: list[str]):
         self.reasons = reasons
         super().__init__("; ".join(reasons))
+
+
+class PlanDoesNotFitError(MemtuneError):
+    """Nothing the search may choose fits the GPU: an answer, not bad input."""
+
+    exit_code = 1
+
+
+class RunFailedError(MemtuneError):
+    """A validation or run that started could not finish (a timeout, a crashed worker)."""
+
+    exit_code = 1

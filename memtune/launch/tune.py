@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from memtune.errors import ConfigError
+from memtune.errors import ConfigError, PlanDoesNotFitError
 from memtune.launch.config import RunConfig
 from memtune.planfile import PlanFile, model_beside, read_table_file, write_plan_file
 
@@ -150,8 +150,8 @@ def tune(*, model: str, gpu: str, run: RunConfig, output_dir: Path, num_gpus: in
             console.print(f"[yellow]note:[/] bitsandbytes is not installed here: {len(skipped)} plan(s) with k-bit "
                           "weights or 8-bit AdamW are left out")
     if not order:
-        raise ConfigError(f"no candidate fits on {gpu_spec.name}; see `memtune plan` for the closest miss, or add "
-                          "GPUs (--num-gpus)")
+        raise PlanDoesNotFitError(f"no candidate fits on {gpu_spec.name}; see `memtune plan` for the closest miss, "
+                                  "or add GPUs (--num-gpus)")
     local = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     emulate = local is not None and not _same_gpu(local, gpu_spec)
     on_target = local is not None and not emulate

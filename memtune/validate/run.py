@@ -21,7 +21,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from memtune.errors import ConfigError
+from memtune.errors import ConfigError, RunFailedError
 from memtune.estimate import MemoryBreakdown, Phase, estimate, overhead, sdpa_backend
 from memtune.plan import Plan
 from memtune.specs.gpu import GpuSpec
@@ -183,7 +183,7 @@ def _torchrun(spec: ModelSpec, plan: Plan, *, steps: int, cap: int | None, out_d
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT_S,
                               env={**os.environ, "PYTHONUNBUFFERED": "1", **plan.allocator_env})
     except subprocess.TimeoutExpired:
-        raise ConfigError(f"the {plan.num_gpus}-GPU validation did not finish in {TORCHRUN_TIMEOUT_S} s "
+        raise RunFailedError(f"the {plan.num_gpus}-GPU validation did not finish in {TORCHRUN_TIMEOUT_S} s "
                           "(a rank may have run out of memory while the others waited)") from None
     ranks = []
     for r in range(plan.world_size):

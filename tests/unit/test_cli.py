@@ -398,3 +398,16 @@ def test_long_work_shows_a_spinner_on_a_terminal_only(monkeypatch):
     with cli._working("tracing a training step"):
         pass
     assert piped.getvalue() == ""
+
+
+def test_a_plan_that_does_not_fit_or_a_run_that_cannot_finish_exits_1_not_2(monkeypatch):
+    """Exit 2 means bad input; an answer of "nothing fits" or a run that could not finish is 1."""
+    from memtune.errors import PlanDoesNotFitError, RunFailedError
+
+    for error in (PlanDoesNotFitError("no candidate fits on L4-24GB"), RunFailedError("did not finish in 600 s")):
+        def fail(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr("memtune.estimate.compose.estimate", fail)
+        r = run("estimate", "--model", str(TINY), "--gpu", "L4-24GB", "--seq-len", "64")
+        assert r.exit_code == 1 and str(error) in r.stderr and len(r.stderr.strip().splitlines()) == 1
