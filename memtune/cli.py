@@ -71,7 +71,9 @@ Checkpointing = Annotated[str, typer.Option(help="none | selective (recompute el
                                                  "(recompute every decoder layer).")]
 PeftOpt = Annotated[str, typer.Option("--peft", help="none | lora")]
 LoraRank = Annotated[int, typer.Option(help="LoRA rank r.")]
-LoraTargets = Annotated[str, typer.Option(help="Comma-separated linear layers LoRA adapts.")]
+LoraTargets = Annotated[str | None, typer.Option(help="Comma-separated linear layers LoRA adapts, or all-linear "
+                                                       "(default: the model's attention projections, as peft picks "
+                                                       "them: q_proj,v_proj for Llama).")]
 LoraDropout = Annotated[float, typer.Option(help="LoRA dropout.")]
 Quantization = Annotated[str, typer.Option(help="none | 8bit | 4bit (frozen base weights; needs --peft lora).")]
 OptimizerOpt = Annotated[str, typer.Option("--optimizer", help="adamw | adamw-fused | adamw-8bit | sgd")]
@@ -120,7 +122,7 @@ def _say_written(path, quiet: bool) -> None:
     (err_console if quiet else console).print(f"report written to {escape(str(path))}", highlight=False)
 
 
-def _plan_from_options(gpu, *, num_gpus, nodes, precision, sharding, checkpointing, peft, lora_rank, lora_targets,
+def _plan_from_options(gpu, spec, *, num_gpus, nodes, precision, sharding, checkpointing, peft, lora_rank, lora_targets,
                        lora_dropout, quantization, optimizer, batch_size, seq_len, attention, grad_accum,
                        offload, expandable_segments, kbit_upcast=False, stack="memtune"):
     from memtune.plan import Plan
@@ -129,7 +131,10 @@ def _plan_from_options(gpu, *, num_gpus, nodes, precision, sharding, checkpointi
         precision = "bf16" if gpu.bf16 else "amp-fp16"
     if sharding == "auto":
         sharding = "none" if num_gpus * nodes == 1 and not offload else ("hsdp" if nodes > 1 else "fsdp")
-    targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
+    from memtune.specs.model import default_lora_targets, resolve_lora_targets
+
+    targets = tuple(t.strip() for t in (lora_targets or "").split(",") if t.strip())
+    targets = resolve_lora_targets(targets, spec) if targets else default_lora_targets(spec)
     return Plan(precision=precision, sharding=sharding, num_gpus=num_gpus, nodes=nodes, checkpointing=checkpointing,
                 peft=peft, lora_rank=lora_rank, lora_targets=targets, lora_dropout=lora_dropout,
                 quantization=quantization, optimizer=optimizer, batch_size=batch_size, seq_len=seq_len,
@@ -146,7 +151,7 @@ def _plan_knobs(
     checkpointing: Checkpointing = "none",
     peft: PeftOpt = "none",
     lora_rank: LoraRank = 8,
-    lora_targets: LoraTargets = "q_proj,v_proj",
+    lora_targets: LoraTargets = None,
     lora_dropout: LoraDropout = 0.05,
     quantization: Quantization = "none",
     optimizer: OptimizerOpt = "adamw",
@@ -201,7 +206,7 @@ def estimate(
 
     gpu_spec = resolve_gpu(gpu)
     spec = resolve_model(model)
-    plan = _plan_from_options(gpu_spec, **knobs)
+    plan = _plan_from_options(gpu_spec, spec, **knobs)
     with _working(f"tracing a training step of {spec.name} on fake tensors"):
         breakdown = run_estimate(spec, plan, gpu_spec, calibrated=calibrated, full_depth=full_depth)
     if as_json:
@@ -265,7 +270,7 @@ def validate(
             raise UnknownGpuError("no known GPU detected here: pass --gpu (or --emulate-gpu)")
         gpu_spec = local[0]
     spec = resolve_model(model)
-    plan_ = from_file.plan if from_file else _plan_from_options(gpu_spec, **knobs)
+    plan_ = from_file.plan if from_file else _plan_from_options(gpu_spec, spec, **knobs)
     import contextlib
 
     with _working(f"tracing {spec.name} on fake tensors") if dry_run else contextlib.nullcontext():
@@ -366,6 +371,10 @@ def plan(
     if batching not in (None, "padding", "packing"):
         raise ConfigError(f"--batching must be padding or packing, not {batching!r}")
     targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip()) if lora_targets is not None else None
+    if targets:
+        from memtune.specs.model import resolve_lora_targets
+
+        targets = resolve_lora_targets(targets, spec)
     fixed = {k: v for k, v in {"precision": precision, "checkpointing": checkpointing, "peft": peft,
                                 "quantization": quantization, "optimizer": optimizer, "attention": attention,
                                 "grad_accum": grad_accum, "sharding": sharding, "offload": offload,

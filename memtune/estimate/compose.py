@@ -275,11 +275,20 @@ def cached_trace(spec: ModelSpec, plan: Plan, depth: int, backend: str) -> Trace
             path.unlink(missing_ok=True)
     from memtune.estimate.trace import trace_step
 
+    import logging
+
+    # An op the stack cannot run raises below, and is reported there in one line; fake tensors would log it first.
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
     try:
         result = trace_step(spec, plan, depth, sdpa_backend="math" if backend == "math" else "flash",
                             quick_warmup=depth < spec.num_layers)
     except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:
-        raise InvalidPlanError([f"cannot trace this plan for {spec.name}: {type(e).__name__}: {e}"]) from None
+        raise InvalidPlanError([f"cannot trace this plan for {spec.name}: {type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''}"]) from None
+    finally:
+        fake_log.setLevel(level)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

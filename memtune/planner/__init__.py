@@ -22,7 +22,7 @@ from memtune.plan import Plan
 from memtune.planner import measured, steptime
 from memtune.planner.cost import NETWORK_GBS, CostEstimate, step_cost
 from memtune.specs.gpu import GpuSpec
-from memtune.specs.model import ModelSpec
+from memtune.specs.model import ModelSpec, default_lora_targets
 
 if TYPE_CHECKING:
     from memtune.planner.measured import Measurement
@@ -242,6 +242,8 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
             continue
         if plan.peft == "none" and plan.precision == "fp16" and "precision" not in (fixed or {}):
             continue  # a LoRA kind made a full fine-tune: pure fp16 weights and states would lose the updates
+        if plan.peft == "lora" and "lora_targets" not in (fixed or {}):
+            plan = dataclasses.replace(plan, lora_targets=default_lora_targets(spec))
         if plan in seen:
             continue
         seen.add(plan)
@@ -284,7 +286,11 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
         if _clearly_misses(c.breakdown) or traced >= MAX_TRACED:
             continue
         traced += 1
-        full = settled_estimate(spec, c.plan, gpu)  # full depth (and its allocator replay) for a close call
+        try:
+            full = settled_estimate(spec, c.plan, gpu)  # full depth (and its allocator replay) for a close call
+        except InvalidPlanError as e:  # the stack cannot run it (e.g. an MoE kernel that takes bf16 only)
+            candidates[i] = _cannot_run(c, e)
+            continue
         learned[twin] = full.required_bytes / c.breakdown.required_bytes
         confirmed = dataclasses.replace(c, breakdown=full, reason=_reason(full))
         candidates[i] = confirmed
@@ -311,7 +317,11 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
     for i in ranked:
         c = candidates[i]
         if _close_call(c.breakdown):  # at full depth (cached when the search traced it there already)
-            full = estimate(spec, c.plan, gpu)
+            try:
+                full = estimate(spec, c.plan, gpu)
+            except InvalidPlanError as e:
+                candidates[i] = _cannot_run(c, e)
+                continue
             candidates[i] = c = dataclasses.replace(c, breakdown=full, reason=_reason(full))
         if c.fits:
             return dataclasses.replace(result, candidates=tuple(candidates), chosen=c)
@@ -375,7 +385,11 @@ def _trace_cost(spec: ModelSpec, gpu: GpuSpec, candidates: list[Candidate], i: i
     """Trace candidate ``i`` (its memory at the fast depth; a close call is settled at full depth only if it is
     to be chosen) and cost it by its traced step time, in place."""
     c = candidates[i]
-    breakdown = c.breakdown if c.breakdown.method == "trace" else estimate(spec, c.plan, gpu, fast=True)
+    try:
+        breakdown = c.breakdown if c.breakdown.method == "trace" else estimate(spec, c.plan, gpu, fast=True)
+    except InvalidPlanError as e:
+        candidates[i] = _cannot_run(c, e)
+        return
     efficiency, mean_seq_len = shapes.get((c.plan.batching, c.plan.batch_size), (1.0, None))
     traced = steptime.estimated_cost(spec, c.plan, gpu, padding_efficiency=efficiency, mean_seq_len=mean_seq_len,
                                      network_gbs=network_gbs)
@@ -422,6 +436,11 @@ def settled_estimate(spec: ModelSpec, plan: Plan, gpu: GpuSpec) -> MemoryBreakdo
     full depth where its verdict is a close call. ``check`` shows the same, so a plan reads one number."""
     b = estimate(spec, plan, gpu, fast=True)
     return estimate(spec, plan, gpu) if _close_call(b) else b
+
+
+def _cannot_run(c: Candidate, error: InvalidPlanError) -> Candidate:
+    """A candidate whose trace the stack refused: it stays in the table with the reason, out of the running."""
+    return dataclasses.replace(c, breakdown=None, reason=f"cannot run: {error}", cost=None)
 
 
 def _close_call(b: MemoryBreakdown) -> bool:

@@ -36,6 +36,12 @@ class ModelSpec:
     """Exact parameter count of the causal-LM model (tied weights counted once), from the meta device."""
     linear_names: tuple[str, ...]
     """Leaf names of the ``nn.Linear`` modules inside a decoder layer (what LoRA can target)."""
+    linear_shapes: tuple[tuple[str, int, int], ...] = ()
+    """``(leaf name, in features, out features)`` of the ``nn.Linear`` modules of a decoder layer, as the model has
+    them (fused projections, GPT-NeoX's names, expert linears: out features times their number), averaged over the
+    layers built."""
+    attention_linears: tuple[str, ...] = ()
+    """Leaf names of the linears inside a decoder layer's attention block."""
     hub_id: str | None = None
     """The Hugging Face Hub id the config names (``_name_or_path``), for exports to other tools."""
     weights_dir: str | None = None
@@ -43,7 +49,10 @@ class ModelSpec:
 
     @property
     def layer_linears(self) -> dict[str, tuple[int, int]]:
-        """(in, out) features of each projection of a decoder layer (attention and gated MLP)."""
+        """(in, out) features of each projection of a decoder layer, by leaf name: the model's own
+        (``linear_shapes``), or for a spec made without them the Llama-shaped attention and gated MLP."""
+        if self.linear_shapes:
+            return {name: (i, o) for name, i, o in self.linear_shapes}
         h, i = self.hidden_size, self.intermediate_size
         q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
         return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
@@ -156,7 +165,7 @@ def _check_sizes(cfg: dict, path) -> None:
                               "or give head_dim")
 
 
-SPEC_FORMAT = 1
+SPEC_FORMAT = 2
 """Version of the cached spec files (``$MEMTUNE_CACHE/specs``); bump it when ``ModelSpec`` changes."""
 
 
@@ -173,7 +182,10 @@ def _spec_from_config(name: str, config_json: str) -> ModelSpec:
     path = cache_root() / "specs" / f"{key}.json"
     try:
         fields = json.loads(path.read_text())
-        return ModelSpec(name=name, config_json=config_json, **{**fields, "linear_names": tuple(fields["linear_names"])})
+        return ModelSpec(name=name, config_json=config_json,
+                         **{**fields, "linear_names": tuple(fields["linear_names"]),
+                            "linear_shapes": tuple(tuple(x) for x in fields["linear_shapes"]),
+                            "attention_linears": tuple(fields["attention_linears"])})
     except (OSError, ValueError, TypeError, KeyError):
         pass
     spec = _build_spec(name, config_json)
@@ -181,7 +193,7 @@ def _spec_from_config(name: str, config_json: str) -> ModelSpec:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({**fields, "linear_names": list(spec.linear_names)}))
+        tmp.write_text(json.dumps(fields))
         tmp.replace(path)
     except OSError:
         pass  # a read-only cache costs the rebuild next time, nothing else
@@ -217,6 +229,17 @@ def _build_spec(name: str, config_json: str) -> ModelSpec:
         num_params += (depth // period - 2) * per_period
     layers = _decoder_layers(model)
     linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in layers[0].named_modules() if isinstance(m, nn.Linear)})
+    shapes: dict[str, list[int]] = {}
+    attention = set()
+    for layer in layers:
+        for path, module in layer.named_modules():
+            if isinstance(module, nn.Linear):
+                leaf = path.rsplit(".", 1)[-1]
+                entry = shapes.setdefault(leaf, [module.in_features, 0])
+                entry[1] += module.out_features
+                if any(part in ("self_attn", "attention", "attn", "self_attention") for part in path.split(".")):
+                    attention.add(leaf)
+    linear_shapes = tuple((leaf, i, round(o / len(layers))) for leaf, (i, o) in sorted(shapes.items()))
     text = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
     heads = text.num_attention_heads
     return ModelSpec(
@@ -234,6 +257,8 @@ def _build_spec(name: str, config_json: str) -> ModelSpec:
         max_position_embeddings=getattr(text, "max_position_embeddings", 0) or 0,
         num_params=num_params,
         linear_names=tuple(linear_names),
+        linear_shapes=linear_shapes,
+        attention_linears=tuple(sorted(attention)),
         hub_id=cfg.get("_name_or_path") or None,
     )
 
@@ -250,3 +275,25 @@ def _decoder_layers(model):
         if isinstance(module, nn.ModuleList) and len(module):
             return module
     raise ConfigError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def default_lora_targets(spec: ModelSpec) -> tuple[str, ...]:
+    """The LoRA targets a plan gets when none are given: peft's choice for the model type where the model has those
+    layers (``q_proj, v_proj`` for Llama, ``query_key_value`` for GPT-NeoX), else every linear of the attention
+    block (Phi-3: ``qkv_proj, o_proj``), else every linear of the layer."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
+    known = set(spec.linear_names)
+    peft = PEFT_DEFAULTS.get(spec.model_type)
+    if peft and set(peft) <= known:
+        return tuple(peft)
+    if {"q_proj", "v_proj"} <= known:
+        return ("q_proj", "v_proj")
+    return tuple(spec.attention_linears) or tuple(spec.linear_names)
+
+
+def resolve_lora_targets(targets: tuple[str, ...], spec: ModelSpec) -> tuple[str, ...]:
+    """``all-linear`` (peft's spelling) as the model's linear layer names; other targets as given."""
+    if targets == ("all-linear",):
+        return tuple(spec.linear_names)
+    return targets
