@@ -285,8 +285,10 @@ def cached_trace(spec: ModelSpec, plan: Plan, depth: int, backend: str) -> Trace
         result = trace_step(spec, plan, depth, sdpa_backend="math" if backend == "math" else "flash",
                             quick_warmup=depth < spec.num_layers)
     except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:
-        raise InvalidPlanError([f"cannot trace this plan for {spec.name}: {type(e).__name__}: "
-                                f"{str(e).splitlines()[0] if str(e) else ''}"]) from None
+        first = str(e).splitlines()[0] if str(e) else ""
+        hint = ("; a kernel of this model takes bf16 only: use --precision bf16" if "BF16" in first
+                and plan.precision != "bf16" else "")
+        raise InvalidPlanError([f"cannot trace this plan for {spec.name}: {type(e).__name__}: {first}{hint}"]) from None
     finally:
         fake_log.setLevel(level)
     try:
