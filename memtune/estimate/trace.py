@@ -323,7 +323,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return local if local is not None else t
 
 
-_MATMULS = frozenset({"mm", "addmm", "bmm", "baddbmm"})
+_MATMULS = frozenset({"mm", "addmm", "bmm", "baddbmm", "_grouped_mm"})
 _NO_KERNEL = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh",
                         "set_", "resize_", "_has_compatible_shallow_copy_type"})
 _ATTENTION = frozenset({"_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
@@ -352,10 +352,15 @@ def _tensors(args) -> list[torch.Tensor]:
 
 
 def _matmul_flops(name: str, args, outs) -> float:
-    """2 m n k (times the batch of a batched matmul): the output's elements times twice the inner dimension."""
+    """2 m n k (times the batch of a batched matmul): the output's elements times twice the inner dimension. A
+    grouped matmul (mixture-of-experts: each token's rows times its expert's weight) that makes one matrix per group
+    (the weights' gradient) sums over the groups' rows once, not once per group."""
     a = args[1] if name in ("addmm", "baddbmm") else args[0]
     out = outs[0]
-    return 2.0 * out.numel() * a.shape[-1]
+    flops = 2.0 * out.numel() * a.shape[-1]
+    if name == "_grouped_mm" and out.dim() == 3 and a.dim() == 2:
+        flops /= out.shape[0]
+    return flops
 
 
 def _checkpoint_frames(tracker: _Tracker, model) -> None:

@@ -66,9 +66,10 @@ class CostEstimate:
 
 
 def linear_params(spec: ModelSpec) -> int:
-    """Weights that take part in matmuls: attention and MLP projections of every layer, and the lm_head."""
-    per_layer = sum(a * b for a, b in spec.layer_linears.values())
-    return spec.num_layers * per_layer + spec.hidden_size * spec.vocab_size
+    """Weights a token's matmuls use: the linears of every layer, the experts it is routed to (a mixture-of-experts'
+    stacked weights times ``active_experts``), and the lm_head."""
+    per_layer = sum(a * b for a, b in spec.layer_linears.values()) + spec.expert_params * spec.active_experts
+    return round(spec.num_layers * per_layer) + spec.hidden_size * spec.vocab_size
 
 
 def flops_per_token(spec: ModelSpec, plan: Plan) -> float:

@@ -42,6 +42,11 @@ class ModelSpec:
     layers built."""
     attention_linears: tuple[str, ...] = ()
     """Leaf names of the linears inside a decoder layer's attention block."""
+    expert_params: int = 0
+    """Parameters per decoder layer held as stacked expert weights (3-D tensors, not linears: transformers 5's
+    mixture-of-experts), all experts counted."""
+    active_experts: float = 1.0
+    """The share of those a token runs (``num_experts_per_tok`` over the number of experts)."""
     hub_id: str | None = None
     """The Hugging Face Hub id the config names (``_name_or_path``), for exports to other tools."""
     weights_dir: str | None = None
@@ -165,7 +170,7 @@ def _check_sizes(cfg: dict, path) -> None:
                               "or give head_dim")
 
 
-SPEC_FORMAT = 2
+SPEC_FORMAT = 3
 """Version of the cached spec files (``$MEMTUNE_CACHE/specs``); bump it when ``ModelSpec`` changes."""
 
 
@@ -240,6 +245,10 @@ def _build_spec(name: str, config_json: str) -> ModelSpec:
                 if any(part in ("self_attn", "attention", "attn", "self_attention") for part in path.split(".")):
                     attention.add(leaf)
     linear_shapes = tuple((leaf, i, round(o / len(layers))) for leaf, (i, o) in sorted(shapes.items()))
+    stacked = sum(p.numel() for layer in layers for p in layer.parameters() if p.dim() == 3) // len(layers)
+    text_cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+    experts = text_cfg.get("num_local_experts") or text_cfg.get("num_experts") or 0
+    top_k = text_cfg.get("num_experts_per_tok") or 0
     text = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
     heads = text.num_attention_heads
     return ModelSpec(
@@ -259,6 +268,8 @@ def _build_spec(name: str, config_json: str) -> ModelSpec:
         linear_names=tuple(linear_names),
         linear_shapes=linear_shapes,
         attention_linears=tuple(sorted(attention)),
+        expert_params=int(stacked),
+        active_experts=min(1.0, top_k / experts) if experts and top_k and stacked else 1.0,
         hub_id=cfg.get("_name_or_path") or None,
     )
 
