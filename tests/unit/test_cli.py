@@ -367,11 +367,9 @@ def test_check_reads_the_number_plan_showed(tmp_path):
 def test_a_mixture_of_experts_config_is_estimated(tmp_path):
     """Mixtral: fused expert weights (3-D parameters, not linears) and a router; a full fine-tune and a QLoRA, whose
     k-bit quantization leaves the fused experts in bf16 as bitsandbytes does."""
-    config = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 64,
-              "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "vocab_size": 256, "max_position_embeddings": 512, "num_local_experts": 4, "num_experts_per_tok": 2,
-              "tie_word_embeddings": False}
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    from tests.conftest import TINY_MIXTRAL
+
+    (tmp_path / "config.json").write_text(json.dumps(TINY_MIXTRAL))
     experts = 2 * 4 * 3 * 64 * 128  # layers x experts x (gate, up, down) x hidden x intermediate
     for extra in ([], ["--peft", "lora", "--quantization", "4bit"]):
         r = run("estimate", "--model", str(tmp_path / "config.json"), "--gpu", "H200-141GB", "--seq-len", "64",

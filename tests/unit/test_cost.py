@@ -69,18 +69,10 @@ def test_offload_copies_run_over_the_cards_host_link():
     assert offload_s(spec, plan, resolve_gpu("V100-32GB")) > offload_s(spec, plan, resolve_gpu("H100-80GB"))
 
 
-def test_a_mixture_of_experts_costs_the_experts_a_token_runs(tmp_path):
+def test_a_mixture_of_experts_costs_the_experts_a_token_runs(tiny_mixtral):
     """Mixtral's stacked expert weights count in full for memory (num_params) and at top-k of n for FLOPs."""
-    import json
-
     from memtune.planner.cost import linear_params
-    from memtune.specs import resolve_model
 
-    config = {"model_type": "mixtral", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 256,
-              "tie_word_embeddings": False, "num_local_experts": 4, "num_experts_per_tok": 2}
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    spec = resolve_model(str(tmp_path / "config.json"))
-    assert spec.expert_params == 4 * 3 * 64 * 128 and spec.active_experts == 0.5
+    assert tiny_mixtral.expert_params == 4 * 3 * 64 * 128 and tiny_mixtral.active_experts == 0.5
     attention = 64 * 64 + 2 * 64 * 32 + 64 * 64  # the router is a bare weight (4 x 64), not counted
-    assert linear_params(spec) == 2 * (attention + 2 * 3 * 64 * 128) + 64 * 256
+    assert linear_params(tiny_mixtral) == 2 * (attention + 2 * 3 * 64 * 128) + 64 * 256

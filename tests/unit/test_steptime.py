@@ -181,19 +181,10 @@ def test_a_traced_cost_is_marked_and_keeps_the_closed_forms_communication(tiny):
     assert cost.tokens_per_s == pytest.approx(64 * 2 / cost.step_time_s)
 
 
-def test_a_mixture_of_experts_counts_the_flops_of_the_experts_each_token_runs(tmp_path):
+def test_a_mixture_of_experts_counts_the_flops_of_the_experts_each_token_runs(tiny_mixtral):
     """Mixtral's experts run as grouped matmuls: each token's top-k experts, forward and backward, are matmul FLOPs."""
-    import json
-
-    from memtune.specs import resolve_model
-
-    config = {"model_type": "mixtral", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 256,
-              "tie_word_embeddings": False, "num_local_experts": 4, "num_experts_per_tok": 2}
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    spec = resolve_model(str(tmp_path / "config.json"))
     plan = Plan(seq_len=64, batch_size=2)
-    trace = _trace(spec, plan)
+    trace = _trace(tiny_mixtral, plan)
     tokens, h, i = 128, 64, 128
     forward = [op for op in trace.ops if op.micro_batch == 0 and op.phase == "forward" and op.kind == "mm"]
     attention = 2 * tokens * (h * 64 + 2 * h * 32 + 64 * h)  # q, k, v, o
