@@ -4,7 +4,7 @@
 
 writes ``bench/results/accuracy.jsonl`` (one row per configuration: the plan fields named as the CLI options,
 measured and estimated peak allocated/reserved bytes, versions) and ``bench/results/accuracy.md`` (summary and
-table, also shown in the README). The raw rows come from ``bench/measure.py`` on the GPU; the estimates are
+table, also shown in docs/estimator.md). The raw rows come from ``bench/measure.py`` on the GPU; the estimates are
 computed here, on the CPU, by the shipped estimator. Two simple formula baselines are computed on the same rows
 for comparison: 18 bytes per parameter (full fine-tune with AdamW, as the Hugging Face docs state) and
 4 x the model's size in its dtype (``accelerate estimate-memory`` style).

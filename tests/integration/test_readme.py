@@ -1,5 +1,5 @@
-"""Every command of the README's command blocks runs as written, from the repository's layout, against the shipped
-assets: exit 0, or the exit code its comment promises."""
+"""Every command of the command blocks of the README and docs/ runs as written, from the repository's layout, against
+the shipped assets: exit 0, or the exit code its comment promises."""
 
 import re
 import shlex
@@ -20,7 +20,8 @@ NOT_RUN_HERE = {
 
 
 def readme_commands() -> list[str]:
-    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    blocks = [b for page in pages for b in re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.S)]
     commands = []
     for block in blocks:
         for command in block.replace("\\\n", " ").splitlines():
@@ -33,7 +34,7 @@ def readme_commands() -> list[str]:
 COMMANDS = readme_commands()
 
 
-def test_the_readme_has_commands_to_run():
+def test_the_docs_have_commands_to_run():
     assert sum(c.startswith("memtune ") for c in COMMANDS) >= 10
 
 

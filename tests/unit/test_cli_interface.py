@@ -1,6 +1,6 @@
 """The command line is an interface people script against: its commands, option names, defaults and whether they
 are required are pinned in ``tests/assets/cli_options.json``. A change to them fails here until the file is
-rewritten on purpose (``python -m tests.unit.test_cli_interface``) and the README says the same."""
+rewritten on purpose (``python -m tests.unit.test_cli_interface``) and docs/usage.md says the same."""
 
 import json
 import sys
