@@ -203,3 +203,44 @@ def literal_mismatches(obj) -> list[tuple[str, tuple, object]]:
     """``(field, allowed values, value)`` for each ``Literal``-typed field of dataclass ``obj`` holding another value."""
     return [(name, allowed, getattr(obj, name)) for name, allowed in _literal_fields(type(obj))
             if getattr(obj, name) not in allowed]
+
+
+def describe(plan: Plan) -> str:
+    """A short name for a plan: the kind of fine-tune, checkpointing, the optimizer and precision where they are not
+    the defaults, the sharding where it keeps parameters gathered, and the micro-batch split when it accumulates."""
+    kind = "full fine-tune" if plan.peft == "none" else "LoRA" if plan.quantization == "none" else (
+        "QLoRA 4-bit" if plan.quantization == "4bit" else "LoRA on 8-bit weights")
+    return (kind + {"full": " + checkpointing", "selective": " + selective checkpointing"}.get(plan.checkpointing, "")
+            + {"adamw-8bit": " + 8-bit AdamW", "adamw-fused": " + fused AdamW"}.get(plan.optimizer, "")
+            + (f", {plan.precision}" if plan.precision not in ("bf16", "fp16") else "")
+            + (", no resharding" if plan.sharding == "fsdp-grad-op" else "")
+            + ((", HSDP" if plan.sharding == "hsdp" else ", FSDP across nodes") if plan.nodes > 1 else "")
+            + (", CPU offload" if plan.offload else "")
+            + (", expandable segments" if plan.expandable_segments else "")
+            + (f", packed to {plan.seq_len}" if plan.batching == "packing" else "")
+            + (f" ({plan.batch_size} x {plan.grad_accum})" if plan.grad_accum > 1 else ""))
+
+
+def summarize(plan: Plan) -> str:
+    """Every knob that is not a default, in one line ('bf16, batch 4 x 1152 tokens, 2 accumulated, ...')."""
+    parts = [plan.precision, f"batch {plan.batch_size} x {plan.seq_len} tokens"]
+    if plan.grad_accum > 1:
+        parts.append(f"{plan.grad_accum} accumulated")
+    if plan.sharding != "none":
+        parts.append(f"{plan.sharding} over {plan.world_size} GPUs")
+    if plan.checkpointing != "none":
+        parts.append("activation checkpointing" if plan.checkpointing == "full" else "selective checkpointing")
+    if plan.peft == "lora":
+        parts.append(f"LoRA r={plan.lora_rank} on {','.join(plan.lora_targets)}")
+    if plan.quantization != "none":
+        parts.append(f"{plan.quantization} base weights" + (" (fp32 upcast)" if plan.kbit_upcast else ""))
+    parts.append(plan.optimizer)
+    if plan.offload:
+        parts.append("weights, gradients and optimizer states offloaded to the CPU")
+    if plan.expandable_segments:
+        parts.append("expandable segments")
+    if plan.attention != "sdpa":
+        parts.append(f"{plan.attention} attention")
+    if plan.stack != "memtune":
+        parts.append(f"as the {'Hugging Face Trainer' if plan.stack == 'hf' else plan.stack} runs it")
+    return ", ".join(parts)

@@ -8,32 +8,13 @@ from rich.table import Table
 
 from memtune.estimate.breakdown import MemoryBreakdown
 from memtune.estimate.categories import MemCategory, Phase
+from memtune.plan import summarize
 from memtune.units import fmt_gib, gib
-
-
-def _plan_summary(plan) -> str:
-    parts = [plan.precision, f"batch {plan.batch_size} x {plan.seq_len} tokens"]
-    if plan.sharding != "none":
-        parts.append(f"{plan.sharding} over {plan.world_size} GPUs")
-    if plan.checkpointing != "none":
-        parts.append("activation checkpointing" if plan.checkpointing == "full" else "selective checkpointing")
-    if plan.peft == "lora":
-        parts.append(f"LoRA r={plan.lora_rank} on {','.join(plan.lora_targets)}")
-    if plan.quantization != "none":
-        parts.append(f"{plan.quantization} base weights")
-    parts.append(plan.optimizer)
-    if plan.offload:
-        parts.append("weights, gradients and optimizer states offloaded to the CPU")
-    if plan.expandable_segments:
-        parts.append("expandable segments")
-    if plan.attention != "sdpa":
-        parts.append(f"{plan.attention} attention")
-    return ", ".join(parts)
 
 
 def render_breakdown(console: Console, spec, b: MemoryBreakdown) -> None:
     console.print(f"[bold]{escape(spec.name)}[/] ({spec.num_params / 1e9:.2f} B parameters) on [bold]{b.gpu}[/]: "
-                  f"{escape(_plan_summary(b.plan))}")
+                  f"{escape(summarize(b.plan))}")
     table = Table(title="Peak memory per GPU (GiB)", title_justify="left")
     table.add_column("category")
     for phase in Phase:
@@ -120,7 +101,7 @@ def render_plan(console: Console, spec, gpu, result, *, top: int = 12) -> None:
                       f"max {d['max']}{eff}")
     ref = result.reference
     if ref is not None:
-        console.print(f"{escape(ref.label)}: {escape(_plan_summary(ref.plan))} -> {escape(ref.reason)}{_screened(ref)}")
+        console.print(f"{escape(ref.label)}: {escape(summarize(ref.plan))} -> {escape(ref.reason)}{_screened(ref)}")
     if result.chosen is None:
         console.print("[bold red]no candidate fits[/]: try a shorter --seq-len, a smaller --batch-size or more GPUs")
         return
@@ -165,7 +146,7 @@ def render_models(console: Console, specs) -> None:
 def render_validation(console: Console, spec, record) -> None:
     est = record.estimate
     console.print(f"[bold]{escape(spec.name)}[/] for [bold]{record.gpu}[/] ({record.mode}, on "
-                  f"{escape(record.device_name)}): {escape(_plan_summary(record.plan))}")
+                  f"{escape(record.device_name)}): {escape(summarize(record.plan))}")
     if record.mode == "dry-run":
         rank = record.ranks[0]
         table = Table(title="Traced on fake tensors (GiB per rank)", title_justify="left")

@@ -35,7 +35,7 @@ from rich.markup import escape
 from memtune.errors import ConfigError, MemtuneError
 from memtune.launch.config import RunConfig
 from memtune.launch.loop import STOP_FILE, Job, Outcome
-from memtune.plan import Plan
+from memtune.plan import Plan, summarize
 from memtune.planfile import PlanFile
 
 RUN_JSON = "run.json"
@@ -166,7 +166,7 @@ def launch(plan_file: PlanFile, *, base_dir: str | Path = ".", output_dir: str |
                       device=_device_name(torch, plan))
         if writer:
             _write_record(out, record)
-        console.print(f"[bold]launch[/] {escape(prep.spec.name)}: {escape(_describe(plan))} on "
+        console.print(f"[bold]launch[/] {escape(prep.spec.name)}: {escape(summarize(plan))} on "
                       f"{escape(record['device'])} -> {escape(str(out))}")
         job = Job(model_name=prep.spec.name, model_config=prep.spec.config_json, weights_dir=prep.spec.weights_dir,
                   tokenizer=prep.tokenizer, plan=plan, run=prep.run, output_dir=str(out), attempt=index)
@@ -186,12 +186,12 @@ def launch(plan_file: PlanFile, *, base_dir: str | Path = ".", output_dir: str |
         record["plans_tried"].append({"plan": plan.to_dict(), "outcome": outcome.status, "at_step": outcome.at_step})
         if outcome.status == "oom" and n + 1 < len(queue):
             resume = outcome.saved_step if outcome.saved_step is not None else _latest_step(out)
-            console.print(f"[bold red]out of memory[/] at step {outcome.at_step} with {escape(_describe(plan))}: "
+            console.print(f"[bold red]out of memory[/] at step {outcome.at_step} with {escape(summarize(plan))}: "
                           f"{escape(outcome.message)}")
             console.print(f"restarting from the checkpoint of step {resume} with the next plan: "
-                          f"{escape(_describe(queue[n + 1][1]))}" if resume is not None else
+                          f"{escape(summarize(queue[n + 1][1]))}" if resume is not None else
                           f"no checkpoint yet: restarting from step 0 with the next plan: "
-                          f"{escape(_describe(queue[n + 1][1]))}")
+                          f"{escape(summarize(queue[n + 1][1]))}")
             continue
         break
     status = {"finished": "finished", "interrupted": "interrupted"}.get(outcome.status, "failed")
@@ -304,20 +304,6 @@ def _device_name(torch, plan: Plan) -> str:
         name = torch.cuda.get_device_name(0)
         return name if plan.world_size == 1 else f"{plan.world_size} x {name}"
     return "cpu" if plan.world_size == 1 else f"cpu ({plan.world_size} gloo processes)"
-
-
-def _describe(plan: Plan) -> str:
-    parts = [plan.precision, "LoRA" if plan.peft == "lora" else "full fine-tune"]
-    if plan.quantization != "none":
-        parts.append(plan.quantization)
-    if plan.offload:
-        parts.append("CPU offload")
-    if plan.checkpointing != "none":
-        parts.append(f"{plan.checkpointing} checkpointing")
-    if plan.sharding != "none":
-        parts.append(f"{plan.sharding} x {plan.world_size}")
-    parts += [plan.optimizer, f"batch {plan.batch_size} x {plan.grad_accum}", f"seq {plan.seq_len}"]
-    return ", ".join(parts)
 
 
 def _latest_step(out: Path) -> int | None:

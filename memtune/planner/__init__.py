@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from memtune.errors import InvalidPlanError
 from memtune.estimate import MemoryBreakdown, estimate
 from memtune.estimate.screen import screen, screen_band
-from memtune.plan import Plan
+from memtune.plan import Plan, describe
 from memtune.planner import measured, steptime
 from memtune.planner.cost import NETWORK_GBS, CostEstimate, step_cost
 from memtune.specs.gpu import GpuSpec
@@ -394,22 +394,6 @@ def _trace_cost(spec: ModelSpec, gpu: GpuSpec, candidates: list[Candidate], i: i
     traced = steptime.estimated_cost(spec, c.plan, gpu, padding_efficiency=efficiency, mean_seq_len=mean_seq_len,
                                      network_gbs=network_gbs)
     candidates[i] = dataclasses.replace(c, breakdown=breakdown, reason=_reason(breakdown), cost=traced)
-
-
-def describe(plan: Plan) -> str:
-    """A short name for a plan: the kind of fine-tune, checkpointing, the optimizer and precision where they are not
-    the defaults, the sharding where it keeps parameters gathered, and the micro-batch split when it accumulates."""
-    kind = "full fine-tune" if plan.peft == "none" else "LoRA" if plan.quantization == "none" else (
-        "QLoRA 4-bit" if plan.quantization == "4bit" else "LoRA on 8-bit weights")
-    return (kind + {"full": " + checkpointing", "selective": " + selective checkpointing"}.get(plan.checkpointing, "")
-            + {"adamw-8bit": " + 8-bit AdamW", "adamw-fused": " + fused AdamW"}.get(plan.optimizer, "")
-            + (f", {plan.precision}" if plan.precision not in ("bf16", "fp16") else "")
-            + (", no resharding" if plan.sharding == "fsdp-grad-op" else "")
-            + ((", HSDP" if plan.sharding == "hsdp" else ", FSDP across nodes") if plan.nodes > 1 else "")
-            + (", CPU offload" if plan.offload else "")
-            + (", expandable segments" if plan.expandable_segments else "")
-            + (f", packed to {plan.seq_len}" if plan.batching == "packing" else "")
-            + (f" ({plan.batch_size} x {plan.grad_accum})" if plan.grad_accum > 1 else ""))
 
 
 def _scaled(b: MemoryBreakdown, ratio: float) -> MemoryBreakdown:

@@ -83,17 +83,17 @@ def _rate(value) -> str:
 
 def plan_summary(plan: dict | None) -> str:
     """One line for a plan, in the words of ``memtune estimate`` (the same function writes both)."""
-    from memtune.render import _plan_summary
+    from memtune.plan import summarize
 
     p = data.plan_of(plan)
     if p is not None:
-        return _plan_summary(p)
+        return summarize(p)
     return json.dumps(plan) if plan is not None else "-"
 
 
 def plan_label(plan: dict | None) -> str:
     """The planner's short name for a plan ('full fine-tune + checkpointing')."""
-    from memtune.planner import describe
+    from memtune.plan import describe
 
     p = data.plan_of(plan)
     return describe(p) if p is not None else "-"
