@@ -7,7 +7,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from memtune.estimate.breakdown import MemoryBreakdown
-from memtune.estimate.categories import MemCategory, Phase
+from memtune.estimate.categories import MemCategory, Phase, Verdict
 from memtune.plan import summarize
 from memtune.units import fmt_gib, gib
 
@@ -42,7 +42,7 @@ def render_breakdown(console: Console, spec, b: MemoryBreakdown) -> None:
                   f" ({fmt_gib(b.device_usable_bytes)} minus a {fmt_gib(b.margin_bytes)} margin)")
     if b.fits:
         console.print(f"[bold green]fits[/] with {fmt_gib(b.headroom_bytes)} to spare")
-    elif b.verdict == "borderline":
+    elif b.verdict == Verdict.BORDERLINE:
         console.print(f"[bold yellow]borderline[/]: {b.verdict_reason} (`memtune validate --emulate-gpu {b.gpu}`)")
     else:
         console.print(f"[bold red]does not fit[/]: {fmt_gib(-b.headroom_bytes)} over")
@@ -58,7 +58,7 @@ def render_plan(console: Console, spec, gpu, result, *, top: int = 12) -> None:
     for col, just in (("candidate", "left"), ("batch x acc", "right"), ("needs GiB", "right"),
                       ("headroom", "right"), ("tokens/s", "right"), ("verdict", "left"), ("by", "left")):
         table.add_column(col, justify=just, no_wrap=col != "candidate")
-    styles = {"fits": "green", "borderline": "yellow", "does not fit": "red"}
+    styles = {Verdict.FITS: "green", Verdict.BORDERLINE: "yellow", Verdict.DOES_NOT_FIT: "red"}
     ranked = [c for c in result.ranked() if c.breakdown]
     fitting = [c for c in ranked if c.fits]
     shown = fitting[:top] if fitting else sorted(ranked, key=lambda c: c.breakdown.required_bytes)[:top]

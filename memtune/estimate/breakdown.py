@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memtune.estimate.categories import MemCategory, Phase
+from memtune.estimate.categories import MemCategory, Phase, Verdict
 from memtune.plan import Plan
 
 
@@ -27,7 +27,7 @@ class MemoryBreakdown:
     """The GPU's memory as the driver reports it."""
     margin_bytes: int
     """Safety margin kept free for the ``fits`` verdict."""
-    verdict: str
+    verdict: Verdict
     """``fits``: the pool fits the card with the safety margin to spare, with no pressure on the allocator.
     ``borderline``: it fits only once the allocator releases its cache under pressure (where fragmentation is the
     least predictable), or only without the margin - validate it. ``does not fit``: out of memory even so."""
@@ -62,7 +62,7 @@ class MemoryBreakdown:
 
     @property
     def fits(self) -> bool:
-        return self.verdict == "fits"
+        return self.verdict == Verdict.FITS
 
     @property
     def required_bytes(self) -> int:

@@ -36,3 +36,14 @@ class Phase(StrEnum):
 
 # Categories that make up PyTorch's peak *allocated* bytes (the rest are reserved or outside the pool).
 ALLOCATED_CATEGORIES = tuple(c for c in MemCategory if c not in (MemCategory.ALLOCATOR_CACHE, MemCategory.RUNTIME))
+
+
+class Verdict(StrEnum):
+    """Whether a plan's step fits the card (``MemoryBreakdown.verdict``)."""
+
+    FITS = "fits"
+    """The allocator's pool fits with the safety margin to spare, with no pressure on the allocator."""
+    BORDERLINE = "borderline"
+    """It fits only once the allocator releases its cache under pressure, or only without the margin."""
+    DOES_NOT_FIT = "does not fit"
+    """Out of memory even after the allocator releases its cache."""

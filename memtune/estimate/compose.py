@@ -26,7 +26,7 @@ from pathlib import Path
 from memtune.errors import InvalidPlanError
 from memtune.estimate import overhead
 from memtune.estimate.breakdown import MemoryBreakdown
-from memtune.estimate.categories import MemCategory, Phase
+from memtune.estimate.categories import MemCategory, Phase, Verdict
 from memtune.estimate.trace import OpRecord, PhasePeak, TraceResult
 from memtune.plan import Plan
 from memtune.specs.gpu import GpuSpec
@@ -137,17 +137,17 @@ def _verdict(trace: TraceResult | None, reserved: int, capacity: int, margin: in
         return round(outcome.peak_reserved * scale) if outcome.fits else None
 
     if reserved <= capacity - margin:
-        return "fits", "the allocator's pool fits with the safety margin to spare", reserved
+        return Verdict.FITS, "the allocator's pool fits with the safety margin to spare", reserved
     squeezed = replayed(capacity - margin)
     if squeezed is not None and expandable:
-        return ("fits", "fits with the safety margin once the allocator unmaps free pages (expandable segments "
+        return (Verdict.FITS, "fits with the safety margin once the allocator unmaps free pages (expandable segments "
                 "strand no memory to fragmentation)", squeezed)
     if squeezed is not None:
-        return ("borderline", "fits only once the allocator releases its cache under memory pressure, where "
+        return (Verdict.BORDERLINE, "fits only once the allocator releases its cache under memory pressure, where "
                 "fragmentation is least predictable: validate it on the card", squeezed)
     if reserved <= capacity or replayed(capacity) is not None:
-        return "borderline", "fits only without the safety margin: validate it on the card", None
-    return "does not fit", "out of memory even after the allocator releases its cache", None
+        return Verdict.BORDERLINE, "fits only without the safety margin: validate it on the card", None
+    return Verdict.DOES_NOT_FIT, "out of memory even after the allocator releases its cache", None
 
 
 @functools.lru_cache(maxsize=256)

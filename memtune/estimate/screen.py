@@ -41,6 +41,7 @@ import math
 
 from memtune.estimate.breakdown import MemoryBreakdown
 from memtune.estimate.categories import MemCategory as C
+from memtune.estimate.categories import Verdict
 from memtune.estimate.categories import Phase
 from memtune.estimate.overhead import cublas_workspace_bytes, runtime_overhead_bytes
 from memtune.plan import Plan
@@ -252,7 +253,7 @@ def screen(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, margin: float = 0.02) -
     margin_bytes = int(gpu.memory_bytes * margin)
     usable = gpu.memory_bytes - margin_bytes
     need = reserved + overhead
-    verdict = "fits" if need <= usable else "does not fit"
+    verdict = Verdict.FITS if need <= usable else Verdict.DOES_NOT_FIT
     return MemoryBreakdown(model=spec.name, gpu=gpu.name, plan=plan, phases=phases, peak_reserved_bytes=reserved,
                            gpu_reserved_bytes=reserved if need <= gpu.memory_bytes else None,
                            runtime_overhead_bytes=overhead, device_usable_bytes=gpu.memory_bytes,

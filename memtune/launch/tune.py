@@ -26,6 +26,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from memtune.errors import ConfigError, PlanDoesNotFitError
+from memtune.estimate.categories import Verdict
 from memtune.launch.config import RunConfig
 from memtune.planfile import PlanFile, model_beside, read_table_file, write_plan_file
 
@@ -172,7 +173,7 @@ def tune(*, model: str, gpu: str, run: RunConfig, output_dir: Path, num_gpus: in
     for i, candidate in enumerate(shortlist):
         record = validate_plan(spec, candidate.plan, gpu_spec, steps=validate_steps, emulate=emulate,
                                out_dir=output_dir / "validation" / str(i), random_init=run.random_init)
-        passed = not record.oom and (record.mode != "dry-run" or record.estimate.verdict != "does not fit")
+        passed = not record.oom and (record.mode != "dry-run" or record.estimate.verdict != Verdict.DOES_NOT_FIT)
         console.print(f"  {'[green]ok[/]' if passed else '[red]no[/]'}  {escape(candidate.label)}: "
                       f"{escape(record.verdict)}")
         trial = Trial(candidate=candidate, record=record, passed=passed)

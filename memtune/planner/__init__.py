@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from memtune.errors import InvalidPlanError
 from memtune.estimate import MemoryBreakdown, estimate
+from memtune.estimate.categories import Verdict
 from memtune.estimate.screen import screen, screen_band
 from memtune.plan import Plan, describe
 from memtune.planner import measured, steptime
@@ -399,7 +400,7 @@ def _trace_cost(spec: ModelSpec, gpu: GpuSpec, candidates: list[Candidate], i: i
 def _scaled(b: MemoryBreakdown, ratio: float) -> MemoryBreakdown:
     """A screen corrected by the trace/screen ratio of a traced twin: it no longer fits."""
     return dataclasses.replace(b, peak_reserved_bytes=round(b.peak_reserved_bytes * ratio), gpu_reserved_bytes=None,
-                               verdict="does not fit",
+                               verdict=Verdict.DOES_NOT_FIT,
                                verdict_reason="screen corrected by the trace of the same plan with AdamW")
 
 
@@ -453,4 +454,4 @@ def _reason(b: MemoryBreakdown) -> str:
 
     usable = b.usable_bytes
     text = f"{b.verdict}: needs {fmt_gib(b.required_bytes)} of {fmt_gib(usable)} usable"
-    return text if b.verdict != "borderline" else f"{text} ({b.verdict_reason})"
+    return text if b.verdict != Verdict.BORDERLINE else f"{text} ({b.verdict_reason})"

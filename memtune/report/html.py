@@ -20,11 +20,13 @@ import pandas as pd
 
 from memtune import __version__
 from memtune.errors import MemtuneError
-from memtune.estimate.categories import Phase
+from memtune.estimate.categories import Phase, Verdict
 from memtune.report import data, figures
 from memtune.units import GiB, fmt_gib
 
-VERDICT_CLASS = {"fits": "ok", "borderline": "warn", "does not fit": "bad", "cannot run": "bad"}
+VERDICT_CLASS = {Verdict.FITS: "ok", Verdict.BORDERLINE: "warn", Verdict.DOES_NOT_FIT: "bad", "cannot run": "bad"}
+BAD_OUTCOMES = ("does not fit", "cannot run", "out of memory", "failed")
+"""Texts of the report's verdict cells that are a failure (a validation's "does not fit on L4-24GB", an OOM)."""
 
 
 @dataclass
@@ -107,7 +109,7 @@ def plan_line(plan) -> str:
 
 
 def verdict_class(verdict: str) -> str:
-    return VERDICT_CLASS.get(verdict, "bad" if "not" in verdict or "out of memory" in verdict else "ok")
+    return VERDICT_CLASS.get(verdict) or ("bad" if str(verdict).startswith(BAD_OUTCOMES) else "ok")
 
 
 # --- sections ----------------------------------------------------------------------------------------------------
@@ -135,9 +137,9 @@ def _model_facts(name: str) -> list[tuple[str, str]]:
 
 def _estimate_verdict(est: dict) -> tuple[str, str]:
     """(class, sentence) of an estimate's verdict, worded as ``memtune estimate`` words it."""
-    if est["verdict"] == "fits":
+    if est["verdict"] == Verdict.FITS:
         return "ok", f"fits with {fmt_gib(est['headroom_bytes'])} to spare"
-    if est["verdict"] == "borderline":
+    if est["verdict"] == Verdict.BORDERLINE:
         return "warn", (f"borderline: {est['verdict_reason']} "
                         f"(`memtune validate --emulate-gpu {est['gpu']}`)")
     return "bad", f"does not fit: {fmt_gib(-est['headroom_bytes'])} over"

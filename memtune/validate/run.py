@@ -23,6 +23,7 @@ from pathlib import Path
 
 from memtune.errors import ConfigError, RunFailedError
 from memtune.estimate import MemoryBreakdown, Phase, estimate, overhead, sdpa_backend
+from memtune.estimate.categories import Verdict
 from memtune.plan import Plan
 from memtune.specs.gpu import GpuSpec
 from memtune.specs.model import ModelSpec
@@ -78,8 +79,8 @@ class ValidationRecord:
     def verdict(self) -> str:
         if self.mode == "dry-run":
             return "dry run: the plan builds and runs; no GPU memory was measured"
-        said = {"fits": "the estimate said it fits", "borderline": "the estimate called it borderline",
-                "does not fit": "the estimate said it does not fit"}[self.estimate.verdict]
+        said = {Verdict.FITS: "the estimate said it fits", Verdict.BORDERLINE: "the estimate called it borderline",
+                Verdict.DOES_NOT_FIT: "the estimate said it does not fit"}[self.estimate.verdict]
         if self.oom:
             high = self.measured_peak_reserved_bytes or 0
             return f"does not fit on {self.gpu}: out of memory at {high / 2**30:.2f} GiB reserved ({said})"
@@ -94,7 +95,7 @@ class ValidationRecord:
             return True
         if self.oom:
             return not self.estimate.fits
-        fit_agrees = self.estimate.verdict != "does not fit" or self.mode != "emulated"
+        fit_agrees = self.estimate.verdict != Verdict.DOES_NOT_FIT or self.mode != "emulated"
         return abs(self.error) <= self.tolerance and fit_agrees
 
     def to_json(self) -> dict:

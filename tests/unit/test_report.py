@@ -352,3 +352,11 @@ def test_validate_command_reproduces_every_knob():
     import tomllib
 
     assert tomllib.loads(text)["plan"]["lora_targets"] == ["q_proj", "k_proj"]
+
+
+@pytest.mark.parametrize(("text", "css"), [("fits", "ok"), ("borderline", "warn"), ("does not fit", "bad"),
+                                          ("does not fit on L4-24GB", "bad"), ("cannot run: no bf16", "bad"),
+                                          ("out of memory at step 3", "bad"),
+                                          ("fits here (the estimate said it does not fit)", "ok")])
+def test_a_verdict_cell_is_classed_by_what_it_says_not_by_a_word_in_it(text, css):
+    assert html.verdict_class(text) == css
