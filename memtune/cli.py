@@ -349,54 +349,21 @@ def plan(
 
     Exit code 0: a plan fits; 1: none fits (the closest miss is shown); 2: bad input.
     """
-    from memtune.planner import plan_candidates
-    from memtune.planner.export import EXPORTERS, expressible
+    from memtune.planner.request import SearchRequest
     from memtune.specs import resolve_gpu, resolve_model
 
-    if export is not None and export not in EXPORTERS:
-        raise ConfigError(f"--export must be {', '.join(EXPORTERS)}, not {export!r}")
     gpu_spec = resolve_gpu(gpu)
     spec = resolve_model(model)
-    data = lengths = None
-    if dataset:
-        from memtune.data import load_lengths
-
-        lengths = load_lengths(dataset, text_field=text_field, length_field=length_field, tokenizer=tokenizer,
-                               extra_tokens=prompt_tokens)
-        data = lengths.to_json()
-        if batching != "packing":
-            data["padding_efficiency"] = lengths.padded(batch_size)[1]
-    if network_gbs <= 0:
-        raise ConfigError("--network-gbs must be positive")
-    if batching not in (None, "padding", "packing"):
-        raise ConfigError(f"--batching must be padding or packing, not {batching!r}")
-    targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip()) if lora_targets is not None else None
-    if targets:
-        from memtune.specs.model import resolve_lora_targets
-
-        targets = resolve_lora_targets(targets, spec)
-    fixed = {k: v for k, v in {"precision": precision, "checkpointing": checkpointing, "peft": peft,
-                                "quantization": quantization, "optimizer": optimizer, "attention": attention,
-                                "grad_accum": grad_accum, "sharding": sharding, "offload": offload,
-                                "expandable_segments": expandable_segments, "lora_rank": lora_rank,
-                                "kbit_upcast": kbit_upcast, "stack": "hf" if export == "hf" else stack,
-                                "lora_targets": targets}.items() if v is not None}
-    if fixed:
-        from memtune.plan import Plan
-        from memtune.planner import with_fixed
-
-        with_fixed(Plan(), fixed)  # an unknown value or impossible combination is bad input, not a failed candidate
-        if "lora_targets" in fixed:
-            Plan(peft="lora", lora_targets=fixed["lora_targets"], seq_len=1).check_model(spec)
-    if global_tokens is not None:
-        if global_batch is not None:
-            raise ConfigError("give --global-batch (sequences) or --global-tokens, not both")
-        global_batch = max(1, round(global_tokens / seq_len))
+    request = SearchRequest.from_options(
+        spec, num_gpus=num_gpus, nodes=nodes, batch_size=batch_size, seq_len=seq_len, batching=batching,
+        global_batch=global_batch, global_tokens=global_tokens, network_gbs=network_gbs, export=export,
+        dataset=dataset, text_field=text_field, length_field=length_field, tokenizer=tokenizer,
+        prompt_tokens=prompt_tokens, lora_targets=lora_targets, precision=precision, checkpointing=checkpointing,
+        peft=peft, quantization=quantization, optimizer=optimizer, attention=attention, grad_accum=grad_accum,
+        sharding=sharding, offload=offload, expandable_segments=expandable_segments, lora_rank=lora_rank,
+        kbit_upcast=kbit_upcast, stack=None if stack == "memtune" else stack)
     with _working(f"searching the plans for {spec.name} on {gpu_spec.name}"):
-        result = plan_candidates(spec, gpu_spec, num_gpus=num_gpus, nodes=nodes, batch_size=batch_size,
-                                 seq_len=seq_len, batching=batching, data=data, fixed=fixed,
-                                 global_batch=global_batch, lengths=lengths, network_gbs=network_gbs,
-                                 runs_with=expressible(export) if export else None)
+        result = request.search(spec, gpu_spec)
     if result.chosen is None and all(c.breakdown is None for c in result.candidates):
         first = result.candidates[0].reason.split(";")[0] if result.candidates else "no candidates"
         raise ConfigError(f"no plan can run under the options given{' with ' + export if export else ''} "

@@ -89,3 +89,17 @@ def test_the_screen_band_is_measured_per_class_of_plans():
     for r in rows:
         u, o = bands[r["class"]]
         assert -u - 1e-4 <= r["error"] <= o + 1e-4  # the bands are rounded to 4 decimals
+
+
+def test_a_search_request_is_checked_in_one_place(tiny):
+    from memtune.errors import ConfigError, InvalidPlanError
+    from memtune.planner.request import SearchRequest
+
+    r = SearchRequest.from_options(tiny, seq_len=64, global_tokens=640, peft="none", lora_targets=None,
+                                   export="hf", checkpointing=None)
+    assert r.global_batch == 10 and r.fixed == {"peft": "none", "stack": "hf"}
+    for options, error in [({"export": "keras"}, ConfigError), ({"network_gbs": 0}, ConfigError),
+                           ({"batching": "bucketed"}, ConfigError), ({"global_batch": 8, "global_tokens": 64}, ConfigError),
+                           ({"precision": "fp8"}, InvalidPlanError), ({"lora_targets": "nope"}, InvalidPlanError)]:
+        with pytest.raises(error):
+            SearchRequest.from_options(tiny, seq_len=64, **options)

@@ -1,0 +1,94 @@
+"""SearchRequest: what a plan search is asked, checked in one place before anything is estimated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from memtune.errors import ConfigError
+from memtune.plan import Plan
+from memtune.specs.gpu import GpuSpec
+from memtune.specs.model import ModelSpec, resolve_lora_targets
+
+FIXABLE = ("precision", "checkpointing", "peft", "quantization", "optimizer", "attention", "grad_accum", "sharding",
+           "offload", "expandable_segments", "lora_rank", "kbit_upcast", "stack", "lora_targets")
+"""Plan fields a search can fix for every candidate."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchRequest:
+    num_gpus: int = 1
+    nodes: int = 1
+    batch_size: int = 1
+    seq_len: int = 2048
+    batching: str | None = None
+    """padding or packing; None searches padding (and packing too when there is a dataset)."""
+    global_batch: int | None = None
+    """Sequences per optimizer step over all GPUs: every micro-batch x accumulation split is searched."""
+    fixed: dict = field(default_factory=dict)
+    """Plan fields fixed for every candidate (``FIXABLE``)."""
+    network_gbs: float = 25.0
+    lengths: object = None
+    """``memtune.data.LengthStats`` of the dataset, when there is one."""
+    export: str | None = None
+    """Search only what this tool can run (``memtune.planner.export.EXPORTERS``)."""
+
+    @classmethod
+    def from_options(cls, spec: ModelSpec, *, global_tokens: int | None = None, lora_targets: str | None = None,
+                     dataset: str | None = None, text_field: str = "text", length_field: str | None = None,
+                     tokenizer: str | None = None, prompt_tokens: int = 0, **options) -> SearchRequest:
+        """A request from command-line values (None: not given). Raises ConfigError for any that cannot be used:
+        an unknown export, a non-positive bandwidth, both global sizes, a fixed knob that is not a plan's, LoRA
+        targets the model does not have."""
+        from memtune.planner import with_fixed
+        from memtune.planner.export import EXPORTERS
+
+        fixed = {k: options.pop(k) for k in FIXABLE if k in options and options[k] is not None}
+        for k in FIXABLE:
+            options.pop(k, None)
+        export = options.get("export")
+        if export is not None and export not in EXPORTERS:
+            raise ConfigError(f"--export must be {', '.join(EXPORTERS)}, not {export!r}")
+        if export == "hf":
+            fixed["stack"] = "hf"  # the estimate of what the Trainer runs
+        if options.get("network_gbs", 25.0) <= 0:
+            raise ConfigError("--network-gbs must be positive")
+        if options.get("batching") not in (None, "padding", "packing"):
+            raise ConfigError(f"--batching must be padding or packing, not {options['batching']!r}")
+        if lora_targets is not None:
+            targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
+            fixed["lora_targets"] = resolve_lora_targets(targets, spec)
+        if fixed:
+            with_fixed(Plan(), fixed)  # an unknown value or impossible combination is bad input
+            if "lora_targets" in fixed:
+                Plan(peft="lora", lora_targets=fixed["lora_targets"], seq_len=1).check_model(spec)
+        if global_tokens is not None:
+            if options.get("global_batch") is not None:
+                raise ConfigError("give --global-batch (sequences) or --global-tokens, not both")
+            options["global_batch"] = max(1, round(global_tokens / options.get("seq_len", 2048)))
+        lengths = None
+        if dataset:
+            from memtune.data import load_lengths
+
+            lengths = load_lengths(dataset, text_field=text_field, length_field=length_field, tokenizer=tokenizer,
+                                   extra_tokens=prompt_tokens)
+        return cls(fixed=fixed, lengths=lengths, **options)
+
+    @property
+    def data(self) -> dict | None:
+        """The dataset's length statistics as the plan result records them."""
+        if self.lengths is None:
+            return None
+        data = self.lengths.to_json()
+        if self.batching != "packing":
+            data["padding_efficiency"] = self.lengths.padded(self.batch_size)[1]
+        return data
+
+    def search(self, spec: ModelSpec, gpu: GpuSpec):
+        """``memtune.planner.plan_candidates`` for this request: the ``PlanResult``."""
+        from memtune.planner import plan_candidates
+        from memtune.planner.export import expressible
+
+        return plan_candidates(spec, gpu, num_gpus=self.num_gpus, nodes=self.nodes, batch_size=self.batch_size,
+                               seq_len=self.seq_len, batching=self.batching, data=self.data, fixed=dict(self.fixed),
+                               global_batch=self.global_batch, lengths=self.lengths, network_gbs=self.network_gbs,
+                               runs_with=expressible(self.export) if self.export else None)
