@@ -85,20 +85,20 @@ def model_beside(path: Path, model: str) -> str:
 
 
 def write_plan_file(path: str | Path, plan_file: PlanFile) -> None:
-    lines = [f"model = {_toml(plan_file.model)}", f"gpu = {_toml(plan_file.gpu)}", "", "[plan]"]
-    lines += [f"{k} = {_toml(v)}" for k, v in plan_file.plan.to_dict().items()]
+    lines = [f"model = {toml_value(plan_file.model)}", f"gpu = {toml_value(plan_file.gpu)}", "", "[plan]"]
+    lines += [f"{k} = {toml_value(v)}" for k, v in plan_file.plan.to_dict().items()]
     for fallback in plan_file.fallbacks:
-        lines += ["", "[[fallback]]"] + [f"{k} = {_toml(v)}" for k, v in fallback.to_dict().items()]
+        lines += ["", "[[fallback]]"] + [f"{k} = {toml_value(v)}" for k, v in fallback.to_dict().items()]
     if plan_file.run is not None:
-        lines += ["", "[run]"] + [f"{k} = {_toml(v)}" for k, v in plan_file.run.to_dict().items() if v is not None]
+        lines += ["", "[run]"] + [f"{k} = {toml_value(v)}" for k, v in plan_file.run.to_dict().items() if v is not None]
     Path(path).write_text("\n".join(lines) + "\n")
 
 
-def _toml(value) -> str:
+def toml_value(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     return json.dumps(str(value))  # a JSON string is a valid TOML basic string

@@ -409,10 +409,10 @@ def cuda_workspace_bytes(func, args) -> int:
 
 def _owners(tracker: _Tracker, model) -> None:
     """Which decoder layer each weight's storage belongs to."""
-    from memtune.specs.model import _decoder_layers
+    from memtune.specs.model import decoder_layers
 
     shared = set()
-    for i, layer in enumerate(_decoder_layers(model)):
+    for i, layer in enumerate(decoder_layers(model)):
         for t in [*layer.parameters(), *layer.buffers()]:  # buffers: k-bit weights' quantization constants
             key = id(_local(t).untyped_storage())
             if tracker.owners.setdefault(key, i) != i:
@@ -423,9 +423,9 @@ def _owners(tracker: _Tracker, model) -> None:
 
 def _segment_hooks(tracker: _Tracker, model) -> None:
     """Mark where each decoder layer's forward and backward start, so peaks are kept per layer position."""
-    from memtune.specs.model import _decoder_layers
+    from memtune.specs.model import decoder_layers
 
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     last = len(layers) - 1
 
     def name(i: int) -> str:

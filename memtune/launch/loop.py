@@ -101,7 +101,7 @@ class Trainer:
     def setup(self) -> None:
         from rich.console import Console
 
-        from memtune.specs.model import _spec_from_config
+        from memtune.specs.model import spec_from_config
         from memtune.train import data as train_data
         from memtune.train import recipe
 
@@ -109,7 +109,7 @@ class Trainer:
         recipe.use_plan_allocator(self.plan, self.device)
         torch.manual_seed(self.run.seed)
         random.seed(self.run.seed)
-        spec = dataclasses.replace(_spec_from_config(self.job.model_name, self.job.model_config),
+        spec = dataclasses.replace(spec_from_config(self.job.model_name, self.job.model_config),
                                    weights_dir=self.job.weights_dir)
         self.spec = spec
         self.tokenizer = train_data.load_tokenizer(self.job.tokenizer, vocab_size=spec.vocab_size)

@@ -100,7 +100,7 @@ def _prepare(plan_file: PlanFile, base_dir: Path, output_dir: str | Path | None,
              fallback: bool, torchrun: Torchrun) -> _Prepared:
     """Every check of the input that can fail before a GPU is touched (each a ConfigError with what to do)."""
     from memtune.specs import resolve_gpu, resolve_model
-    from memtune.specs.model import _find_config
+    from memtune.specs.model import find_config
     from memtune.train import data as train_data
 
     if plan_file.run is None:
@@ -122,7 +122,7 @@ def _prepare(plan_file: PlanFile, base_dir: Path, output_dir: str | Path | None,
     if not run.random_init and spec.weights_dir is None:
         raise ConfigError(f"{model} has no weights here (no *.safetensors next to its config.json): point model at a "
                           "model folder or a cached Hub id with weights, or set random_init = true in [run]")
-    tokenizer = run.tokenizer or str(_find_config(model).parent)
+    tokenizer = run.tokenizer or str(find_config(model).parent)
     train_data.load_tokenizer(tokenizer, vocab_size=spec.vocab_size)
     train_data.check_columns(run)
     out = output_dir or run.output_dir

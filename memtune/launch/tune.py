@@ -115,7 +115,7 @@ def tune(*, model: str, gpu: str, run: RunConfig, output_dir: Path, num_gpus: in
     from memtune.plan import Plan
     from memtune.planner import measured, plan_candidates, steptime
     from memtune.specs import resolve_gpu, resolve_model
-    from memtune.specs.model import _find_config
+    from memtune.specs.model import find_config
     from memtune.validate.run import validate_plan
 
     console = console or Console(highlight=False)
@@ -124,7 +124,7 @@ def tune(*, model: str, gpu: str, run: RunConfig, output_dir: Path, num_gpus: in
     spec, gpu_spec = resolve_model(model), resolve_gpu(gpu)
     if fixed:
         Plan(**fixed)  # a bad value is bad input, not a candidate that fails
-    tokenizer = run.tokenizer or str(_find_config(model).parent)
+    tokenizer = run.tokenizer or str(find_config(model).parent)
     context = spec.max_position_embeddings or 1 << 20
     lengths = data_lengths(run, tokenizer, vocab_size=spec.vocab_size, max_len=1 << 30)
     data = lengths.to_json()

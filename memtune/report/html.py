@@ -374,12 +374,12 @@ def validate_command(model: str, gpu: str, plan: dict, *, mode: str = "emulated"
 
 def plan_file_text(model: str, gpu: str, plan: dict) -> str:
     """The plan file (``memtune plan --out``) for the plan: ``validate --plan-file`` and ``check`` read it."""
-    from memtune.planfile import _toml
+    from memtune.planfile import toml_value
 
     p = data.plan_of(plan)
     items = p.to_dict().items() if p is not None else plan.items()
-    return "\n".join([f"model = {_toml(model)}", f"gpu = {_toml(gpu)}", "", "[plan]",
-                      *(f"{k} = {_toml(v)}" for k, v in items)]) + "\n"
+    return "\n".join([f"model = {toml_value(model)}", f"gpu = {toml_value(gpu)}", "", "[plan]",
+                      *(f"{k} = {toml_value(v)}" for k, v in items)]) + "\n"
 
 
 def _reproduce(sources: data.Sources) -> list[dict]:

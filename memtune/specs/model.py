@@ -97,7 +97,7 @@ def known_models() -> list[str]:
     return sorted(p.parent.name for p in root.glob("*/config.json"))
 
 
-def _find_config(model: str) -> Path:
+def find_config(model: str) -> Path:
     profile = profiles_dir() / "models" / model.lower() / "config.json"
     if profile.is_file():
         return profile
@@ -127,7 +127,7 @@ def resolve_model(model: str) -> ModelSpec:
         UnknownModelError: nothing found under that name.
         ConfigError: the config is not valid JSON or is not a causal language model transformers can build.
     """
-    path = _find_config(model)
+    path = find_config(model)
     try:
         cfg = json.loads(path.read_text())
     except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
@@ -135,7 +135,7 @@ def resolve_model(model: str) -> ModelSpec:
     if not isinstance(cfg, dict) or "model_type" not in cfg:
         raise ConfigError(f"{path} has no 'model_type'; pass a Hugging Face config.json")
     _check_sizes(cfg, path)
-    spec = _spec_from_config(model, json.dumps(cfg, sort_keys=True))
+    spec = spec_from_config(model, json.dumps(cfg, sort_keys=True))
     folder = path.parent
     if any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin")):
         spec = dataclasses.replace(spec, weights_dir=str(folder))
@@ -175,7 +175,7 @@ SPEC_FORMAT = 3
 
 
 @functools.lru_cache(maxsize=64)
-def _spec_from_config(name: str, config_json: str) -> ModelSpec:
+def spec_from_config(name: str, config_json: str) -> ModelSpec:
     """The spec of a config: from the cache on disk (keyed by the config and the transformers version, which
     builds the model), else counted on the meta device (``_build_spec``) and stored there."""
     import hashlib
@@ -232,7 +232,7 @@ def _build_spec(name: str, config_json: str) -> ModelSpec:
     if deep:
         per_period = num_params - sum(p.numel() for p in shorter.parameters())
         num_params += (depth // period - 2) * per_period
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in layers[0].named_modules() if isinstance(m, nn.Linear)})
     shapes: dict[str, list[int]] = {}
     attention = set()
@@ -274,7 +274,7 @@ def _build_spec(name: str, config_json: str) -> ModelSpec:
     )
 
 
-def _decoder_layers(model):
+def decoder_layers(model):
     """The ``nn.ModuleList`` of decoder layers (the model's ``_no_split_modules`` blocks)."""
     from torch import nn
 

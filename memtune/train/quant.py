@@ -119,10 +119,10 @@ class EmulatedKbitLinear(nn.Linear):
 
 def quantize_decoder_linears(model: nn.Module, plan, *, emulate: bool) -> None:
     """Replace every ``nn.Linear`` of the decoder layers (not the lm_head) by its k-bit version, in place."""
-    from memtune.specs.model import _decoder_layers
+    from memtune.specs.model import decoder_layers
 
     bits = 4 if plan.quantization == "4bit" else 8
-    for layer in _decoder_layers(model):
+    for layer in decoder_layers(model):
         for parent in list(layer.modules()):
             for child_name, child in list(parent.named_children()):
                 if type(child) is nn.Linear:

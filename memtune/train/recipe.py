@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
 from memtune.plan import Plan
-from memtune.specs.model import ModelSpec, _decoder_layers
+from memtune.specs.model import ModelSpec, decoder_layers
 from memtune.train import quant
 
 PHASES = ("forward", "backward", "optimizer_step")
@@ -72,7 +72,7 @@ def build_model(spec: ModelSpec, plan: Plan, *, device: str | torch.device, num_
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if plan.peft == "lora":
         model = _add_lora(model, plan)
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     if plan.checkpointing != "none" and plan.stack == "hf":
         hf_checkpointing(model)
     elif plan.checkpointing != "none":

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from memtune.plan import Plan
-from memtune.specs.model import _spec_from_config
+from memtune.specs.model import spec_from_config
 from memtune.train.distributed import init_worker
 from memtune.validate.probe import measure_plan
 
@@ -25,7 +25,7 @@ def main(job_path: str) -> None:
     try:
         plan = Plan.from_dict(job["plan"])
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-        spec = dataclasses.replace(_spec_from_config(job["model_name"], job["model_config"]),
+        spec = dataclasses.replace(spec_from_config(job["model_name"], job["model_config"]),
                                    weights_dir=job.get("weights_dir"))
         snapshot = Path(job_path).parent / f"snapshot-rank{rank}.pickle" if job.get("snapshot") else None
         result = measure_plan(spec, plan, steps=job["steps"], mesh=mesh, device=device,

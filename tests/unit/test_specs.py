@@ -166,11 +166,11 @@ def test_a_model_spec_is_counted_once_and_then_read_from_the_cache(tmp_path, mon
     from memtune.specs import model as model_module
 
     monkeypatch.setenv("MEMTUNE_CACHE", str(tmp_path))
-    model_module._spec_from_config.cache_clear()
+    model_module.spec_from_config.cache_clear()
     first = model_module.resolve_model("llama-guard-3-1b")
     cached = list((tmp_path / "specs").glob("*.json"))
     assert len(cached) == 1
-    model_module._spec_from_config.cache_clear()
+    model_module.spec_from_config.cache_clear()
     monkeypatch.setattr(model_module, "_build_spec", lambda *a: pytest.fail("rebuilt instead of read"))
     assert model_module.resolve_model("llama-guard-3-1b") == first
-    model_module._spec_from_config.cache_clear()
+    model_module.spec_from_config.cache_clear()
