@@ -22,7 +22,6 @@ import os
 import shlex
 import signal
 import subprocess
-import sys
 import threading
 import traceback
 from collections.abc import Sequence
@@ -36,20 +35,12 @@ from memtune.errors import ConfigError, MemtuneError
 from memtune.launch.config import RunConfig
 from memtune.launch.loop import STOP_FILE, Job, Outcome
 from memtune.plan import Plan, summarize
+from memtune.train import distributed
+from memtune.train.distributed import Torchrun
 from memtune.planfile import PlanFile
 
 RUN_JSON = "run.json"
 ERROR_LOG = "error.log"
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Torchrun:
-    """Where this node sits in a multi-node run (torchrun's options of the same names)."""
-
-    nnodes: int = 1
-    node_rank: int = 0
-    rdzv_endpoint: str | None = None
-    """host:port of node 0."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -63,14 +54,7 @@ class RunResult:
 def torchrun_command(job_path: Path, plan: Plan, torchrun: Torchrun = Torchrun()) -> list[str]:
     """The torchrun command line of one attempt: ``plan.num_gpus`` processes on this node, running
     ``memtune.launch.worker JOB``."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={plan.num_gpus}", "--max-restarts=0"]
-    if torchrun.nnodes == 1 and torchrun.rdzv_endpoint is None:
-        cmd.append("--standalone")
-    else:
-        cmd += [f"--nnodes={torchrun.nnodes}", f"--node-rank={torchrun.node_rank}"]
-        if torchrun.rdzv_endpoint:
-            cmd.append(f"--rdzv-endpoint={torchrun.rdzv_endpoint}")
-    return cmd + ["-m", "memtune.launch.worker", str(job_path)]
+    return distributed.torchrun_command("memtune.launch.worker", [str(job_path)], plan.num_gpus, torchrun)
 
 
 def launch_command(plan_path: Path, output_dir: Path, *, max_steps: int | None = None,

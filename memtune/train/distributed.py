@@ -1,11 +1,37 @@
-"""The process group of a torchrun worker (validate's and launch's)."""
+"""torchrun for validate and launch: the command line that starts the workers, and a worker's process group."""
 
 from __future__ import annotations
 
 import os
+import sys
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Torchrun:
+    """Where this node sits in a multi-node run (torchrun's options of the same names)."""
+
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str | None = None
+    """host:port of node 0."""
+
+
+def torchrun_command(module: str, args: list[str], nproc: int, where: Torchrun = Torchrun()) -> list[str]:
+    """``python -m torch.distributed.run`` starting ``nproc`` processes of ``python -m MODULE ARGS`` on this node:
+    standalone on one node, else joining the rendezvous of ``where``; no restarts (an attempt that fails is the
+    caller's to handle)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--max-restarts=0"]
+    if where.nnodes == 1 and where.rdzv_endpoint is None:
+        cmd.append("--standalone")
+    else:
+        cmd += [f"--nnodes={where.nnodes}", f"--node-rank={where.node_rank}"]
+        if where.rdzv_endpoint:
+            cmd.append(f"--rdzv-endpoint={where.rdzv_endpoint}")
+    return [*cmd, "-m", module, *args]
 
 
 def init_worker() -> tuple[int, torch.device]:

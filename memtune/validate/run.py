@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,8 +177,9 @@ def _torchrun(spec: ModelSpec, plan: Plan, *, steps: int, cap: int | None, out_d
     job.write_text(json.dumps({"model_config": spec.config_json, "model_name": spec.name, "plan": plan.to_dict(),
                                "steps": steps, "memory_cap_bytes": cap, "snapshot": snapshot,
                                "sdpa_backend": backend, "weights_dir": weights_dir}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={plan.num_gpus}",
-           "-m", "memtune.validate.worker", str(job)]
+    from memtune.train.distributed import torchrun_command
+
+    cmd = torchrun_command("memtune.validate.worker", [str(job)], plan.num_gpus)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT_S,
                               env={**os.environ, "PYTHONUNBUFFERED": "1", **plan.allocator_env})
@@ -191,6 +191,6 @@ def _torchrun(spec: ModelSpec, plan: Plan, *, steps: int, cap: int | None, out_d
         path = out_dir / f"rank{r}.json"
         if not path.exists():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-            raise ConfigError(f"rank {r} wrote no result (torchrun exit {proc.returncode}): {' | '.join(tail)}")
+            raise RunFailedError(f"rank {r} wrote no result (torchrun exit {proc.returncode}): {' | '.join(tail)}")
         ranks.append(json.loads(path.read_text()))
     return ranks
