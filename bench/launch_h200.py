@@ -82,7 +82,7 @@ def rescore(path: Path) -> None:
 def run_mode(mode: str, args: argparse.Namespace, out: Path) -> dict:
     from rich.console import Console
 
-    from memtune.launch.config import RunConfig
+    from memtune.runconfig import RunConfig
     from memtune.launch.runner import launch
     from memtune.plan import Plan
     from memtune.planfile import PlanFile

@@ -12,7 +12,7 @@ keys in JSON).
     [[fallback]]            # optional, in order: plans to fall back to after an out-of-memory error; a field
     checkpointing = "full"  # left out keeps the main plan's value
 
-    [run]                   # optional: what ``launch`` needs besides the plan (``memtune.launch.config.RunConfig``)
+    [run]                   # optional: what ``launch`` needs besides the plan (``memtune.runconfig.RunConfig``)
     dataset = "train.jsonl"
     ...
 """
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memtune.errors import ConfigError, InvalidPlanError
-from memtune.launch.config import RunConfig
+from memtune.runconfig import RunConfig
 from memtune.plan import Plan
 
 _KEYS = ("model", "gpu", "plan", "fallback", "run")

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from memtune.launch import checkpoint as ckpt
-from memtune.launch.config import RunConfig
+from memtune.runconfig import RunConfig
 from memtune.plan import Plan
 
 METRICS = "metrics.jsonl"

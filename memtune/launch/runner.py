@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from memtune.errors import ConfigError, MemtuneError
-from memtune.launch.config import RunConfig
+from memtune.runconfig import RunConfig
 from memtune.launch.loop import STOP_FILE, Job, Outcome
 from memtune.plan import Plan, summarize
 from memtune.train import distributed

@@ -27,7 +27,7 @@ from rich.table import Table
 
 from memtune.errors import ConfigError, PlanDoesNotFitError
 from memtune.estimate.categories import Verdict
-from memtune.launch.config import RunConfig
+from memtune.runconfig import RunConfig
 from memtune.planfile import PlanFile, model_beside, read_table_file, write_plan_file
 
 if TYPE_CHECKING:  # imported where used: they bring torch along, which the launch command line need not load

@@ -15,7 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from memtune.cli import app
-from memtune.launch.config import RunConfig
+from memtune.runconfig import RunConfig
 from memtune.launch.loop import FAULT_ENV
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from memtune.cli import app
-from memtune.launch.config import RunConfig
+from memtune.runconfig import RunConfig
 from memtune.plan import Plan
 from memtune.planfile import PlanFile, read_plan_file, write_plan_file
 from memtune.train import data as train_data
@@ -305,7 +305,7 @@ def test_bad_launch_input_is_one_line_and_exit_2(tmp_path, run, message):
 
 def test_a_row_without_a_prompt_is_bad_input_not_the_text_none():
     from memtune.errors import ConfigError
-    from memtune.launch.config import RunConfig
+    from memtune.runconfig import RunConfig
     from memtune.train import data as train_data
 
     class Tokenizer:
