@@ -33,7 +33,7 @@ from rich.markup import escape
 
 from memtune.errors import ConfigError, MemtuneError
 from memtune.runconfig import RunConfig
-from memtune.launch.loop import STOP_FILE, Job, Outcome
+from memtune.train.loop import STOP_FILE, Job, Outcome
 from memtune.plan import Plan, summarize
 from memtune.train import distributed
 from memtune.train.distributed import Torchrun
@@ -291,7 +291,7 @@ def _device_name(torch, plan: Plan) -> str:
 
 
 def _latest_step(out: Path) -> int | None:
-    from memtune.launch.checkpoint import latest_checkpoint
+    from memtune.train.checkpoint import latest_checkpoint
 
     saved = latest_checkpoint(out)
     return saved.step if saved else None
@@ -310,7 +310,7 @@ def _run_job(job: Job, torchrun: Torchrun, console: Console) -> Outcome:
     if job.plan.world_size == 1 and job.plan.sharding == "none":  # FSDP2 needs a process group, even of one
         import torch
 
-        from memtune.launch.loop import run_attempt
+        from memtune.train.loop import run_attempt
 
         device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         return run_attempt(job, device=device)

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from memtune.launch.loop import Job, Outcome, run_attempt
+from memtune.train.loop import Job, Outcome, run_attempt
 from memtune.train.distributed import init_worker
 
 OOM_EXIT = 3

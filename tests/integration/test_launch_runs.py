@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from memtune.cli import app
 from memtune.runconfig import RunConfig
-from memtune.launch.loop import FAULT_ENV
+from memtune.train.loop import FAULT_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNS = ROOT / "profiles" / "runs"

@@ -213,7 +213,7 @@ def test_torchrun_command_passes_the_node_options_through():
 def test_checkpoint_round_trip_and_final_export(guard_spec, tmp_path, fields):
     from transformers import AutoModelForCausalLM
 
-    from memtune.launch import checkpoint as ckpt
+    from memtune.train import checkpoint as ckpt
 
     plan = Plan(precision="fp32", seq_len=16, **fields)
     batch = train_data.collate([{"input_ids": list(range(3, 19)), "labels": list(range(3, 19))}], pad_token_id=0)
@@ -267,7 +267,7 @@ def test_checkpoint_round_trip_and_final_export(guard_spec, tmp_path, fields):
 
 
 def test_state_carries_over_between_compatible_plans_only():
-    from memtune.launch.checkpoint import model_state_carries, optimizer_state_carries
+    from memtune.train.checkpoint import model_state_carries, optimizer_state_carries
 
     full = Plan()
     assert model_state_carries(full, Plan(checkpointing="full", precision="fp32", sharding="fsdp", num_gpus=2))

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from memtune.launch import checkpoint as ckpt
+from memtune.train import checkpoint as ckpt
 from memtune.runconfig import RunConfig
 from memtune.plan import Plan
 
