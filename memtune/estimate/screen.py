@@ -151,8 +151,9 @@ def layer_activation_bytes(spec: ModelSpec, plan: Plan, tokens: int, backend: st
     dropout = plan.lora_dropout > 0
     dims = spec.layer_linears
     per_token = 0.0
-    norms = 4 if spec.model_type.startswith("gemma") else 2
-    per_token += norms * 4 * h  # fp32 upcast of each norm's input
+    norms = spec.norms_per_layer or (4 if spec.model_type.startswith("gemma") else 2)
+    upcast = 4 if spec.norm_upcast else p
+    per_token += norms * upcast * h  # each norm's input (RMSNorm keeps its fp32 upcast)
     if full or kbit or (lora & {"q_proj", "k_proj", "v_proj"} and not dropout):
         per_token += norms * p * h  # norm outputs: inputs of trainable projections (and of the norm weights' grads)
     # LoRA: dropout output and mask, and the adapter's rank-r output - in fp32, since peft keeps the adapters in
@@ -166,7 +167,9 @@ def layer_activation_bytes(spec: ModelSpec, plan: Plan, tokens: int, backend: st
     if full or "o_proj" in lora and not dropout:
         per_token += p * q  # o_proj's input (the contiguous copy of the attention output)
     # Gated MLP: gate output (activation input), activation output, up output; their product where down trains.
-    per_token += 3 * p * i + (p * i if full or "down_proj" in lora and not dropout else 0)
+    # Plain MLP (GPT-NeoX): the activation's input; its output where the last projection trains.
+    down = spec.mlp_output_linear
+    per_token += (3 if spec.mlp_gated else 1) * p * i + (p * i if full or down in lora and not dropout else 0)
     if plan.is_amp:
         per_token += 2 * 4 * h + 4 * (q + kv)  # fp32 residual stream: norm outputs and rotated q, k stay fp32
     return per_token * tokens
@@ -186,9 +189,10 @@ def _checkpoint_bytes(spec: ModelSpec, plan: Plan, tokens: int, layer: float, ba
     act = 4 if plan.fp32_residual else 2
     lora = set(plan.lora_targets) if plan.peft == "lora" else set()
     dropout = plan.lora_dropout > 0
-    norms = 4 if spec.model_type.startswith("gemma") else 2
+    norms = spec.norms_per_layer or (4 if spec.model_type.startswith("gemma") else 2)
+    upcast = 4 if spec.norm_upcast else p
     norm_outputs_counted = plan.peft == "none" or kbit or (lora & {"q_proj", "k_proj", "v_proj"} and not dropout)
-    per_token = layer / tokens - norms * 4 * h + norms * p * h
+    per_token = layer / tokens - norms * upcast * h + norms * p * h
     per_token -= 3 * act * i + (act * i if plan.peft == "none" or "down_proj" in lora and not dropout else 0)
     per_token += 2 * act * i + (0 if norm_outputs_counted else act * h)
     if "down_proj" in lora:

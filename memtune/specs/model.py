@@ -42,6 +42,11 @@ class ModelSpec:
     layers built."""
     attention_linears: tuple[str, ...] = ()
     """Leaf names of the linears inside a decoder layer's attention block."""
+    norms_per_layer: int = 0
+    """Normalization modules directly in a decoder layer (2 for Llama, 4 for Gemma-2); 0 where unknown."""
+    norm_upcast: bool = True
+    """Whether those norms compute in fp32 from a half-precision input (transformers' RMSNorm classes do; PyTorch's
+    ``nn.LayerNorm`` does not), which their backward keeps."""
     expert_params: int = 0
     """Parameters per decoder layer held as stacked expert weights (3-D tensors, not linears: transformers 5's
     mixture-of-experts), all experts counted."""
@@ -62,6 +67,20 @@ class ModelSpec:
         q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
         return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
                 "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    @property
+    def mlp_gated(self) -> bool:
+        """A gated MLP (``down(act(gate(x)) * up(x))``: two projections, or one fused, from hidden to twice the
+        intermediate size) rather than ``fc2(act(fc1(x)))``; gated where the layer's shapes are not known."""
+        h, i = self.hidden_size, self.intermediate_size
+        into = [o for _, a, o in self.linear_shapes if a == h and o in (i, 2 * i)]
+        return not self.linear_shapes or len(into) >= 2 or 2 * i in into
+
+    @property
+    def mlp_output_linear(self) -> str:
+        """The leaf name of the MLP's last projection (intermediate to hidden): ``down_proj`` for Llama."""
+        return next((n for n, a, o in self.linear_shapes if a == self.intermediate_size and o == self.hidden_size),
+                    "down_proj")
 
     @property
     def config(self) -> dict:
@@ -170,7 +189,7 @@ def _check_sizes(cfg: dict, path) -> None:
                               "or give head_dim")
 
 
-SPEC_FORMAT = 3
+SPEC_FORMAT = 4
 """Version of the cached spec files (``$MEMTUNE_CACHE/specs``); bump it when ``ModelSpec`` changes."""
 
 
@@ -246,6 +265,7 @@ def _build_spec(name: str, config_json: str) -> ModelSpec:
                     attention.add(leaf)
     linear_shapes = tuple((leaf, i, round(o / len(layers))) for leaf, (i, o) in sorted(shapes.items()))
     stacked = sum(p.numel() for layer in layers for p in layer.parameters() if p.dim() == 3) // len(layers)
+    norms = [m for m in layers[0].children() if "Norm" in type(m).__name__]
     text_cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
     experts = text_cfg.get("num_local_experts") or text_cfg.get("num_experts") or 0
     top_k = text_cfg.get("num_experts_per_tok") or 0
@@ -268,6 +288,8 @@ def _build_spec(name: str, config_json: str) -> ModelSpec:
         linear_names=tuple(linear_names),
         linear_shapes=linear_shapes,
         attention_linears=tuple(sorted(attention)),
+        norms_per_layer=len(norms),
+        norm_upcast=not norms or any(not isinstance(m, nn.LayerNorm) for m in norms),
         expert_params=int(stacked),
         active_experts=min(1.0, top_k / experts) if experts and top_k and stacked else 1.0,
         hub_id=cfg.get("_name_or_path") or None,

@@ -174,3 +174,24 @@ def test_a_model_spec_is_counted_once_and_then_read_from_the_cache(tmp_path, mon
     monkeypatch.setattr(model_module, "_build_spec", lambda *a: pytest.fail("rebuilt instead of read"))
     assert model_module.resolve_model("llama-guard-3-1b") == first
     model_module.spec_from_config.cache_clear()
+
+
+def test_the_spec_reads_the_layer_it_has_not_llama_names(tmp_path):
+    """GPT-NeoX: a fused query_key_value, a plain (not gated) MLP and LayerNorms that keep no fp32 copy; Llama: a
+    gated MLP and two RMSNorms. The screen's activation terms follow these, not the model type."""
+    import json
+
+    from memtune.specs.model import default_lora_targets
+
+    neox = {"model_type": "gpt_neox", "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "vocab_size": 256, "max_position_embeddings": 256, "rotary_pct": 0.25,
+            "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(neox))
+    spec = resolve_model(str(tmp_path / "config.json"))
+    assert not spec.mlp_gated and spec.mlp_output_linear == "dense_4h_to_h"
+    assert spec.norms_per_layer == 2 and not spec.norm_upcast
+    assert default_lora_targets(spec) == ("query_key_value",)
+    assert spec.layer_linears["query_key_value"] == (64, 3 * 64)
+    llama = resolve_model("llama-guard-3-1b")
+    assert llama.mlp_gated and llama.mlp_output_linear == "down_proj" and llama.norms_per_layer == 2
+    assert llama.norm_upcast and default_lora_targets(llama) == ("q_proj", "v_proj")
