@@ -19,6 +19,18 @@ def cache_root() -> Path:
     return Path(os.environ.get("MEMTUNE_CACHE", Path.home() / ".cache" / "memtune"))
 
 
+def write_cached(path: Path, data) -> None:
+    """Store ``data`` as JSON at ``path`` in the cache, whole or not at all (a temporary file of this process, then
+    renamed); a cache that cannot be written costs the next run the work, nothing else."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(path)
+    except OSError:
+        pass
+
+
 @functools.lru_cache(maxsize=16)
 def calibrations(gpu_name: str) -> tuple[tuple[str, dict], ...]:
     """``(file name, contents)`` of every ``profiles/calibration/*.json``, the given GPU's own file first (another

@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 from memtune.errors import InvalidPlanError
@@ -28,6 +29,7 @@ from memtune.estimate import overhead
 from memtune.estimate.breakdown import MemoryBreakdown
 from memtune.estimate.categories import MemCategory, Phase, Verdict
 from memtune.estimate.trace import OpRecord, PhasePeak, TraceResult
+from memtune.profiles import cache_root, write_cached
 from memtune.plan import Plan
 from memtune.specs.gpu import GpuSpec
 from memtune.specs.model import ModelSpec
@@ -246,8 +248,6 @@ def _compose(trace: TraceResult, depth: int, *,
 # --- trace cache ----------------------------------------------------------------------------------------------
 
 def cache_dir() -> Path:
-    from memtune.profiles import cache_root
-
     return cache_root() / "traces"
 
 
@@ -275,8 +275,6 @@ def cached_trace(spec: ModelSpec, plan: Plan, depth: int, backend: str) -> Trace
             path.unlink(missing_ok=True)
     from memtune.estimate.trace import trace_step
 
-    import logging
-
     # An op the stack cannot run raises below, and is reported there in one line; fake tensors would log it first.
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")
     level = fake_log.level
@@ -291,13 +289,7 @@ def cached_trace(spec: ModelSpec, plan: Plan, depth: int, backend: str) -> Trace
         raise InvalidPlanError([f"cannot trace this plan for {spec.name}: {type(e).__name__}: {first}{hint}"]) from None
     finally:
         fake_log.setLevel(level)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(_to_json(result)))
-        tmp.replace(path)
-    except OSError:
-        pass  # a read-only home only costs the next run a new trace
+    write_cached(path, _to_json(result))
     return result
 
 

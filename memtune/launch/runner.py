@@ -32,12 +32,12 @@ from rich.console import Console
 from rich.markup import escape
 
 from memtune.errors import ConfigError, MemtuneError
-from memtune.runconfig import RunConfig
-from memtune.train.loop import STOP_FILE, Job, Outcome
 from memtune.plan import Plan, summarize
+from memtune.planfile import PlanFile
+from memtune.runconfig import RunConfig
 from memtune.train import distributed
 from memtune.train.distributed import Torchrun
-from memtune.planfile import PlanFile
+from memtune.train.loop import STOP_FILE, Job, Outcome
 
 RUN_JSON = "run.json"
 ERROR_LOG = "error.log"

@@ -42,9 +42,8 @@ class SearchRequest:
         from memtune.planner import with_fixed
         from memtune.planner.export import EXPORTERS
 
-        fixed = {k: options.pop(k) for k in FIXABLE if k in options and options[k] is not None}
-        for k in FIXABLE:
-            options.pop(k, None)
+        given = {k: options.pop(k, None) for k in FIXABLE}
+        fixed = {k: v for k, v in given.items() if v is not None}
         export = options.get("export")
         if export is not None and export not in EXPORTERS:
             raise ConfigError(f"--export must be {', '.join(EXPORTERS)}, not {export!r}")

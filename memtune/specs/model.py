@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,7 +199,7 @@ def spec_from_config(name: str, config_json: str) -> ModelSpec:
     import hashlib
     from importlib.metadata import version
 
-    from memtune.profiles import cache_root
+    from memtune.profiles import cache_root, write_cached
 
     key = hashlib.sha256(f"{SPEC_FORMAT}|{version('transformers')}|{config_json}".encode()).hexdigest()[:32]
     path = cache_root() / "specs" / f"{key}.json"
@@ -214,13 +213,7 @@ def spec_from_config(name: str, config_json: str) -> ModelSpec:
         pass
     spec = _build_spec(name, config_json)
     fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name not in ("name", "config_json")}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(fields))
-        tmp.replace(path)
-    except OSError:
-        pass  # a read-only cache costs the rebuild next time, nothing else
+    write_cached(path, fields)
     return spec
 
 
