@@ -1,6 +1,7 @@
 """Regret of the planner: the plan it chooses against every plan worth trying, all measured in one run.
 
     python bench/regret.py plan bench/results/regret-plans.json       # on the CPU: this commit's planner, per case
+    python bench/regret.py plan --cases architectures bench/results/architectures-plans.json   # non-Llama models
     python bench/regret.py measure bench/results/regret-plans.json OUT.json [--deadline S]   # on the GPU
 
 ``plan`` records, for each case, the plan the planner chooses and the plans to measure beside it (in the chosen
@@ -46,6 +47,25 @@ CASES = [
     ("llama-3.2-3b LoRA on V100-32GB, global 16 x 2048", "llama-3.2-3b", "V100-32GB",
      {"seq_len": 2048, "global_batch": 16, "fixed": {"peft": "lora", "quantization": "none"}}, True),
 ]
+MODELS = Path("bench/assets/models")
+"""Relative to the repository's root, where both stages run."""
+ARCHITECTURES = [
+    # Models memtune has no profile for, from their config.json: fused projections (Phi-3), GPT-NeoX's names and
+    # LayerNorm (Pythia), q/k norms and tied embeddings (Qwen3), post-norms (OLMo-2), 64 experts, top-8 (OLMoE).
+    ("phi-3-mini full FT, global 16 x 2048", str(MODELS / "phi-3-mini-4k"), "H200-141GB",
+     {"seq_len": 2048, "global_batch": 16, "fixed": {"peft": "none"}}, False),
+    ("pythia-1.4b full FT, global 16 x 2048", str(MODELS / "pythia-1.4b"), "H200-141GB",
+     {"seq_len": 2048, "global_batch": 16, "fixed": {"peft": "none"}}, False),
+    ("qwen3-1.7b LoRA, global 16 x 2048", str(MODELS / "qwen3-1.7b"), "H200-141GB",
+     {"seq_len": 2048, "global_batch": 16, "fixed": {"peft": "lora", "quantization": "none"}}, False),
+    ("olmo-2-1b QLoRA 4-bit, global 8 x 2048", str(MODELS / "olmo-2-1b"), "H200-141GB",
+     {"seq_len": 2048, "global_batch": 8, "fixed": {"peft": "lora", "quantization": "4bit"}}, False),
+    ("olmoe-1b-7b (MoE) full FT, global 8 x 2048", str(MODELS / "olmoe-1b-7b"), "H200-141GB",
+     {"seq_len": 2048, "global_batch": 8, "fixed": {"peft": "none"}}, False),
+    ("phi-3-mini LoRA on L4-24GB, global 8 x 2048", str(MODELS / "phi-3-mini-4k"), "L4-24GB",
+     {"seq_len": 2048, "global_batch": 8, "fixed": {"peft": "lora", "quantization": "none"}}, True),
+]
+CASE_SETS = {"llama": CASES, "architectures": ARCHITECTURES}
 
 
 def _commit() -> str:
@@ -55,12 +75,13 @@ def _commit() -> str:
     return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
-def plan_cases(out: Path) -> None:
+def plan_cases(out: Path, cases_name: str = "llama") -> None:
+    from memtune.estimate import estimate
     from memtune.planner import plan_candidates
     from memtune.specs import resolve_gpu, resolve_model
 
     cases = []
-    for name, model, gpu_name, options, emulated in CASES:
+    for name, model, gpu_name, options, emulated in CASE_SETS[cases_name]:
         spec, gpu = resolve_model(model), resolve_gpu(gpu_name)
         started = time.time()
         result = plan_candidates(spec, gpu, **options)
@@ -81,12 +102,15 @@ def plan_cases(out: Path) -> None:
         by_plan = {c.plan: c for c in fitting}
         rows = [{"why": why, "label": by_plan[p].label if p in by_plan else chosen.label, "plan": p.to_dict(),
                  "estimated_tokens_per_s": (by_plan.get(p) or chosen).cost.tokens_per_s,
-                 "cost_method": (by_plan.get(p) or chosen).cost.method} for p, why in picked.items()]
+                 "cost_method": (by_plan.get(p) or chosen).cost.method,
+                 "estimated_peak_allocated_bytes": estimate(spec, p, gpu).peak_allocated_bytes}
+                for p, why in picked.items()]
         cases.append({"name": name, "model": model, "gpu": gpu_name, "emulated": emulated, "options": options,
                       "chosen": chosen.plan.to_dict(), "plans": rows, "planning_s": round(time.time() - started, 1)})
         print(f"{name}: chosen {chosen.label}; {len(rows)} plans to measure ({time.time() - started:.0f} s)",
               flush=True)
-    out.write_text(json.dumps({"commit": _commit(), "within": WITHIN, "cases": cases}, indent=1) + "\n")
+    out.write_text(json.dumps({"commit": _commit(), "within": WITHIN, "case_set": cases_name, "cases": cases},
+                              indent=1) + "\n")
 
 
 def measure(plans_file: Path, out: Path, deadline: float) -> None:
@@ -117,7 +141,13 @@ def measure(plans_file: Path, out: Path, deadline: float) -> None:
             m = measure_plan(spec, plan, steps=2 if spec.num_params > 5e9 else 4, memory_cap_bytes=cap,
                              sdpa_backend=backend)
             tokens = plan.batch_size * plan.seq_len * plan.grad_accum
-            measured.append({**row, "measured_tokens_per_s": None if m.get("error") else tokens / m["step_time_s"],
+            peak = m.get("measured_peak_allocated_bytes")
+            tokens_per_s = None if m.get("error") else tokens / m["step_time_s"]
+            measured.append({**row, "measured_tokens_per_s": tokens_per_s,
+                             "peak_error": peak and row.get("estimated_peak_allocated_bytes") and
+                             row["estimated_peak_allocated_bytes"] / peak - 1,
+                             "tokens_per_s_error": None if case["emulated"] or not tokens_per_s
+                             else row["estimated_tokens_per_s"] / tokens_per_s - 1,
                              "measured_step_time_s": m.get("step_time_s"), "error": m.get("error"),
                              "measured_peak_allocated_bytes": m.get("measured_peak_allocated_bytes"),
                              "wall_s": round(time.time() - t0, 1)})
@@ -142,13 +172,14 @@ def main() -> None:
     sub = ap.add_subparsers(dest="what", required=True)
     p = sub.add_parser("plan")
     p.add_argument("out", type=Path)
+    p.add_argument("--cases", choices=sorted(CASE_SETS), default="llama")
     m = sub.add_parser("measure")
     m.add_argument("plans", type=Path)
     m.add_argument("out", type=Path)
     m.add_argument("--deadline", type=float, default=1e9)
     args = ap.parse_args()
     if args.what == "plan":
-        plan_cases(args.out)
+        plan_cases(args.out, args.cases)
     else:
         measure(args.plans, args.out, args.deadline)
 
