@@ -75,13 +75,15 @@ def _commit() -> str:
     return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
-def plan_cases(out: Path, cases_name: str = "llama") -> None:
+def plan_cases(out: Path, cases_name: str = "llama", only: str | None = None) -> None:
     from memtune.estimate import estimate
     from memtune.planner import plan_candidates
     from memtune.specs import resolve_gpu, resolve_model
 
     cases = []
     for name, model, gpu_name, options, emulated in CASE_SETS[cases_name]:
+        if only and only not in name:
+            continue
         spec, gpu = resolve_model(model), resolve_gpu(gpu_name)
         started = time.time()
         result = plan_candidates(spec, gpu, **options)
@@ -173,13 +175,14 @@ def main() -> None:
     p = sub.add_parser("plan")
     p.add_argument("out", type=Path)
     p.add_argument("--cases", choices=sorted(CASE_SETS), default="llama")
+    p.add_argument("--only", help="the cases whose name contains this")
     m = sub.add_parser("measure")
     m.add_argument("plans", type=Path)
     m.add_argument("out", type=Path)
     m.add_argument("--deadline", type=float, default=1e9)
     args = ap.parse_args()
     if args.what == "plan":
-        plan_cases(args.out, args.cases)
+        plan_cases(args.out, args.cases, args.only)
     else:
         measure(args.plans, args.out, args.deadline)
 

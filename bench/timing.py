@@ -3,6 +3,7 @@
     python bench/timing.py sac OUT.json [--study]       # no / selective / full checkpointing (--study: the other
                                                         # placements of selective checkpointing, profiled)
     python bench/timing.py kernels OUT.json             # matmul, attention, element-wise and launch micro-benchmarks
+    python bench/timing.py kernels-2 OUT.json           # attention with an explicit mask, grouped (experts') matmuls
     python bench/timing.py grid OUT.jsonl [--deadline S] [--checkpointing selective]   # whole steps of the grid
 
 Every step is measured by ``memtune.validate.probe.measure_plan`` (the code ``memtune validate`` runs): one warm-up
@@ -376,9 +377,77 @@ def grid(out: Path, deadline: float, checkpointing: str | None) -> None:
               m.get("error"), f"{time.time() - t0:.0f}s", flush=True)
 
 
+MASKED_ATTENTION = (
+    # (heads, head_dim): Phi-3-mini, Llama-3.2-1B and 3.1-8B (K/V repeated: transformers passes a mask and repeats
+    # them itself), Gemma-3-1B, Mistral-7B v0.1
+    (32, 96), (32, 64), (32, 128), (4, 256), (8, 256))
+EXPERTS = {
+    # name: (experts, hidden, expert intermediate, top-k)
+    "olmoe-1b-7b": (64, 2048, 1024, 8), "qwen3-30b-a3b": (128, 2048, 768, 8), "qwen1.5-moe": (60, 2048, 1408, 4),
+    "mixtral-8x7b": (8, 4096, 14336, 2), "gpt-oss-20b": (32, 2880, 2880, 4)}
+
+
+def kernels_2(out: Path) -> None:
+    """Fused attention given an explicit mask (a sliding window shorter than the sequence: CUDA's dispatcher picks
+    the memory-efficient kernel, which computes every block) and grouped matmuls at mixture-of-experts shapes
+    (transformers' ``grouped_mm`` experts: tokens sorted by expert, ``x @ W[e]`` per group), forward and backward;
+    whether the memory-efficient kernel takes grouped-query attention (``enable_gqa``)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    dev, bf16 = "cuda", torch.bfloat16
+    rows = {"sdpa_masked": [], "grouped_mm": [], "versions": versions()}
+    started = time.time()
+    for heads, d in MASKED_ATTENTION:
+        for seq in (1152, 2048, 4096):
+            for tokens in (4096, 16384):
+                b = max(1, tokens // seq)
+                q, k, v = (torch.randn(b, heads, seq, d, device=dev, dtype=bf16, requires_grad=True)
+                           for _ in range(3))
+                i = torch.arange(seq, device=dev)
+                mask = ((i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < seq // 2)).expand(b, 1, seq, seq)
+                fwd = functools.partial(sdpa, q, k, v, attn_mask=mask)
+                grad = torch.randn_like(q)
+                t_fwd = _time(fwd)
+                t_both = _time(lambda: torch.autograd.grad(fwd(), (q, k, v), grad))
+                t_causal = _time(functools.partial(sdpa, q, k, v, is_causal=True))
+                rows["sdpa_masked"].append({"batch": b, "seq": seq, "heads": heads, "head_dim": d, "fwd_s": t_fwd,
+                                            "bwd_s": t_both - t_fwd, "fwd_flops": 4 * b * heads * seq * seq * d,
+                                            "causal_fwd_s": t_causal})
+                del q, k, v, mask, grad
+    q = torch.randn(1, 8, 256, 64, device=dev, dtype=bf16)
+    kv = torch.randn(1, 2, 256, 64, device=dev, dtype=bf16)
+    try:
+        with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+            sdpa(q, kv, kv, is_causal=True, enable_gqa=True)
+        rows["efficient_takes_gqa"] = True
+    except RuntimeError:
+        rows["efficient_takes_gqa"] = False
+    print(f"sdpa masked: {len(rows['sdpa_masked'])} in {time.time() - started:.0f} s", flush=True)
+    grouped = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
+    for name, (experts, hidden, inter, top_k) in EXPERTS.items():
+        for tokens in (2048, 8192, 16384):
+            rows_ = tokens * top_k
+            ids = torch.randint(0, experts, (rows_,), device=dev).sort().values
+            offs = torch.cumsum(torch.bincount(ids, minlength=experts), 0).to(torch.int32)
+            for proj, (k_, n_) in (("gate_up", (hidden, 2 * inter)), ("down", (inter, hidden))):
+                x = torch.randn(rows_, k_, device=dev, dtype=bf16, requires_grad=True)
+                w = torch.randn(experts, n_, k_, device=dev, dtype=bf16, requires_grad=True)
+                fwd = functools.partial(lambda x, w: grouped(x, w.transpose(-2, -1), offs=offs), x, w)
+                grad = torch.randn(rows_, n_, device=dev, dtype=bf16)
+                t_fwd = _time(fwd)
+                t_both = _time(lambda: torch.autograd.grad(fwd(), (x, w), grad))
+                rows["grouped_mm"].append({"model": name, "proj": proj, "tokens": tokens, "rows": rows_,
+                                           "experts": experts, "k": k_, "n": n_, "fwd_s": t_fwd,
+                                           "bwd_s": t_both - t_fwd, "fwd_flops": 2 * rows_ * k_ * n_})
+                del x, w, grad
+    print(f"grouped mm: {len(rows['grouped_mm'])} in {time.time() - started:.0f} s", flush=True)
+    out.write_text(json.dumps(rows, indent=1) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=("sac", "kernels", "grid"))
+    ap.add_argument("what", choices=("sac", "kernels", "kernels-2", "grid"))
     ap.add_argument("out")
     ap.add_argument("--deadline", type=float, default=1e9, help="grid: start no plan after this many seconds")
     ap.add_argument("--checkpointing", choices=("none", "selective", "full"), default=None,
@@ -390,6 +459,7 @@ def main() -> None:
     (a @ a).sum().backward()
     del a
     {"sac": lambda: sac(Path(args.out), args.study), "kernels": lambda: kernels(Path(args.out)),
+     "kernels-2": lambda: kernels_2(Path(args.out)),
      "grid": lambda: grid(Path(args.out), args.deadline, args.checkpointing)}[args.what]()
 
 

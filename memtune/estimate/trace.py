@@ -68,7 +68,9 @@ class OpRecord(NamedTuple):
     phase: str
     layer: int | None
     kind: str
-    """``mm`` (matmuls), ``attn`` / ``attn_bwd`` (fused attention forward / backward), ``mem`` (any other kernel:
+    """``mm`` (matmuls), ``gmm`` (grouped matmuls: a mixture-of-experts' tokens times their experts' weights),
+    ``attn`` / ``attn_bwd`` (fused causal attention forward / backward), ``attn_masked`` / ``attn_masked_bwd``
+    (fused attention given an explicit mask, e.g. a sliding window shorter than the sequence), ``mem`` (any other kernel:
     element-wise, reductions, copies, foreach and fused optimizer ops), ``view`` (no kernel: views, metadata),
     ``comm`` (collectives), ``frame`` (a checkpointed region is entered: no kernel, host work), ``region`` (a
     selectively recomputed region, ``recipe.recompute``, is entered: no kernel, host work) and the stand-ins'
@@ -259,10 +261,10 @@ class _Tracker(TorchDispatchMode):
         if workspace:
             self.transient(workspace)
         if self.recording:
-            self.ops.append(self._op_record(func, args, outs, comm, new_storage=len(self.records) > made))
+            self.ops.append(self._op_record(func, args, kwargs, outs, comm, new_storage=len(self.records) > made))
         return out
 
-    def _op_record(self, func, args, outs, comm: bool, new_storage: bool) -> OpRecord:
+    def _op_record(self, func, args, kwargs, outs, comm: bool, new_storage: bool) -> OpRecord:
         name, kind, foreach, mutable = _op_info(func)
         selective = recipe.in_selective_region()
         if comm:
@@ -277,10 +279,14 @@ class _Tracker(TorchDispatchMode):
         if kind in ("attn", "attn_bwd"):
             q, k = (args[1], args[2]) if kind == "attn_bwd" else (args[0], args[1])
             b, h, s, d = q.shape
-            flops = 4.0 * b * h * s * k.shape[-2] * d / 2  # the causal half of QK^T and PV
+            flops = 4.0 * b * h * s * k.shape[-2] * d  # QK^T and PV
+            if (kwargs or {}).get("attn_mask") is None:
+                flops /= 2  # causal: the kernel skips the blocks above the diagonal
+            else:  # CUDA's flash kernel takes no mask: the memory-efficient one runs, over every block
+                kind = "attn_masked" if kind == "attn" else "attn_masked_bwd"
             nbytes = sum(t.numel() * t.element_size() for t in inputs[:3]) * 2
             return OpRecord(self.micro_batch, self.phase, self.layer, kind, flops, nbytes, itemsize, 1, selective)
-        flops = _matmul_flops(name, args, outs) if kind == "mm" else 0.0
+        flops = _matmul_flops(name, args, outs) if kind in ("mm", "gmm") else 0.0
         nbytes = sum(t.numel() * t.element_size() for t in inputs) + sum(
             t.numel() * t.element_size() for t in outs if isinstance(t, torch.Tensor))
         tensors = len(args[0]) if foreach and args and isinstance(args[0], (list, tuple)) else 1
@@ -323,7 +329,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return local if local is not None else t
 
 
-_MATMULS = frozenset({"mm", "addmm", "bmm", "baddbmm", "_grouped_mm"})
+_MATMULS = frozenset({"mm", "addmm", "bmm", "baddbmm"})
 _NO_KERNEL = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh",
                         "set_", "resize_", "_has_compatible_shallow_copy_type"})
 _ATTENTION = frozenset({"_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
@@ -335,7 +341,8 @@ _ATTENTION_BACKWARD = frozenset({f"{n}_backward" for n in _ATTENTION})
 def _op_info(func) -> tuple[str, str | None, bool, bool]:
     """(name, kind where the op alone decides it, foreach, mutates an input) of an ATen op, once per op."""
     name = func.__name__.split(".")[0]
-    kind = ("mm" if name in _MATMULS else "attn" if name in _ATTENTION else "attn_bwd" if name in _ATTENTION_BACKWARD
+    kind = ("mm" if name in _MATMULS else "gmm" if name == "_grouped_mm" else "attn" if name in _ATTENTION
+            else "attn_bwd" if name in _ATTENTION_BACKWARD
             else "no kernel" if func.is_view or name in _NO_KERNEL else None)
     return name, kind, name.startswith(("_foreach_", "_fused_")), func._schema.is_mutable
 

@@ -9,7 +9,9 @@ measured on an H200 by ``bench/timing.py kernels`` and fitted by ``bench/step_ti
 * matmuls: ``t0 + flops / (peak(dtype) x e_max)``, at least their bytes over the bandwidth: a product pays a fixed
   time (tiles, waves, the launch) and then runs at a share of the dtype's peak;
 * fused attention: the same form with its own ``e_max`` and ``t0``, backward ``attn_bwd_factor`` times the
-  forward's FLOPs;
+  forward's FLOPs; given an explicit mask (a sliding window shorter than the sequence) CUDA runs the
+  memory-efficient kernel over every block, with its own ``masked_attn_*`` constants;
+* grouped matmuls (a mixture-of-experts' tokens times their experts' weights): their own ``gmm_e_max``, ``gmm_t0``;
 * every other kernel: ``bytes / (bandwidth x mem_efficiency) + kernel_s`` (``kernel_s x sqrt(n)`` for a foreach op
   over n tensors, which launches several kernels);
 * a k-bit matmul (bitsandbytes): its product and its dequantization, times ``kbit_factor``;
@@ -57,6 +59,11 @@ class Calibration:
     attn_e_max: float = 0.6
     attn_t0: float = 2e-5
     attn_bwd_factor: float = 2.5
+    masked_attn_e_max: float = 0.3
+    masked_attn_t0: float = 2e-5
+    masked_attn_bwd_factor: float = 2.5
+    gmm_e_max: float = 0.75
+    gmm_t0: float = 1.5e-5
     mem_efficiency: float = 0.85
     kernel_s: float = 2.5e-6
     kbit_factor: float = 1.0
@@ -143,9 +150,17 @@ def op_times(ops, spec: ModelSpec, plan: Plan, gpu: GpuSpec, cal: Calibration, *
             gpu_s[i] = max(cal.mm_t0 + op.flops / (_peak_flops(gpu, plan, op.itemsize) * cal.mm_e_max),
                            op.bytes / bandwidth)
             host[i] = cal.host_op_s
+        elif kind == "gmm":
+            gpu_s[i] = max(cal.gmm_t0 + op.flops / (_peak_flops(gpu, plan, op.itemsize) * cal.gmm_e_max),
+                           op.bytes / bandwidth)
+            host[i] = cal.host_op_s
         elif kind in ("attn", "attn_bwd"):
             flops = op.flops * (cal.attn_bwd_factor if kind == "attn_bwd" else 1.0)
             gpu_s[i] = cal.attn_t0 + flops / (_peak_flops(gpu, plan, op.itemsize) * cal.attn_e_max)
+            host[i] = cal.host_op_s
+        elif kind in ("attn_masked", "attn_masked_bwd"):
+            flops = op.flops * (cal.masked_attn_bwd_factor if kind == "attn_masked_bwd" else 1.0)
+            gpu_s[i] = cal.masked_attn_t0 + flops / (_peak_flops(gpu, plan, op.itemsize) * cal.masked_attn_e_max)
             host[i] = cal.host_op_s
         elif kind == "kbit":
             mm = cal.mm_t0 + op.flops / (_peak_flops(gpu, plan, 2) * cal.mm_e_max) if op.flops else 0.0

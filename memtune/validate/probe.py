@@ -29,7 +29,8 @@ def measure_plan(spec: ModelSpec, plan: Plan, *, steps: int = 2, mesh=None, devi
         memory_cap_bytes: cap PyTorch's pool at this many bytes (``set_per_process_memory_fraction``), to stand in
             for a smaller card.
         snapshot_path: dump a CUDA memory snapshot of the measured steps there (``torch.cuda.memory``).
-        sdpa_backend: force the SDPA kernel the emulated GPU would use (``flash``, ``efficient`` or ``math``).
+        sdpa_backend: the SDPA kernel the emulated GPU picks for causal attention (``flash``, ``efficient`` or
+            ``math``): attention is limited to the kernels that GPU has.
         load_weights: start from ``spec.weights_dir`` instead of a random init.
 
     Returns:
@@ -51,12 +52,17 @@ def measure_plan(spec: ModelSpec, plan: Plan, *, steps: int = 2, mesh=None, devi
 
 
 def _sdpa_kernel(backend: str | None):
+    """Limit SDPA to the kernels the emulated card has, ``backend`` being what it picks for a causal call
+    (``compose.sdpa_backend``): with flash, the three; without, the memory-efficient and math kernels. The dispatcher
+    then chooses per call as on that card: an explicit mask (a sliding window shorter than the sequence) rules flash
+    out there too."""
     import contextlib
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    kernels = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-               "math": SDPBackend.MATH}
+    kernels = {"flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+               "efficient": [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+               "math": [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]}
     return sdpa_kernel(kernels[backend]) if backend in kernels else contextlib.nullcontext()
 
 

@@ -182,15 +182,39 @@ def test_a_traced_cost_is_marked_and_keeps_the_closed_forms_communication(tiny):
 
 
 def test_a_mixture_of_experts_counts_the_flops_of_the_experts_each_token_runs(tiny_mixtral):
-    """Mixtral's experts run as grouped matmuls: each token's top-k experts, forward and backward, are matmul FLOPs."""
+    """Mixtral's experts run as grouped matmuls: each token's top-k experts, forward and backward, are matmul FLOPs
+    (``gmm``, priced apart from dense ones)."""
     plan = Plan(seq_len=64, batch_size=2)
     trace = _trace(tiny_mixtral, plan)
     tokens, h, i = 128, 64, 128
-    forward = [op for op in trace.ops if op.micro_batch == 0 and op.phase == "forward" and op.kind == "mm"]
+    forward = [op for op in trace.ops if op.micro_batch == 0 and op.phase == "forward" and op.kind in ("mm", "gmm")]
+    assert {op.kind for op in forward} == {"mm", "gmm"}
     attention = 2 * tokens * (h * 64 + 2 * h * 32 + 64 * h)  # q, k, v, o
     router = 2 * tokens * h * 4
     experts = 2 * tokens * 2 * 3 * h * i  # top-2 of gate, up and down
     head = 2 * tokens * h * 256
     assert sum(op.flops for op in forward) == pytest.approx(trace.num_layers * (attention + router + experts) + head)
-    backward = sum(op.flops for op in trace.ops if op.micro_batch == 0 and op.phase == "backward" and op.kind == "mm")
+    backward = sum(op.flops for op in trace.ops if op.micro_batch == 0 and op.phase == "backward"
+                   and op.kind in ("mm", "gmm"))
     assert backward == pytest.approx(2 * sum(op.flops for op in forward))
+
+
+def test_attention_given_a_mask_counts_every_block_and_is_priced_as_the_masked_kernel(tmp_path):
+    """A sliding window shorter than the sequence makes transformers pass SDPA a mask: CUDA then runs the
+    memory-efficient kernel over the whole score matrix, so the op carries twice the causal FLOPs and its own kind."""
+    import json
+
+    from memtune.specs import resolve_model
+
+    cfg = {"model_type": "phi3", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 256, "max_position_embeddings": 256,
+           "sliding_window": 32, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    spec = resolve_model(str(tmp_path / "config.json"))
+    inside = _trace(spec, Plan(seq_len=16, batch_size=1), depth=2)
+    beyond = _trace(spec, Plan(seq_len=64, batch_size=1), depth=2)
+    kinds = lambda t: {op.kind for op in t.ops if op.kind.startswith("attn")}  # noqa: E731
+    assert kinds(inside) == {"attn", "attn_bwd"}
+    assert kinds(beyond) == {"attn_masked", "attn_masked_bwd"}
+    forward = next(op for op in beyond.ops if op.kind == "attn_masked")
+    assert forward.flops == 4.0 * 1 * 4 * 64 * 64 * 16  # b h s s d, no causal half
