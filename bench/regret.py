@@ -65,7 +65,22 @@ ARCHITECTURES = [
     ("phi-3-mini LoRA on L4-24GB, global 8 x 2048", str(MODELS / "phi-3-mini-4k"), "L4-24GB",
      {"seq_len": 2048, "global_batch": 8, "fixed": {"peft": "lora", "quantization": "none"}}, True),
 ]
-CASE_SETS = {"llama": CASES, "architectures": ARCHITECTURES}
+ARCHITECTURES_2 = [
+    # More models without a profile, measured after the first set: sliding-window layers that give attention a mask
+    # (Gemma-3: five in six layers at 512 tokens; Phi-3 at 4,096 tokens), a shared expert beside 60 routed ones
+    # (Qwen1.5-MoE), GraniteMoE's own expert layers.
+    ("gemma-3-1b full FT, global 16 x 4096", str(MODELS / "gemma-3-1b"), "H200-141GB",
+     {"seq_len": 4096, "global_batch": 16, "fixed": {"peft": "none"}}, False),
+    ("qwen1.5-moe-a2.7b (MoE) LoRA, global 8 x 2048", str(MODELS / "qwen1.5-moe-a2.7b"), "H200-141GB",
+     {"seq_len": 2048, "global_batch": 8, "fixed": {"peft": "lora", "quantization": "none"}}, False),
+    ("phi-3-mini QLoRA 4-bit, global 8 x 4096", str(MODELS / "phi-3-mini-4k"), "H200-141GB",
+     {"seq_len": 4096, "global_batch": 8, "fixed": {"peft": "lora", "quantization": "4bit"}}, False),
+    ("granite-3.0-1b-a400m (MoE) full FT, global 16 x 2048", str(MODELS / "granite-3.0-1b-a400m"), "H200-141GB",
+     {"seq_len": 2048, "global_batch": 16, "fixed": {"peft": "none"}}, False),
+    ("gemma-3-1b LoRA on L4-24GB, global 8 x 2048", str(MODELS / "gemma-3-1b"), "L4-24GB",
+     {"seq_len": 2048, "global_batch": 8, "fixed": {"peft": "lora", "quantization": "none"}}, True),
+]
+CASE_SETS = {"llama": CASES, "architectures": ARCHITECTURES, "architectures-2": ARCHITECTURES_2}
 
 
 def _commit() -> str:
@@ -160,7 +175,7 @@ def measure(plans_file: Path, out: Path, deadline: float) -> None:
         best = max(ok, key=lambda r: r["measured_tokens_per_s"]) if ok else None
         ratio = chosen["measured_tokens_per_s"] / best["measured_tokens_per_s"] \
             if chosen and best and chosen["measured_tokens_per_s"] else None
-        results.append({"name": case["name"], "gpu": case["gpu"], "emulated": case["emulated"],
+        results.append({"name": case["name"], "model": case["model"], "gpu": case["gpu"], "emulated": case["emulated"],
                         "commit": planned["commit"], "chosen": case["chosen"], "best": best and best["plan"],
                         "best_label": best and best["label"], "chosen_over_best": ratio, "measured": measured,
                         "device": torch.cuda.get_device_name(), "torch": torch.__version__})

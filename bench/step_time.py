@@ -43,7 +43,7 @@ STEP_FITTED = ("host_op_s", "host_view_s", "host_frame_s", "host_region_s", "hos
                "adam8bit_rate", "adam8bit_tensor_s")
 
 
-def fit_kernels(kernels: dict, gpu) -> dict:
+def fit_kernels(kernels: dict, gpu, kernels_2: dict | None = None) -> dict:
     """GPU efficiencies from the micro-benchmarks (kernels long enough that the host's launch rate does not set
     their time)."""
     def fit(points, peak_of):
@@ -63,8 +63,20 @@ def fit_kernels(kernels: dict, gpu) -> dict:
     attn_e, attn_t0 = fit(attn, peaks.get)
     ratios = [r["bwd_s"] / r["fwd_s"] for r in kernels["sdpa"] if r["fwd_s"] > 100e-6]
     big = [r["gbs"] for r in kernels["elementwise"] if r["numel"] >= 1 << 22 and r["op"] in ("add", "mul_", "sum_rows")]
-    return {"mm_e_max": mm_e, "mm_t0": mm_t0, "attn_e_max": attn_e, "attn_t0": attn_t0, "attn_bwd_factor": float(statistics.median(ratios)),
-            "mem_efficiency": float(statistics.median(big) / gpu.bandwidth_gbs)}
+    out = {"mm_e_max": mm_e, "mm_t0": mm_t0, "attn_e_max": attn_e, "attn_t0": attn_t0,
+           "attn_bwd_factor": float(statistics.median(ratios)),
+           "mem_efficiency": float(statistics.median(big) / gpu.bandwidth_gbs)}
+    if kernels_2:  # attention given a mask, grouped matmuls (bench/timing.py kernels-2)
+        masked = [(r["fwd_flops"], r["fwd_s"], "bfloat16") for r in kernels_2["sdpa_masked"] if r["fwd_s"] > 30e-6]
+        out["masked_attn_e_max"], out["masked_attn_t0"] = fit(masked, peaks.get)
+        out["masked_attn_bwd_factor"] = float(statistics.median(r["bwd_s"] / r["fwd_s"]
+                                                                for r in kernels_2["sdpa_masked"]))
+        # forward and backward (the input's and the weights' gradients: two grouped matmuls of the forward's FLOPs)
+        grouped = [(r["fwd_flops"], r["fwd_s"], "bfloat16") for r in kernels_2["grouped_mm"] if r["fwd_s"] > 30e-6]
+        grouped += [(r["fwd_flops"], r["bwd_s"] / 2, "bfloat16") for r in kernels_2["grouped_mm"]
+                    if r["bwd_s"] > 60e-6]
+        out["gmm_e_max"], out["gmm_t0"] = fit(grouped, peaks.get)
+    return out
 
 
 def load_rows(paths: list[Path]) -> list[dict]:
@@ -126,6 +138,31 @@ def host_layers(cal: Calibration) -> dict[str, float]:
     return out
 
 
+def other_architectures(path: Path, cal: Calibration) -> dict:
+    """The fitted model against steps of architectures the grid does not hold (measured on the H200 itself by
+    ``bench/regret.py measure``; the cases under a smaller card's cap are left out)."""
+    rows = []
+    for case in json.loads(path.read_text())["cases"]:
+        if case["emulated"]:
+            continue
+        for r in case["measured"]:
+            if not r.get("measured_step_time_s"):
+                continue
+            spec, plan = resolve_model(case.get("model") or _model_of(path, case["name"])), Plan.from_dict(r["plan"])
+            gpu = resolve_gpu(case["gpu"])
+            trace = cached_trace(spec, plan, fast_depth(spec), sdpa_backend(spec, plan, gpu))
+            t = step_time(spec, plan, gpu, trace, cal)
+            rows.append({"case": case["name"], "label": r["label"], "measured_step_s": r["measured_step_time_s"],
+                         "estimated_step_s": t.step_s, "error": t.step_s / r["measured_step_time_s"] - 1})
+    return {"source": str(path.relative_to(ROOT)), **summary([r["error"] for r in rows]), "rows": rows}
+
+
+def _model_of(path: Path, name: str) -> str:
+    """The model of a measured case, from the plans file beside it."""
+    plans = path.with_name(path.stem + "-plans.json")
+    return next(c["model"] for c in json.loads(plans.read_text())["cases"] if c["name"] == name)
+
+
 def summary(errs: list[float]) -> dict:
     a = [abs(e) for e in errs]
     return {"median_abs_err": statistics.median(a), "max_abs_err": max(a), "n": len(a)}
@@ -135,11 +172,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--grid", nargs="+", type=Path, default=sorted((ROOT / "bench/results/timing").glob("grid*.jsonl")))
     ap.add_argument("--kernels", type=Path, default=ROOT / "bench/results/timing/kernels.json")
+    ap.add_argument("--kernels-2", type=Path, default=ROOT / "bench/results/timing/kernels-2.json")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/step_time.json")
     ap.add_argument("--write-calibration", action="store_true")
+    ap.add_argument("--architectures", type=Path, default=ROOT / "bench/results/architectures.json",
+                    help="steps of models outside the grid (bench/regret.py measure), checked against the fit")
     args = ap.parse_args()
     gpu = resolve_gpu(GPU)
-    kernel_fit = fit_kernels(json.loads(args.kernels.read_text()), gpu)
+    kernel_fit = fit_kernels(json.loads(args.kernels.read_text()), gpu,
+                             json.loads(args.kernels_2.read_text()) if args.kernels_2.is_file() else None)
     rows = load_rows(args.grid)
     cases, untraceable = [], []
     for r in rows:
@@ -171,6 +212,7 @@ def main() -> None:
         "constants_other_fold": other.to_json(),
         "heldout_closed_form": summary(closed),
         "architectures": sorted({r["model"] for r, _ in heldout}),
+        "other_architectures": other_architectures(args.architectures, cal) if args.architectures.is_file() else None,
         "not_traced_here": untraceable,
         "rows": detail,
     }
