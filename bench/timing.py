@@ -4,6 +4,8 @@
                                                         # placements of selective checkpointing, profiled)
     python bench/timing.py kernels OUT.json             # matmul, attention, element-wise and launch micro-benchmarks
     python bench/timing.py kernels-2 OUT.json           # attention with an explicit mask, grouped (experts') matmuls
+    python bench/timing.py profile OUT.json --plans P.json   # each case's chosen plan in a regret plans file,
+                                                        # profiled: GPU time per aten op and per kernel
     python bench/timing.py grid OUT.jsonl [--deadline S] [--checkpointing selective]   # whole steps of the grid
 
 Every step is measured by ``memtune.validate.probe.measure_plan`` (the code ``memtune validate`` runs): one warm-up
@@ -445,9 +447,55 @@ def kernels_2(out: Path) -> None:
     out.write_text(json.dumps(rows, indent=1) + "\n")
 
 
+def profile_plans(out: Path, plans_file: Path) -> None:
+    """One profiled step of the chosen plan of each case on the GPU itself (``bench/regret.py plan``): the aten ops
+    and kernels that take the GPU's time, to set beside the trace's op by op."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rows = []
+    for case in json.loads(plans_file.read_text())["cases"]:
+        if case["emulated"]:
+            continue
+        spec, plan = resolve_model(case["model"]), Plan.from_dict(case["chosen"])
+        device = torch.device("cuda")
+        model = recipe.build_model(spec, plan, device=device)
+        optimizer = recipe.build_optimizer(model, plan)
+        batch = recipe.make_batch(spec, plan, device)
+        for _ in range(2):
+            recipe.train_step(model, optimizer, batch, plan)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            start = time.perf_counter()
+            recipe.train_step(model, optimizer, batch, plan)
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - start
+        events = prof.key_averages()
+
+        def device_us(e):
+            return getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
+
+        def inclusive_us(e):
+            return getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0))
+
+        aten = [e for e in events if e.key.startswith("aten::")]
+        kernels = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+        rows.append({"name": case["name"], "plan": case["chosen"], "wall_s": wall,
+                     "gpu_kernel_s": sum(device_us(e) for e in kernels) / 1e6,
+                     "aten": [{"op": e.key, "calls": e.count, "gpu_ms": inclusive_us(e) / 1e3,
+                               "host_ms": e.self_cpu_time_total / 1e3}
+                              for e in sorted(aten, key=lambda e: -inclusive_us(e))[:40]],
+                     "kernels": [{"kernel": e.key[:120], "calls": e.count, "ms": device_us(e) / 1e3}
+                                 for e in sorted(kernels, key=lambda e: -device_us(e))[:25]]})
+        print(case["name"], f"{wall:.3f} s", flush=True)
+        del model, optimizer, batch
+        torch.cuda.empty_cache()
+        out.write_text(json.dumps({"versions": versions(), "cases": rows}, indent=1) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=("sac", "kernels", "kernels-2", "grid"))
+    ap.add_argument("what", choices=("sac", "kernels", "kernels-2", "grid", "profile"))
+    ap.add_argument("--plans", type=Path, help="profile: a bench/regret.py plans file")
     ap.add_argument("out")
     ap.add_argument("--deadline", type=float, default=1e9, help="grid: start no plan after this many seconds")
     ap.add_argument("--checkpointing", choices=("none", "selective", "full"), default=None,
@@ -459,7 +507,7 @@ def main() -> None:
     (a @ a).sum().backward()
     del a
     {"sac": lambda: sac(Path(args.out), args.study), "kernels": lambda: kernels(Path(args.out)),
-     "kernels-2": lambda: kernels_2(Path(args.out)),
+     "kernels-2": lambda: kernels_2(Path(args.out)), "profile": lambda: profile_plans(Path(args.out), args.plans),
      "grid": lambda: grid(Path(args.out), args.deadline, args.checkpointing)}[args.what]()
 
 
