@@ -391,7 +391,7 @@ EXPERTS = {
 
 def kernels_2(out: Path) -> None:
     """Fused attention given an explicit mask (a sliding window shorter than the sequence: CUDA's dispatcher picks
-    the memory-efficient kernel, which computes every block) and grouped matmuls at mixture-of-experts shapes
+    a kernel that takes one - cuDNN's on the H200 - and computes every block) and grouped matmuls at mixture-of-experts shapes
     (transformers' ``grouped_mm`` experts: tokens sorted by expert, ``x @ W[e]`` per group), forward and backward;
     whether the memory-efficient kernel takes grouped-query attention (``enable_gqa``)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -282,7 +282,7 @@ class _Tracker(TorchDispatchMode):
             flops = 4.0 * b * h * s * k.shape[-2] * d  # QK^T and PV
             if (kwargs or {}).get("attn_mask") is None:
                 flops /= 2  # causal: the kernel skips the blocks above the diagonal
-            else:  # CUDA's flash kernel takes no mask: the memory-efficient one runs, over every block
+            else:  # a masked kernel (cuDNN's or the memory-efficient one; flash takes no mask) runs every block
                 kind = "attn_masked" if kind == "attn" else "attn_masked_bwd"
             nbytes = sum(t.numel() * t.element_size() for t in inputs[:3]) * 2
             return OpRecord(self.micro_batch, self.phase, self.layer, kind, flops, nbytes, itemsize, 1, selective)

@@ -10,7 +10,8 @@ measured on an H200 by ``bench/timing.py kernels`` and fitted by ``bench/step_ti
   time (tiles, waves, the launch) and then runs at a share of the dtype's peak;
 * fused attention: the same form with its own ``e_max`` and ``t0``, backward ``attn_bwd_factor`` times the
   forward's FLOPs; given an explicit mask (a sliding window shorter than the sequence) CUDA runs the
-  memory-efficient kernel over every block, with its own ``masked_attn_*`` constants;
+  masked kernel (cuDNN's on the H200, else the memory-efficient one) over every block, with its own
+  ``masked_attn_*`` constants;
 * grouped matmuls (a mixture-of-experts' tokens times their experts' weights): their own ``gmm_e_max``, ``gmm_t0``;
 * every other kernel: ``bytes / (bandwidth x mem_efficiency) + kernel_s`` (``kernel_s x sqrt(n)`` for a foreach op
   over n tensors, which launches several kernels);
