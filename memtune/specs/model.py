@@ -51,6 +51,10 @@ class ModelSpec:
     mixture-of-experts), all experts counted."""
     active_experts: float = 1.0
     """The share of those a token runs (``num_experts_per_tok`` over the number of experts)."""
+    experts: int = 0
+    """Routed experts per mixture-of-experts layer (0 for a dense model)."""
+    experts_per_token: int = 0
+    """Experts each token is routed to (top-k)."""
     hub_id: str | None = None
     """The Hugging Face Hub id the config names (``_name_or_path``), for exports to other tools."""
     weights_dir: str | None = None
@@ -74,6 +78,19 @@ class ModelSpec:
         h, i = self.hidden_size, self.intermediate_size
         into = [o for _, a, o in self.linear_shapes if a == h and o in (i, 2 * i)]
         return not self.linear_shapes or len(into) >= 2 or 2 * i in into
+
+    @property
+    def dense_mlp(self) -> bool:
+        """The layer has an MLP made of linears (a mixture-of-experts' shared expert counts; stacked experts do not):
+        a linear outside attention from the hidden size to the intermediate size or twice it."""
+        h, i = self.hidden_size, self.intermediate_size
+        return not self.linear_shapes or any(n not in self.attention_linears and a == h and o in (i, 2 * i)
+                                             for n, a, o in self.linear_shapes)
+
+    @property
+    def expert_intermediate(self) -> int:
+        """An expert's intermediate size, from its stacked weights (gate, up and down projections)."""
+        return self.expert_params // (3 * self.experts * self.hidden_size) if self.experts else 0
 
     @property
     def mlp_output_linear(self) -> str:
@@ -188,7 +205,7 @@ def _check_sizes(cfg: dict, path) -> None:
                               "or give head_dim")
 
 
-SPEC_FORMAT = 4
+SPEC_FORMAT = 5
 """Version of the cached spec files (``$MEMTUNE_CACHE/specs``); bump it when ``ModelSpec`` changes."""
 
 
@@ -285,6 +302,8 @@ def _build_spec(name: str, config_json: str) -> ModelSpec:
         norm_upcast=not norms or any(not isinstance(m, nn.LayerNorm) for m in norms),
         expert_params=int(stacked),
         active_experts=min(1.0, top_k / experts) if experts and top_k and stacked else 1.0,
+        experts=int(experts) if stacked else 0,
+        experts_per_token=int(top_k) if stacked else 0,
         hub_id=cfg.get("_name_or_path") or None,
     )
 
