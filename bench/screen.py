@@ -3,6 +3,8 @@ and plans: the planner screens every candidate and traces only those near the GP
 sets how wide that band must be, per class of plans (``screen_band``).
 
     python bench/screen.py   # writes bench/results/screen.json and profiles/screen_bands.json
+    python bench/screen.py --architectures   # models without a profile (bench/assets/models) against those bands:
+                                             # bench/results/screen-architectures.json
 """
 
 from __future__ import annotations
@@ -36,9 +38,48 @@ PLANS = ({}, {"precision": "fp32"}, {"precision": "amp-bf16"}, {"peft": "lora"},
          {"precision": "amp-bf16", "checkpointing": "full"},
          {"sharding": "fsdp", "offload": True, "checkpointing": "selective"})
 SHAPES = ((1, 1024), (2, 4096))
+ARCHITECTURE_PLANS = ({}, {"peft": "lora"}, {"peft": "lora", "quantization": "4bit"}, {"checkpointing": "full"},
+                      {"checkpointing": "selective"}, {"peft": "lora", "checkpointing": "selective"})
+ARCHITECTURE_SHAPES = ((1, 1024), (4, 2048))
+
+
+def architectures() -> None:
+    """The screen against the fast trace for the models in ``bench/assets/models`` (LoRA on each model's default
+    targets), checked against the bands the main grid set; the bands are left as they are."""
+    import dataclasses
+
+    from grids import plan_grid
+    from memtune.estimate import estimate
+    from memtune.estimate.screen import plan_class, screen, screen_band
+    from memtune.specs import resolve_gpu
+    from memtune.specs.model import default_lora_targets
+
+    gpu = resolve_gpu("H200-141GB")
+    models = [str(p.parent.relative_to(ROOT) / "config.json")
+              for p in sorted((ROOT / "bench/assets/models").glob("*/config.json"))]
+    rows = []
+    for model, spec, fields, plan in plan_grid(models, ARCHITECTURE_PLANS, ARCHITECTURE_SHAPES):
+        if plan.peft == "lora":
+            plan = dataclasses.replace(plan, lora_targets=default_lora_targets(spec))
+        error = screen(spec, plan, gpu).required_bytes / estimate(spec, plan, gpu, fast=True).required_bytes - 1
+        under, over = screen_band(plan)
+        rows.append({"model": model, "plan": fields, "class": plan_class(plan), "batch_size": plan.batch_size,
+                     "seq_len": plan.seq_len, "error": error, "within_band": -under <= error <= over})
+        print(model, fields, plan.batch_size, plan.seq_len, f"{100 * error:+.1f} %", flush=True)
+    errors = [r["error"] for r in rows]
+    summary = {"rows": len(rows), "median_abs_error": statistics.median(abs(e) for e in errors),
+               "max_over": max(errors), "max_under": min(errors),
+               "within_band": sum(r["within_band"] for r in rows) / len(rows)}
+    print(summary)
+    (ROOT / "bench" / "results" / "screen-architectures.json").write_text(json.dumps(
+        {"command": "python bench/screen.py --architectures", "gpu": gpu.name,
+         "compared": "required bytes, screen vs fast trace, against profiles/screen_bands.json",
+         "summary": summary, "rows": rows}, indent=1) + "\n")
 
 
 def main() -> None:
+    if "--architectures" in sys.argv[1:]:
+        return architectures()
     from grids import plan_grid
     from memtune.errors import InvalidPlanError
     from memtune.estimate import estimate
