@@ -284,7 +284,7 @@ def validate(
 
         render_validation(console, spec, record)
     if report:
-        from memtune.report import validation_report
+        from memtune.reporting import validation_report
 
         _say_written(validation_report(record.to_json(), report), as_json)
     if not record.agrees:
@@ -384,7 +384,7 @@ def plan(
     if export and result.chosen:
         _print_export(export, spec.hub_id or model, result.chosen.plan)
     if report:
-        from memtune.report import plan_report
+        from memtune.reporting import plan_report
 
         _say_written(plan_report(result.to_json(), report), as_json)
     if result.chosen is None:  # as `check`: a plan that does not fit is an answer, not bad input
@@ -477,7 +477,7 @@ app.command(name="launch")(_user_errors(_launch))
 app.command(name="tune")(_user_errors(_tune))
 
 # -- report --
-from memtune.report.command import report as _report  # noqa: E402 - registered after the app exists
+from memtune.reporting import report as _report  # noqa: E402 - registered after the app exists
 
 app.command(name="report")(_user_errors(_report))
 

@@ -191,7 +191,10 @@ def _start_record(prep: _Prepared, out: Path, command: list[str] | None, torch,
                   override: frozenset[str] = frozenset()) -> dict:
     path = out / RUN_JSON
     now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    base = {"model": prep.plan_file.model, "model_path": prep.spec.name, "gpu": prep.gpu.name,
+    from memtune.records import SCHEMA_VERSION
+
+    base = {"schema": SCHEMA_VERSION, "model": prep.plan_file.model, "model_path": prep.spec.name,
+            "gpu": prep.gpu.name,
             "plan": prep.plans[0].to_dict(),
             "fallbacks": [p.to_dict() for p in prep.plans[1:]], "run": prep.run.to_dict(),
             "world_size": prep.plans[0].world_size, "device": _device_name(torch, prep.plans[0]), "estimate": None,
@@ -257,7 +260,7 @@ def _end(record: dict, out: Path, status: str, writer: bool, console: Console, *
 
 def write_report(out: Path, console: Console) -> Path | None:
     """``report.html`` of the run folder; a failure to render it is a note, never the run's failure."""
-    from memtune.report import write_report as render
+    from memtune.reporting import write_report as render
 
     try:
         return render(out, out / "report.html")

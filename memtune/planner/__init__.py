@@ -93,7 +93,10 @@ class PlanResult:
         if self.chosen is None:
             ran = [c for c in self.candidates if c.breakdown is not None]
             closest = one(min(ran, key=lambda c: c.breakdown.required_bytes)) if ran else None
+        from memtune.records import SCHEMA_VERSION
+
         return {
+            "schema": SCHEMA_VERSION,
             "model": self.model,
             "gpu": self.gpu,
             "chosen": self.chosen.plan.to_dict() if self.chosen else None,

@@ -199,3 +199,27 @@ def expressible(tool: str):
         exporter("model", plan)
 
     return check
+
+
+def plan_exports(model_name: str, plan: Plan) -> list:
+    """The plan in each other tool's words (``memtune.records.Export``): llama-cookbook's command and
+    ``finetuning.main`` keyword arguments, the Hugging Face Trainer's settings; where a tool cannot express the
+    plan, why."""
+    import json
+
+    from memtune.errors import MemtuneError
+    from memtune.records import Export
+
+    out = []
+    for title, make, lang in (
+        ("llama-cookbook command", lambda: shell(llama_cookbook_command(model_name, plan)), "shell"),
+        ("llama-cookbook finetuning.main keyword arguments",
+         lambda: json.dumps(llama_cookbook_kwargs(model_name, plan), indent=2), "json"),
+        ("Hugging Face from_pretrained, TrainingArguments, LoRA and accelerate settings",
+         lambda: json.dumps(hf_trainer_config(model_name, plan), indent=2), "json"),
+    ):
+        try:
+            out.append(Export(title=title, text=make(), lang=lang))
+        except MemtuneError as e:
+            out.append(Export(title=title, text=f"not expressible there: {e}", lang="note"))
+    return out

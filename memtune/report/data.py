@@ -9,11 +9,9 @@ A report joins up to three records, found by their content rather than their fil
 * a run folder (``memtune launch``): ``run.json``, ``metrics.jsonl``, and ``plan.json`` / ``validation.json`` when
   they are there.
 
-Everything here is reading and arithmetic on bytes; formatting happens in ``memtune.report.html``. Two things
-repeat memtune's own estimates: a candidate's split by category, when the record keeps only its total, and the
-estimated memory timeline, when no snapshot exists (the allocation events of memtune's trace of the step replayed
-through the caching-allocator model, ``memtune.estimate.allocator``); both come from the trace cache when the plan
-was made on this machine.
+Everything here is reading and arithmetic on bytes; formatting happens in ``memtune.report.html``. What memtune
+computes for a report but the records may lack - the estimated memory timeline, the plan's exports to other tools
+(``memtune.records``) - is filled in by ``memtune.annotate`` before the report is drawn; nothing here estimates.
 """
 
 from __future__ import annotations
@@ -27,12 +25,14 @@ import pandas as pd
 
 from memtune.errors import ConfigError, MemtuneError
 from memtune.estimate.categories import ALLOCATED_CATEGORIES, MemCategory, Phase
+from memtune.records import EstimatedTimeline, Export
 
 RUN_FILES = ("run.json", "plan.json", "validation.json")
 CHART_TOP = 12
 """Candidates in the chart (the cheapest, as in the terminal's plan table); the table lists them all."""
 MAX_TIMELINE_POINTS = 1500
-"""A timeline is cut into this many buckets (keeping each bucket's highest point) so the SVG stays small."""
+"""A measured timeline is cut into this many buckets (keeping each bucket's highest point) so the SVG stays
+small (``memtune.records.MAX_TIMELINE_POINTS`` for an estimated one)."""
 
 
 @dataclass(kw_only=True)
@@ -47,6 +47,15 @@ class Sources:
     metrics: list[dict] = field(default_factory=list)
     base: Path | None = None
     """Folder the records came from: relative paths (a snapshot) are looked up there."""
+    estimated_timeline: EstimatedTimeline | None = None
+    """The report's plan's estimated memory timeline (``memtune.annotate``)."""
+    exports: list[Export] = field(default_factory=list)
+    """The report's plan in other tools' words (``memtune.annotate``)."""
+
+    @property
+    def has_snapshot(self) -> bool:
+        """A CUDA memory snapshot will be drawn as the timeline."""
+        return find_snapshot(self) is not None
 
     @property
     def kind(self) -> str:
@@ -266,21 +275,12 @@ def candidates_frame(result: dict) -> pd.DataFrame:
 
 
 def _rank(candidate: dict) -> tuple:
-    """The planner's order: its own ``rank`` where the record has it (those it could not estimate last); records
-    made before it kept one are ordered as it did then: the most tokens/s per GPU (to 4 significant digits); at
-    equal cost no quantization, then its preferred optimizer and precision; then the most headroom."""
+    """The planner's order, as the record keeps it (``rank``; those it could not estimate last); a record made
+    before it kept one: the most estimated tokens/s per GPU, then the most headroom."""
     if "rank" in candidate:
-        return (candidate["rank"] is None, candidate["rank"] or 0, 0, 0, 0, 0)
-    from memtune import planner
-
-    optimizers = getattr(planner, "OPTIMIZERS", ())
-    precisions = getattr(planner, "PRECISIONS", ())
-    plan = candidate.get("plan") or {}
+        return (candidate["rank"] is None, candidate["rank"] or 0, 0)
     speed = candidate.get("estimated_tokens_per_s")
     return (candidate.get("required_bytes") is None, -float(f"{speed:.4g}") if speed else 0.0,
-            plan.get("quantization", "none") != "none",
-            optimizers.index(plan.get("optimizer")) if plan.get("optimizer") in optimizers else len(optimizers),
-            precisions.index(plan.get("precision")) if plan.get("precision") in precisions else len(precisions),
             -(candidate.get("headroom_bytes") or 0))
 
 
@@ -308,22 +308,17 @@ def charted_candidates(frame: pd.DataFrame, top: int = CHART_TOP) -> pd.DataFram
     return shown
 
 
-def candidate_components(result: dict, model: str, gpu: str, shown: pd.DataFrame | None = None
-                         ) -> tuple[pd.DataFrame, str | None]:
+def candidate_components(result: dict, shown: pd.DataFrame | None = None) -> tuple[pd.DataFrame, str | None]:
     """Bytes by category of the candidates in ``shown`` (default: ``charted_candidates``), one row each under its
     display label, columns in ``MemCategory`` order (runtime overhead included), and a note naming those that
     could not be split by category.
 
-    A plan result keeps each candidate's total; its split is taken from the result when present (``components``),
-    from the chosen plan's estimate, or else estimated again the way it was (the planner's closed-form screen, or
-    the trace) - each kept only when it gives the recorded total (within 0.5 %), so the chart never disagrees
-    with the table. Otherwise the bar shows PyTorch's pool and the runtime overhead.
+    A plan result keeps each candidate's split (``components``; records from before it did keep it for the chosen
+    plan only, in ``estimate``), used when it gives the recorded total (within 0.5 %), so the chart never disagrees
+    with the table. Otherwise the bar shows the total needed, unsplit.
     """
-    from memtune.estimate import overhead
-
     if shown is None:
         shown = charted_candidates(candidates_frame(result))
-    specs: list = []
     rows, unsplit = {}, []
     for position, row in shown.iterrows():
         c = result["candidates"][position]
@@ -331,14 +326,7 @@ def candidate_components(result: dict, model: str, gpu: str, shown: pd.DataFrame
                                                result.get("chosen") and result["estimate"]["components"])
                            if given and _adds_up(given, c["required_bytes"])), None)
         if components is None:
-            if not specs:
-                specs = [resolve_model(model), resolve_gpu(gpu)]
-            components = _estimated_components(*specs, c) if all(specs) else None
-        if components is None:
-            plan = c.get("plan") or {}
-            runtime = overhead.runtime_overhead_bytes(plan.get("num_gpus", 1) * plan.get("nodes", 1) > 1
-                                                      or plan.get("sharding", "none") != "none")
-            components = {MemCategory.RUNTIME.value: runtime, "pool": c["required_bytes"] - runtime}
+            components = {"needed (not split)": c["required_bytes"]}
             unsplit.append(row["display"])
         rows[row["display"]] = components
     frame = pd.DataFrame.from_dict(rows, orient="index").fillna(0).astype("int64")
@@ -346,42 +334,12 @@ def candidate_components(result: dict, model: str, gpu: str, shown: pd.DataFrame
     frame = frame[order + [c for c in frame.columns if c not in order]]
     note = None
     if unsplit:
-        note = (f"not split by category (the record keeps only the total, and the estimate could not be repeated "
-                f"here): {', '.join(unsplit)}")
+        note = f"not split by category (the record keeps only the total): {', '.join(unsplit)}"
     return frame, note
 
 
 def _adds_up(components: dict, total: int) -> bool:
     return abs(sum(components.values()) - total) <= 0.005 * total
-
-
-def _estimated_components(spec, gpu_spec, candidate: dict) -> dict | None:
-    """The candidate's bytes by category, estimated again by the method the record names (the screen, or the
-    trace at screening and then at full depth), if one gives its recorded total."""
-    from memtune.estimate import estimate
-
-    plan = plan_of(candidate.get("plan"))
-    if plan is None:
-        return None
-    methods = [lambda: estimate(spec, plan, gpu_spec, fast=True), lambda: estimate(spec, plan, gpu_spec)]
-    if candidate.get("method") == "screen":
-        try:
-            from memtune.estimate.screen import screen
-        except ImportError:
-            return None
-        methods = [lambda: screen(spec, plan, gpu_spec)]
-    for method in methods:
-        try:
-            b = method()
-        except MemtuneError:
-            return None
-        if _adds_up({"all": b.required_bytes}, candidate["required_bytes"]):
-            components = {c.value: v for c, v in b.components.items()}
-            # On a card where the allocator releases its cache under pressure, the pool is smaller than unlimited.
-            components[MemCategory.ALLOCATOR_CACHE.value] = (b.required_bytes - b.runtime_overhead_bytes
-                                                             - b.peak_allocated_bytes)
-            return components
-    return None
 
 
 def validation_phases_frame(record: dict) -> pd.DataFrame | None:
@@ -545,45 +503,9 @@ def find_snapshot(sources: Sources) -> Path | None:
     return None
 
 
-def estimated_timeline_frame(model: str, gpu: str, plan_dict: dict) -> tuple[pd.DataFrame, dict] | None:
-    """Allocated and reserved bytes after every allocation and free of memtune's trace of the step (one warm-up
-    step, which creates the optimizer states, then the step the estimate is taken from), replayed through the
-    caching-allocator model, cuBLAS workspaces included; None when the model or GPU cannot be resolved here or
-    the plan cannot be traced.
-
-    Returns:
-        the frame and ``{"peak_allocated", "peak_reserved"}`` of the replay.
-    """
-    from memtune.estimate import overhead, sdpa_backend
-    from memtune.estimate.allocator import CachingAllocatorModel
-    from memtune.estimate.compose import cached_trace
-
-    spec, gpu_spec, plan = resolve_model(model), resolve_gpu(gpu), plan_of(plan_dict)
-    if spec is None or gpu_spec is None or plan is None:
-        return None
-    try:
-        plan.check_model(spec)
-        plan.check_gpu(gpu_spec)
-        trace = cached_trace(spec, plan, spec.num_layers, sdpa_backend(spec, plan, gpu_spec))
-    except MemtuneError:
-        return None
-    workspace = overhead.cublas_workspace_bytes(gpu_spec.compute_capability)
-    allocator, blocks, rows = CachingAllocatorModel(), {}, []
-    for i, (op, uid, nbytes, stream) in enumerate(trace.events):
-        if op:
-            blocks[uid] = allocator.malloc(nbytes, stream)
-        else:
-            allocator.free(blocks.pop(uid))
-        rows.append((i, allocator.allocated + workspace, allocator.reserved + workspace))
-    frame = pd.DataFrame(rows, columns=["x", "allocated", "reserved"])
-    peaks = {"peak_allocated": int(frame["allocated"].max()) if len(frame) else 0,
-             "peak_reserved": int(frame["reserved"].max()) if len(frame) else 0}
-    return _bucket_max(frame), peaks
-
-
-def timeline(sources: Sources, *, estimate_if_missing: bool = True) -> Timeline | None:
-    """The memory timeline of the report's plan: measured, from the validation's CUDA snapshot, or else
-    estimated, from memtune's trace (when ``estimate_if_missing``)."""
+def timeline(sources: Sources) -> Timeline | None:
+    """The memory timeline of the report's plan: measured, from the validation's CUDA snapshot, or else estimated
+    (``sources.estimated_timeline``)."""
     est = sources.estimate
     limit = label = None
     if est:
@@ -597,15 +519,13 @@ def timeline(sources: Sources, *, estimate_if_missing: bool = True) -> Timeline 
         frame = snapshot_timeline_frame(read_snapshot(path))
         return Timeline(frame=frame, source="snapshot", x_label="time (ms)", limit_bytes=limit, limit_label=label,
                         notes=(f"measured by PyTorch over the validated steps ({path.name})",))
-    if not estimate_if_missing or not sources.plan:
+    t = sources.estimated_timeline
+    if t is None:
         return None
-    replayed = estimated_timeline_frame(sources.model, sources.gpu, sources.plan)
-    if replayed is None:
-        return None
-    frame, peaks = replayed
+    frame = pd.DataFrame({"x": t.x, "allocated": t.allocated, "reserved": t.reserved})
     notes = ["estimated: memtune's trace of the step on fake tensors, replayed through its model of the caching "
              "allocator (no snapshot was recorded; `memtune validate --snapshot` records one on a GPU)"]
-    if est and abs(peaks["peak_allocated"] - est["peak_allocated_bytes"]) > 0.01 * est["peak_allocated_bytes"]:
+    if est and abs(t.peak_allocated - est["peak_allocated_bytes"]) > 0.01 * est["peak_allocated_bytes"]:
         notes.append("this replay comes from the current estimator, whose peak differs from the recorded estimate "
                      "by more than 1 %")
     return Timeline(frame=frame, source="estimate", x_label="allocation events (warm-up step, then the estimated step)",

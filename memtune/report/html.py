@@ -214,7 +214,7 @@ def _plan_section(sources: data.Sources) -> dict | None:
     out["chart_subset"] = (f"the {len(shown)} cheapest of the {len(estimated)} estimated candidates"
                            if len(shown) < len(estimated) else None)
     if len(shown):
-        components, note = data.candidate_components(result, sources.model_path, sources.gpu, shown)
+        components, note = data.candidate_components(result, shown)
         device = sources.estimate["device_usable_bytes"] if sources.estimate else None
         gpu = data.resolve_gpu(sources.gpu)
         device = device or (gpu.memory_bytes if gpu else None)
@@ -274,8 +274,8 @@ def _validation_section(record: dict | None) -> dict | None:
     return out
 
 
-def _timeline_section(sources: data.Sources, estimate_timeline: bool) -> dict | None:
-    t = data.timeline(sources, estimate_if_missing=estimate_timeline)
+def _timeline_section(sources: data.Sources) -> dict | None:
+    t = data.timeline(sources)
     if t is None:
         return None
     return {"chart": figures.timeline_chart(t), "notes": list(t.notes), "source": t.source,
@@ -383,8 +383,6 @@ def plan_file_text(model: str, gpu: str, plan: dict) -> str:
 
 
 def _reproduce(sources: data.Sources) -> list[dict]:
-    from memtune.planner.export import hf_trainer_config, llama_cookbook_command, llama_cookbook_kwargs, shell
-
     plan, model, gpu = sources.plan, sources.model_path, sources.gpu
     items = []
     if sources.run and sources.run.get("command"):
@@ -402,29 +400,13 @@ def _reproduce(sources: data.Sources) -> list[dict]:
                                            tolerance=record.get("tolerance")), "lang": "shell"})
     items.append({"title": "Plan file, for memtune validate --plan-file plan.toml and memtune check plan.toml",
                   "text": plan_file_text(model, gpu, plan), "lang": "toml"})
-    p = data.plan_of(plan)
-    if p is None:
-        return items
-    spec = data.resolve_model(model)
-    hub = (spec.hub_id if spec else None) or model
-    for title, make in (
-        ("llama-cookbook command", lambda: shell(llama_cookbook_command(hub, p))),
-        ("llama-cookbook finetuning.main keyword arguments",
-         lambda: json.dumps(llama_cookbook_kwargs(hub, p), indent=2)),
-        ("Hugging Face from_pretrained, TrainingArguments, LoRA and accelerate settings",
-         lambda: json.dumps(hf_trainer_config(hub, p), indent=2)),
-    ):
-        try:
-            items.append({"title": title, "text": make(), "lang": "shell" if "command" in title else "json"})
-        except MemtuneError as e:
-            items.append({"title": title, "text": f"not expressible there: {e}", "lang": "note"})
+    items.extend(e.to_json() for e in sources.exports)
     return items
 
 
-def build_context(sources: data.Sources, *, estimate_timeline: bool = True) -> dict:
-    """Everything the template shows, computed from the records (and, where a record lacks them, memtune's own
-    estimates: candidates' splits by category and the estimated timeline; ``estimate_timeline=False`` skips the
-    latter)."""
+def build_context(sources: data.Sources) -> dict:
+    """Everything the template shows, computed from the records (``memtune.annotate`` fills in the estimated
+    timeline and the exports a record lacks)."""
     figures.new_page()
     est = sources.estimate
     kind = sources.kind
@@ -440,7 +422,7 @@ def build_context(sources: data.Sources, *, estimate_timeline: bool = True) -> d
         "plan": _plan_section(sources),
         "validation": _validation_section(sources.validation),
         "run": _run_section(sources),
-        "timeline": _timeline_section(sources, estimate_timeline),
+        "timeline": _timeline_section(sources),
         "reproduce": _reproduce(sources),
     }
     ctx["headline"] = _headline(sources, ctx)
@@ -462,9 +444,9 @@ def _headline(sources: data.Sources, ctx: dict) -> dict:
     return {"class": "bad", "text": "no candidate fits: try a shorter --seq-len, a smaller --batch-size or more GPUs"}
 
 
-def render(sources: data.Sources, *, estimate_timeline: bool = True) -> str:
+def render(sources: data.Sources) -> str:
     """The report page as HTML text."""
-    context = build_context(sources, estimate_timeline=estimate_timeline)
+    context = build_context(sources)
     return _environment().get_template("report.html.j2").render(**context)
 
 

@@ -98,8 +98,11 @@ class ValidationRecord:
         return abs(self.error) <= self.tolerance and fit_agrees
 
     def to_json(self) -> dict:
+        from memtune.records import SCHEMA_VERSION
+
         return {
-            "model": self.model, "gpu": self.gpu, "mode": self.mode, "device_name": self.device_name,
+            "schema": SCHEMA_VERSION, "model": self.model, "gpu": self.gpu, "mode": self.mode,
+            "device_name": self.device_name,
             "plan": self.plan.to_dict(), "tolerance": self.tolerance, "memory_cap_bytes": self.memory_cap_bytes,
             "verdict": self.verdict, "agrees": self.agrees, "oom": self.oom, "error": self.error,
             "estimated_peak_allocated_bytes": self.estimate.peak_allocated_bytes,

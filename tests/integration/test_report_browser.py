@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from memtune.report import plan_report, write_index, write_report
+from memtune.report import write_index
+from memtune.reporting import plan_report, write_report
 from tests.conftest import ASSETS
 from tests.unit.test_report_escaping import EVIL, evil_plan_result
 

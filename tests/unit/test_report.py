@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from memtune.cli import app
 from memtune.errors import ConfigError
-from memtune.report import data, html, plan_report, validation_report, write_index, write_report
+from memtune.report import data, html, write_index
+from memtune.reporting import annotate, plan_report, validation_report, write_report
 from memtune.units import MiB, fmt_gib
 from tests.conftest import ASSETS
 
@@ -97,22 +98,21 @@ def test_plan_report_of_the_llama_guard_case(plan_page):
 
 def test_each_candidate_bar_adds_up_to_what_the_table_says_it_needs():
     result = load("plan.json")
-    frame, _ = data.candidate_components(result, "llama-guard-3-1b", "L4-24GB")
+    frame, _ = data.candidate_components(result)
     assert sorted(frame.index) == sorted(c["label"] for c in result["candidates"])
     for c in result["candidates"]:
         assert frame.loc[c["label"]].sum() == pytest.approx(c["required_bytes"], rel=0.005)
-    assert frame.loc["full fine-tune"].to_dict() == result["estimate"]["components"]  # the chosen plan's split
+    chosen = {k: v for k, v in frame.loc["full fine-tune"].to_dict().items() if v}
+    assert chosen == {k: v for k, v in result["estimate"]["components"].items() if v}  # the chosen plan's split
 
 
-def test_candidates_are_split_by_category_the_way_they_were_estimated(tiny):
+def test_candidates_are_split_by_category_as_the_planner_recorded_them(tiny):
     from memtune.planner import plan_candidates
     from memtune.specs import resolve_gpu
 
     result = plan_candidates(tiny, resolve_gpu("T4-16GB"), seq_len=128).to_json()
-    for c in result["candidates"]:
-        c.pop("components", None)  # as if the record kept only the totals
     frame = data.candidates_frame(result)
-    components, note = data.candidate_components(result, tiny.name, "T4-16GB", frame)
+    components, note = data.candidate_components(result, frame)
     assert note is None and len(components) == len(frame[frame["required_bytes"].notna()])
     for _, row in frame[frame["required_bytes"].notna()].iterrows():
         assert components.loc[row["display"]].sum() == pytest.approx(row["required_bytes"], rel=0.005)
@@ -121,12 +121,32 @@ def test_candidates_are_split_by_category_the_way_they_were_estimated(tiny):
     assert (~above["fits"] | (above["tokens_per_s"] > frame[frame["chosen"]]["tokens_per_s"].iloc[0])).all()
 
 
-def test_candidates_are_shown_as_totals_when_the_estimate_cannot_be_repeated():
+def test_candidates_are_shown_as_totals_when_the_record_keeps_only_those():
     result = load("plan.json")
-    frame, note = data.candidate_components(result, "no-such-model", "L4-24GB")
-    assert note.endswith(": full fine-tune + checkpointing")  # the chosen plan's split is in the record
+    for c in result["candidates"]:
+        c.pop("components", None)  # a record from before the planner kept every candidate's split
+    frame, note = data.candidate_components(result)
+    assert note.endswith(": full fine-tune + checkpointing")  # the chosen plan's split is in its estimate
     row = frame.loc["full fine-tune + checkpointing"]
-    assert row["pool"] + row["runtime_overhead"] == result["candidates"][1]["required_bytes"]
+    assert row["needed (not split)"] == result["candidates"][1]["required_bytes"]
+    assert {k: v for k, v in frame.loc["full fine-tune"].to_dict().items() if v} == \
+        {k: v for k, v in result["estimate"]["components"].items() if v}
+
+
+def test_the_report_package_never_estimates():
+    """report/ reads records and draws them: the estimated timeline and the exports come in the records or from
+    memtune.reporting, so nothing under report/ imports the estimator, the planner or the training code."""
+    import ast
+
+    package = Path(data.__file__).parent
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                assert not name.startswith(("memtune.estimate.", "memtune.planner", "memtune.train",
+                                            "memtune.validate", "memtune.launch")) or \
+                    name == "memtune.estimate.categories", (path.name, name)
 
 
 def test_validation_report_joins_the_estimate_and_the_measurement(tmp_path):
@@ -152,7 +172,7 @@ def test_validation_report_joins_the_estimate_and_the_measurement(tmp_path):
 @pytest.mark.parametrize("line", range(15))
 def test_every_recorded_validation_renders(line):
     record = json.loads((RESULTS / "validation.jsonl").read_text().splitlines()[line])
-    page = html.render(data.Sources(origin="validation.jsonl", validation=record), estimate_timeline=False)
+    page = html.render(data.Sources(origin="validation.jsonl", validation=record))
     assert_self_contained(page)
     assert record["verdict"].replace("'", "&#39;") in page
     if record["oom"]:
@@ -197,10 +217,10 @@ def test_a_plan_where_nothing_fits(tmp_path):
     for c in result["candidates"]:
         c.update(fits=False, verdict="does not fit", reason="does not fit: needs more than the card has")
     result.update(chosen=None, estimate=None, closest_miss=result["candidates"][1])
-    page = html.render(data.Sources(origin="plan", plan_result=result), estimate_timeline=False)
+    page = html.render(data.Sources(origin="plan", plan_result=result))
     assert "<title>unknown model on unknown GPU: plan report</title>" in page  # no estimate names them
     result.update(model="llama-guard-3-1b", gpu="L4-24GB")
-    page = html.render(data.Sources(origin="plan", plan_result=result), estimate_timeline=False)
+    page = html.render(data.Sources(origin="plan", plan_result=result))
     assert_self_contained(page)
     assert "no candidate fits: try a shorter --seq-len" in page
     assert "Closest: full fine-tune + checkpointing (does not fit: needs more than the card has)" in page
@@ -213,7 +233,7 @@ def test_plans_tried_and_fallbacks_of_any_shape():
                           {"plan": "full fine-tune + checkpointing", "outcome": "finished", "at_step": None}]
     run["fallbacks"] = [{"precision": "bf16", "from_a_newer_memtune": True}]
     run["started"] = 1795888000
-    page = html.render(data.Sources(origin="run", run=run), estimate_timeline=False)
+    page = html.render(data.Sources(origin="run", run=run))
     assert "<td>full fine-tune: bf16, batch 1 x 1139 tokens, adamw</td><td>out of memory</td>" in page
     assert '<td>full fine-tune + checkpointing</td><td>finished</td><td class="num">-</td>' in page
     assert "{&#34;precision&#34;: &#34;bf16&#34;, &#34;from_a_newer_memtune&#34;: true}" in page
@@ -228,7 +248,7 @@ def test_a_run_on_the_cpu_says_no_memory_was_measured(tmp_path):
     assert len(train) == 40 and len(evals) == 2 and train["peak_allocated_bytes"].isna().all()
     run = json.loads((REPORT / "run" / "run.json").read_text()) | {"device": "cpu"}
     sources = data.Sources(origin="run", run=run, metrics=rows)
-    page = html.render(sources, estimate_timeline=False)
+    page = html.render(sources)
     assert "no GPU memory was measured" in page and "highest peak" not in page
 
 
@@ -303,8 +323,7 @@ def test_sources_are_recognised_by_content(tmp_path):
 def test_plan_report_api_and_index(tmp_path, plan_page, monkeypatch):
     out = plan_report(load("plan.json"), tmp_path / "a.html")
     assert out == tmp_path / "a.html" and out.read_text().count("<svg ") == 2
-    (tmp_path / "b.html").write_text(html.render(data.Sources(origin="v", validation=load("validation.json")),
-                                                 estimate_timeline=False))
+    (tmp_path / "b.html").write_text(html.render(data.Sources(origin="v", validation=load("validation.json"))))
     (tmp_path / "notes.html").write_text("<html><head><title>My notes</title></head><body></body></html>")
     index = write_index(tmp_path)
     assert index == tmp_path / "index.html"

@@ -3,7 +3,8 @@
 import json
 from html.parser import HTMLParser
 
-from memtune.report import plan_report, write_index
+from memtune.report import write_index
+from memtune.reporting import plan_report
 from tests.conftest import ASSETS
 
 EVIL = "<script>alert(1)</script>"

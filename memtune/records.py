@@ -1,0 +1,98 @@
+"""What one stage hands the next, as it is written to disk: the parts of a record the report reads and no stage
+recomputes.
+
+A plan result (``memtune plan --json``, a run's ``plan.json``), a validation record (``validation.json``) and a
+run's ``run.json`` are JSON objects; each carries ``schema`` (``SCHEMA_VERSION``) and, where memtune could
+compute them when it wrote the record:
+
+* ``estimated_timeline``: allocated and reserved bytes after every allocation and free of the plan's traced step,
+  replayed through the caching-allocator model (``EstimatedTimeline``);
+* ``exports``: the plan in the other tools' words (llama-cookbook's command and keyword arguments, the Hugging Face
+  Trainer's settings), or why it cannot be said there (``Export``).
+
+``memtune.report`` draws from these and never estimates: a record written before they existed gets them from
+``memtune.annotate`` when the report is made on a machine that can.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+SCHEMA_VERSION = 2
+"""1: records before ``schema`` was written; 2: ``estimated_timeline`` and ``exports``."""
+
+MAX_TIMELINE_POINTS = 1500
+"""A timeline keeps at most this many points (each the highest of its bucket of events), so its SVG stays small."""
+
+
+class ValidationMode(StrEnum):
+    GPU = "gpu"
+    """Measured on the target GPU itself."""
+    EMULATED = "emulated"
+    """Measured on a larger GPU capped to the target's memory."""
+    DRY_RUN = "dry-run"
+    """Traced on fake tensors on the CPU: nothing measured."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EstimatedTimeline:
+    """Memory over the traced step (a warm-up step, which creates the optimizer states, then the estimated step)."""
+
+    x: tuple[int, ...]
+    """Allocation event index of each point."""
+    allocated: tuple[int, ...]
+    reserved: tuple[int, ...]
+    peak_allocated: int
+    peak_reserved: int
+
+    def to_json(self) -> dict:
+        return {"x": list(self.x), "allocated": list(self.allocated), "reserved": list(self.reserved),
+                "peak_allocated": self.peak_allocated, "peak_reserved": self.peak_reserved}
+
+    @classmethod
+    def from_json(cls, d: dict | None) -> EstimatedTimeline | None:
+        """None for a record without one or with a malformed one."""
+        try:
+            return cls(x=tuple(int(v) for v in d["x"]), allocated=tuple(int(v) for v in d["allocated"]),
+                       reserved=tuple(int(v) for v in d["reserved"]), peak_allocated=int(d["peak_allocated"]),
+                       peak_reserved=int(d["peak_reserved"]))
+        except (TypeError, KeyError, ValueError):
+            return None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Export:
+    """The plan in another tool's words."""
+
+    title: str
+    text: str
+    """The command or settings; or why the tool cannot express the plan (``lang`` ``note``)."""
+    lang: str
+    """``shell``, ``json`` or ``note``."""
+
+    def to_json(self) -> dict:
+        return {"title": self.title, "text": self.text, "lang": self.lang}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Export | None:
+        if not isinstance(d, dict) or not all(isinstance(d.get(k), str) for k in ("title", "text", "lang")):
+            return None
+        return cls(title=d["title"], text=d["text"], lang=d["lang"])
+
+
+def bucket_max(x: list[int], allocated: list[int], reserved: list[int],
+               points: int = MAX_TIMELINE_POINTS) -> tuple[list[int], list[int], list[int]]:
+    """At most ``points`` points: each bucket of consecutive events keeps its first x and its largest allocated
+    and reserved bytes, so no peak is lost."""
+    n = len(x)
+    if n <= points:
+        return list(x), list(allocated), list(reserved)
+    out_x, out_a, out_r = [], [], []
+    for b in range(points):
+        lo, hi = b * n // points, (b + 1) * n // points
+        if hi > lo:
+            out_x.append(x[lo])
+            out_a.append(max(allocated[lo:hi]))
+            out_r.append(max(reserved[lo:hi]))
+    return out_x, out_a, out_r
