@@ -92,35 +92,6 @@ def test_more_fsdp_ranks_never_need_more_per_rank(tiny, h200):
     assert params[0] > params[1] > params[2]
 
 
-def test_fast_path_matches_full_depth_allocated(h200):
-    from memtune.specs import resolve_model
-
-    spec = resolve_model("qwen2.5-0.5b")
-    plan = Plan(batch_size=1, seq_len=256)
-    full, fast = estimate(spec, plan, h200), estimate(spec, plan, h200, fast=True)
-    assert fast.peak_allocated_bytes == pytest.approx(full.peak_allocated_bytes, rel=0.005)
-
-
-@pytest.mark.parametrize("fields", [
-    {"sharding": "fsdp", "num_gpus": 4, "peft": "lora", "checkpointing": "selective", "grad_accum": 2},
-    {"sharding": "fsdp-grad-op", "num_gpus": 4},
-    {"checkpointing": "full", "optimizer": "adamw"},
-])
-def test_one_four_layer_trace_extends_to_the_model_depth(h200, fields):
-    """The fast estimate traces four layers and adds, at each landmark, what an inner layer holds there: per phase
-    and category it lands where the full-depth trace does (gathered FSDP2 weights, gradients, optimizer
-    temporaries and activations all scale with the depth)."""
-    from memtune.estimate.compose import cached_trace, fast_depth
-    from memtune.specs import resolve_model
-
-    spec = resolve_model("qwen2.5-0.5b")
-    plan = Plan(batch_size=1, seq_len=256, **fields)
-    assert fast_depth(spec) == 4 and cached_trace(spec, plan, 4, "flash").per_layer
-    full, fast = estimate(spec, plan, h200), estimate(spec, plan, h200, fast=True)
-    for phase in Phase:
-        assert sum(fast.phases[phase].values()) == pytest.approx(sum(full.phases[phase].values()), rel=0.01)
-
-
 def test_quantized_base_weights_are_smaller(tiny, h200):
     lora = estimate(tiny, Plan(peft="lora", batch_size=2, seq_len=64), h200)
     qlora = estimate(tiny, Plan(peft="lora", quantization="4bit", batch_size=2, seq_len=64), h200)
