@@ -28,7 +28,7 @@ from memtune.errors import InvalidPlanError
 from memtune.estimate import overhead
 from memtune.estimate.breakdown import MemoryBreakdown
 from memtune.estimate.categories import MemCategory, Phase, Verdict
-from memtune.estimate.trace import OpRecord, PhasePeak, TraceResult
+from memtune.estimate.traced import OpRecord, PhasePeak, TraceResult
 from memtune.profiles import cache_root, write_cached
 from memtune.plan import Plan
 from memtune.specs.gpu import GpuSpec
@@ -252,15 +252,14 @@ def cache_dir() -> Path:
 
 
 def _trace_key(spec: ModelSpec, plan: Plan, depth: int, backend: str) -> str:
-    import torch
-    import transformers
+    from importlib.metadata import version
 
     # Batching only decides seq_len (and the cost): the same step whether the sequences were padded or packed.
     fields = {k: v for k, v in plan.to_dict().items() if k != "batching"}
     fields["grad_accum"] = min(plan.grad_accum, 2)
     ident = {"format": TRACE_FORMAT, "config": spec.config_json, "plan": fields, "depth": depth,
              "quick_warmup": depth < spec.num_layers,
-             "sdpa": backend, "torch": torch.__version__.split("+")[0], "transformers": transformers.__version__}
+             "sdpa": backend, "torch": version("torch").split("+")[0], "transformers": version("transformers")}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
 

@@ -25,7 +25,6 @@ import gc
 import itertools
 import weakref
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -33,6 +32,7 @@ from torch.utils._pytree import tree_flatten
 
 from memtune.estimate.allocator import Block, CachingAllocatorModel
 from memtune.estimate.categories import MemCategory, Phase
+from memtune.estimate.traced import OpRecord, PhasePeak, TraceResult
 from memtune.plan import Plan
 from memtune.specs.model import ModelSpec
 from memtune.train import quant, recipe
@@ -52,68 +52,6 @@ class _Storage:
     @property
     def size(self) -> int:
         return self.block.size if self.block is not None else 0
-
-
-@dataclass(frozen=True, slots=True)
-class PhasePeak:
-    total: int
-    by_category: dict[MemCategory, int]
-
-
-class OpRecord(NamedTuple):
-    """One op of the traced step, as the step-time model needs it."""
-
-    micro_batch: int
-    """0 for the first micro-batch's forward and backward (and the optimizer step), 1 for the second."""
-    phase: str
-    layer: int | None
-    kind: str
-    """``mm`` (matmuls), ``gmm`` (grouped matmuls: a mixture-of-experts' tokens times their experts' weights),
-    ``attn`` / ``attn_bwd`` (fused causal attention forward / backward), ``attn_masked`` / ``attn_masked_bwd``
-    (fused attention given an explicit mask, e.g. a sliding window shorter than the sequence), ``mem`` (any other kernel:
-    element-wise, reductions, copies, foreach and fused optimizer ops), ``view`` (no kernel: views, metadata),
-    ``comm`` (collectives), ``frame`` (a checkpointed region is entered: no kernel, host work), ``region`` (a
-    selectively recomputed region, ``recipe.recompute``, is entered: no kernel, host work) and the stand-ins'
-    ``kbit`` (a k-bit matmul with its dequantization) and ``adam8bit`` (bitsandbytes' 8-bit update of one tensor)."""
-    flops: float
-    bytes: int
-    """Bytes read and written (inputs plus outputs; for attention, q, k, v and the output)."""
-    itemsize: int
-    """Bytes per element of the op's first floating-point input (picks the matmul rate)."""
-    tensors: int
-    """Tensors a foreach op works on (1 for others)."""
-    selective: bool
-    """Dispatched through selective checkpointing's modes (host work per op)."""
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class TraceResult:
-    num_layers: int
-    peak_reserved: int
-    """Peak of the caching allocator model's reserved bytes over the whole trace."""
-    landmarks: dict[tuple[Phase, str], PhasePeak]
-    """Peak of each (phase, segment): segments are ``pre`` (embeddings), ``first``/``mid``/``last`` decoder
-    layer (by layer index) and ``post`` (final norm, lm_head, loss). Each is linear in the number of layers."""
-    events: tuple[tuple[int, int, int, str], ...] = ()
-    """Every allocation (1) and free (0) as ``(op, id, bytes, stream)``, to replay under a smaller card's capacity."""
-    host_resident: frozenset[int] = frozenset()
-    """Ids of the events' storages FSDP2's CPU offload keeps on the host: weights and optimizer states, and whatever
-    the optimizer step allocates (it runs on the CPU)."""
-    gradients: frozenset[int] = frozenset()
-    """Ids of the gradient (shard) storages: under CPU offload they pass through the device, copied to the host as
-    soon as they are reduced."""
-    per_layer: dict[tuple[Phase, str], dict[MemCategory, int]] | None = None
-    """At each landmark, the bytes one more period of decoder layers would add: what is live there of the layers
-    farthest from the running one (the last ones before they run, the first ones after; FSDP2's prefetch and the
-    running layer's own memory stay with the layers the trace has)."""
-    period: int = 1
-    """Layers per repetition of the stack's layer types (``ModelSpec.layer_period``): ``per_layer`` is one period's
-    bytes."""
-    ops: tuple[OpRecord, ...] = ()
-    """What the traced step runs, op by op in order, for its time (``memtune.planner.steptime``)."""
-
-    def phase_peak(self, phase: Phase) -> int:
-        return max((v.total for (p, _), v in self.landmarks.items() if p == phase), default=0)
 
 
 class _Tracker(TorchDispatchMode):

@@ -55,6 +55,9 @@ class ModelSpec:
     """Routed experts per mixture-of-experts layer (0 for a dense model)."""
     experts_per_token: int = 0
     """Experts each token is routed to (top-k)."""
+    period: int = 0
+    """Layers per repetition of the stack's layer types, as read when the spec was made (0: read it from the
+    config on use); see ``layer_period``."""
     hub_id: str | None = None
     """The Hugging Face Hub id the config names (``_name_or_path``), for exports to other tools."""
     weights_dir: str | None = None
@@ -106,6 +109,8 @@ class ModelSpec:
     def layer_period(self) -> int:
         """Layers per repetition of the stack's pattern of layer types (Gemma-2 alternates sliding and global
         attention: 2; a uniform stack: 1)."""
+        if self.period:
+            return self.period
         types = getattr(self.hf_config(), "layer_types", None)  # transformers fills it in when the config omits it
         if isinstance(types, list) and types:
             return next(p for p in range(1, len(types) + 1)
@@ -205,7 +210,7 @@ def _check_sizes(cfg: dict, path) -> None:
                               "or give head_dim")
 
 
-SPEC_FORMAT = 5
+SPEC_FORMAT = 6
 """Version of the cached spec files (``$MEMTUNE_CACHE/specs``); bump it when ``ModelSpec`` changes."""
 
 
@@ -304,6 +309,7 @@ def _build_spec(name: str, config_json: str) -> ModelSpec:
         active_experts=min(1.0, top_k / experts) if experts and top_k and stacked else 1.0,
         experts=int(experts) if stacked else 0,
         experts_per_token=int(top_k) if stacked else 0,
+        period=period,
         hub_id=cfg.get("_name_or_path") or None,
     )
 
