@@ -96,3 +96,55 @@ def bucket_max(x: list[int], allocated: list[int], reserved: list[int],
             out_a.append(max(allocated[lo:hi]))
             out_r.append(max(reserved[lo:hi]))
     return out_x, out_a, out_r
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StepMeasurement:
+    """One rank's measured training steps (``memtune.validate.probe.measure_plan``: one warm-up step, then
+    ``steps`` timed ones), as a validation record keeps it under ``ranks``. Memory fields are None off CUDA; an
+    out-of-memory run has ``error`` ``oom`` and the high-water marks it reached."""
+
+    device: str = ""
+    weights: str = ""
+    """``random init``, or the folder the weights were loaded from."""
+    steps: int = 0
+    error: str | None = None
+    message: str | None = None
+    step_time_s: float | None = None
+    host_enqueue_s: float | None = None
+    """The host's time to issue a step: close to ``step_time_s`` when the host, not the GPU, sets the pace."""
+    tokens_per_s: float | None = None
+    phase_times_s: dict[str, float] | None = None
+    warmup_loss: float | None = None
+    losses: tuple[float, ...] = ()
+    measured_peak_allocated_bytes: int | None = None
+    measured_peak_reserved_bytes: int | None = None
+    measured_peak_active_bytes: int | None = None
+    measured_phases: dict[str, int] | None = None
+    """Peak allocated bytes per phase."""
+    measured_categories: dict[str, dict[str, int]] | None = None
+    """Parameters, gradients and optimizer states at the start of each phase."""
+    measured_steady_bytes: int | None = None
+    num_alloc_retries: int | None = None
+    num_ooms: int | None = None
+    nvml_used_bytes: int | None = None
+    reserved_at_nvml_read_bytes: int | None = None
+    extra: dict | None = None
+    """What else a rank reported (a dry run's traced phases and world size)."""
+
+    @property
+    def oom(self) -> bool:
+        return self.error == "oom"
+
+    def to_json(self) -> dict:
+        out = {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "extra"}
+        out["losses"] = list(self.losses)
+        return {**{k: v for k, v in out.items() if v is not None and v != []}, **(self.extra or {})}
+
+    @classmethod
+    def from_json(cls, d: dict) -> StepMeasurement:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__ and k != "extra"}
+        if "losses" in known:
+            known["losses"] = tuple(known["losses"])
+        extra = {k: v for k, v in d.items() if k not in cls.__dataclass_fields__}
+        return cls(**known, extra=extra or None)

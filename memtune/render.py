@@ -152,7 +152,7 @@ def render_validation(console: Console, spec, record) -> None:
         table = Table(title="Traced on fake tensors (GiB per rank)", title_justify="left")
         for col in ("phase", "traced peak"):
             table.add_column(col, justify="right" if col != "phase" else "left")
-        for phase, value in rank["traced_phases"].items():
+        for phase, value in (rank.extra or {}).get("traced_phases", {}).items():
             table.add_row(phase.replace("_", " "), f"{gib(value):.2f}")
         console.print(table)
     elif not record.oom:
@@ -160,7 +160,7 @@ def render_validation(console: Console, spec, record) -> None:
         for col in ("phase", "estimated", "measured", "error"):
             table.add_column(col, justify="right" if col != "phase" else "left")
         for phase in Phase:
-            measured = max(r["measured_phases"][phase.value] for r in record.ranks)
+            measured = max((r.measured_phases or {}).get(phase.value, 0) for r in record.ranks)
             e = est.phase_peak(phase)
             table.add_row(phase.value.replace("_", " "), f"{gib(e):.2f}", f"{gib(measured):.2f}",
                           f"{100 * (e / measured - 1):+.2f} %" if measured else "-")
@@ -171,14 +171,14 @@ def render_validation(console: Console, spec, record) -> None:
         cats = Table(title="At the optimizer step, by category (GiB per rank)", title_justify="left")
         for col in ("category", "estimated", "measured"):
             cats.add_column(col, justify="right" if col != "category" else "left")
-        measured_cats = record.ranks[0]["measured_categories"]["optimizer_step"]
+        measured_cats = (record.ranks[0].measured_categories or {}).get("optimizer_step", {})
         for cat in (MemCategory.PARAMETERS, MemCategory.GRADIENTS, MemCategory.OPTIMIZER_STATES):
             cats.add_row(cat.value.replace("_", " "), f"{gib(est.phases[Phase.OPTIMIZER_STEP][cat]):.2f}",
                          f"{gib(measured_cats.get(cat.value, 0)):.2f}")
         console.print(cats)
         r0 = record.ranks[0]
-        console.print(f"{r0['step_time_s'] * 1000:.0f} ms/step, {r0['tokens_per_s']:,.0f} tokens/s per rank; "
-                      f"{r0['num_alloc_retries']} allocator retries")
+        console.print(f"{r0.step_time_s * 1000:.0f} ms/step, {r0.tokens_per_s:,.0f} tokens/s per rank; "
+                      f"{r0.num_alloc_retries or 0} allocator retries")
     for note in record.notes:
         console.print(f"note: {escape(note)}")
     color = "green" if record.agrees else "red"

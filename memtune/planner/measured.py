@@ -113,7 +113,7 @@ def from_validation(record: ValidationRecord, spec: ModelSpec, gpu: GpuSpec) -> 
 
     if record.mode != "gpu" or record.oom:
         return None
-    times = [r.get("step_time_s") for r in record.ranks]
+    times = [r.step_time_s for r in record.ranks]
     if not times or any(not isinstance(t, int | float) or t <= 0 for t in times):
         return None
     plan = record.plan

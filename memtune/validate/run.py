@@ -24,6 +24,7 @@ from memtune.errors import ConfigError, RunFailedError
 from memtune.estimate import MemoryBreakdown, Phase, estimate, overhead, sdpa_backend
 from memtune.estimate.categories import Verdict
 from memtune.plan import Plan
+from memtune.records import StepMeasurement
 from memtune.specs.gpu import GpuSpec
 from memtune.specs.model import ModelSpec
 
@@ -41,17 +42,21 @@ class ValidationRecord:
     """``gpu``, ``emulated`` (capped on a larger GPU) or ``dry-run`` (fake tensors on the CPU)."""
     plan: Plan
     estimate: MemoryBreakdown
-    ranks: list[dict]
-    """One measurement per rank (``measure_plan``'s dict)."""
+    ranks: tuple[StepMeasurement, ...]
+    """One measurement per rank (``measure_plan``'s, given as records or as their mappings)."""
     tolerance: float
     device_name: str = ""
     memory_cap_bytes: int | None = None
     snapshot: str | None = None
     notes: list[str] = field(default_factory=list)
 
+    def __post_init__(self):
+        object.__setattr__(self, "ranks", tuple(r if isinstance(r, StepMeasurement) else StepMeasurement.from_json(r)
+                                                for r in self.ranks))
+
     @property
     def oom(self) -> bool:
-        return any(r.get("error") == "oom" for r in self.ranks)
+        return any(r.oom for r in self.ranks)
 
     @property
     def measured_peak_allocated_bytes(self) -> int | None:
@@ -63,7 +68,7 @@ class ValidationRecord:
 
     def _largest(self, key: str) -> int | None:
         """The largest rank's value (FSDP ranks differ slightly), or None when a rank has none."""
-        values = [r.get(key) for r in self.ranks]
+        values = [getattr(r, key) for r in self.ranks]
         return max(values) if values and None not in values else None
 
     @property
@@ -109,7 +114,7 @@ class ValidationRecord:
             "estimated_peak_reserved_bytes": self.estimate.peak_reserved_bytes,
             "measured_peak_allocated_bytes": self.measured_peak_allocated_bytes,
             "measured_peak_reserved_bytes": self.measured_peak_reserved_bytes,
-            "estimate": self.estimate.to_json(), "ranks": self.ranks, "snapshot": self.snapshot, "notes": self.notes,
+            "estimate": self.estimate.to_json(), "ranks": [r.to_json() for r in self.ranks], "snapshot": self.snapshot, "notes": self.notes,
         }
 
 

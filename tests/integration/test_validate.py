@@ -18,7 +18,7 @@ from tests.conftest import TINY
 def test_dry_run_traces_every_rank_of_an_fsdp_plan(tiny, h200):
     record = validate_plan(tiny, Plan(sharding="fsdp", num_gpus=8, seq_len=64), h200, dry_run=True)
     assert record.mode == "dry-run" and record.agrees
-    rank = record.ranks[0]
+    rank = record.ranks[0].to_json()
     assert rank["world_size"] == 8
     assert max(rank["traced_phases"].values()) > 0
 

@@ -216,6 +216,11 @@ class FakeRecord:
     mode: str
     ranks: list
     oom: bool = False
+
+    def __post_init__(self):
+        from memtune.records import StepMeasurement
+
+        self.ranks = [StepMeasurement.from_json(r) for r in self.ranks]
     error: float | None = 0.01
     estimate: SimpleNamespace = dataclasses.field(default_factory=lambda: SimpleNamespace(verdict="fits"))
 
