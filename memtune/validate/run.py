@@ -24,7 +24,7 @@ from memtune.errors import ConfigError, RunFailedError
 from memtune.estimate import MemoryBreakdown, Phase, estimate, overhead, sdpa_backend
 from memtune.estimate.categories import Verdict
 from memtune.plan import Plan
-from memtune.records import StepMeasurement
+from memtune.records import StepMeasurement, ValidationMode
 from memtune.specs.gpu import GpuSpec
 from memtune.specs.model import ModelSpec
 
@@ -38,7 +38,7 @@ class ValidationRecord:
     model: str
     gpu: str
     """The GPU the plan is for (the emulated one, under ``emulate``)."""
-    mode: str
+    mode: ValidationMode
     """``gpu``, ``emulated`` (capped on a larger GPU) or ``dry-run`` (fake tensors on the CPU)."""
     plan: Plan
     estimate: MemoryBreakdown
@@ -106,7 +106,7 @@ class ValidationRecord:
         from memtune.records import SCHEMA_VERSION
 
         return {
-            "schema": SCHEMA_VERSION, "model": self.model, "gpu": self.gpu, "mode": self.mode,
+            "schema": SCHEMA_VERSION, "model": self.model, "gpu": self.gpu, "mode": str(self.mode),
             "device_name": self.device_name,
             "plan": self.plan.to_dict(), "tolerance": self.tolerance, "memory_cap_bytes": self.memory_cap_bytes,
             "verdict": self.verdict, "agrees": self.agrees, "oom": self.oom, "error": self.error,
@@ -158,8 +158,9 @@ def validate_plan(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, steps: int = 5, 
     else:
         ranks = _torchrun(spec, plan, steps=steps, cap=cap, out_dir=out_dir, snapshot=snapshot, backend=backend,
                           weights_dir=None if random_init else spec.weights_dir)
-    record = ValidationRecord(model=spec.name, gpu=gpu.name, mode="emulated" if emulate else "gpu", plan=plan,
-                              estimate=est, ranks=ranks, tolerance=tolerance,
+    mode = ValidationMode.EMULATED if emulate else ValidationMode.GPU
+    record = ValidationRecord(model=spec.name, gpu=gpu.name, mode=mode, plan=plan, estimate=est, ranks=ranks,
+                              tolerance=tolerance,
                               device_name=torch.cuda.get_device_name(), memory_cap_bytes=cap,
                               snapshot=str(snapshot_path) if snapshot_path and snapshot_path.exists() else None)
     (out_dir / "validation.json").write_text(json.dumps(record.to_json(), indent=2))
@@ -174,8 +175,8 @@ def _dry_run(spec, plan, gpu, est, tolerance) -> ValidationRecord:
             "traced_phases": {p.value: trace.phase_peak(p) for p in Phase},
             "traced_peak_reserved_bytes": trace.peak_reserved,
             "world_size": plan.world_size}
-    return ValidationRecord(model=spec.name, gpu=gpu.name, mode="dry-run", plan=plan, estimate=est, ranks=[rank],
-                            tolerance=tolerance, device_name="cpu (fake tensors)",
+    return ValidationRecord(model=spec.name, gpu=gpu.name, mode=ValidationMode.DRY_RUN, plan=plan, estimate=est,
+                            ranks=[rank], tolerance=tolerance, device_name="cpu (fake tensors)",
                             notes=[f"traced {plan.world_size} rank(s) with a fake process group"])
 
 
