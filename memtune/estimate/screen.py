@@ -156,6 +156,8 @@ def layer_activation_bytes(spec: ModelSpec, plan: Plan, tokens: int, backend: st
     per_token += norms * upcast * h  # each norm's input (RMSNorm keeps its fp32 upcast)
     if full or kbit or (lora & {"q_proj", "k_proj", "v_proj"} and not dropout):
         per_token += norms * p * h  # norm outputs: inputs of trainable projections (and of the norm weights' grads)
+    # query and key norms: their input's fp32 upcast, and their output where their weights train
+    per_token += spec.attention_norm_elements * (upcast + (p if full else 0))
     # LoRA: dropout output and mask, and the adapter's rank-r output - in fp32, since peft keeps the adapters in
     # fp32 over half-precision weights (get_peft_model's autocast_adapter_dtype) and casts their input to it.
     for name in lora:

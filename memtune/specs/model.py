@@ -55,6 +55,9 @@ class ModelSpec:
     """Routed experts per mixture-of-experts layer (0 for a dense model)."""
     experts_per_token: int = 0
     """Experts each token is routed to (top-k)."""
+    attention_norm_elements: int = 0
+    """Elements per token that norms inside attention normalize (OLMo-2's, Qwen3's and Gemma-3's query and key
+    norms: over the whole projection, or per head)."""
     period: int = 0
     """Layers per repetition of the stack's layer types, as read when the spec was made (0: read it from the
     config on use); see ``layer_period``."""
@@ -210,7 +213,7 @@ def _check_sizes(cfg: dict, path) -> None:
                               "or give head_dim")
 
 
-SPEC_FORMAT = 6
+SPEC_FORMAT = 7
 """Version of the cached spec files (``$MEMTUNE_CACHE/specs``); bump it when ``ModelSpec`` changes."""
 
 
@@ -281,6 +284,17 @@ def _build_spec(name: str, config_json: str) -> ModelSpec:
     linear_shapes = tuple((leaf, i, round(o / len(layers))) for leaf, (i, o) in sorted(shapes.items()))
     stacked = sum(p.numel() for layer in layers for p in layer.parameters() if p.dim() == 3) // len(layers)
     norms = [m for m in layers[0].children() if "Norm" in type(m).__name__]
+    attention_norms = 0
+    for path, module in layers[0].named_modules():
+        weight = getattr(module, "weight", None)
+        if "Norm" in type(module).__name__ and "." in path and weight is not None and \
+                any(part in ("self_attn", "attention", "attn", "self_attention") for part in path.split(".")[:-1]):
+            leaf = path.rsplit(".", 1)[-1]
+            text_ = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
+            per_head = weight.numel() == (getattr(text_, "head_dim", None) or 0)
+            heads_ = (text_.num_attention_heads if leaf.startswith("q") else
+                      getattr(text_, "num_key_value_heads", None) or text_.num_attention_heads)
+            attention_norms += weight.numel() * (heads_ if per_head else 1)
     text_cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
     experts = text_cfg.get("num_local_experts") or text_cfg.get("num_experts") or 0
     top_k = text_cfg.get("num_experts_per_tok") or 0
@@ -309,6 +323,7 @@ def _build_spec(name: str, config_json: str) -> ModelSpec:
         active_experts=min(1.0, top_k / experts) if experts and top_k and stacked else 1.0,
         experts=int(experts) if stacked else 0,
         experts_per_token=int(top_k) if stacked else 0,
+        attention_norm_elements=attention_norms,
         period=period,
         hub_id=cfg.get("_name_or_path") or None,
     )
