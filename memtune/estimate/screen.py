@@ -140,6 +140,22 @@ def static_bytes(spec: ModelSpec, plan: Plan) -> dict[C, float]:
     return {C.PARAMETERS: params / shard, C.GRADIENTS: grads / shard, C.OPTIMIZER_STATES: states / shard}
 
 
+def attention_inputs(spec: ModelSpec) -> set[str]:
+    """The attention projections that read the normalized hidden state (q, k, v; a fused qkv_proj; GPT-NeoX's
+    query_key_value)."""
+    h = spec.hidden_size
+    names = {n for n in spec.attention_linears if spec.layer_linears[n][0] == h and spec.layer_linears[n][1] != h
+             or n in ("q_proj", "k_proj", "v_proj")}
+    return names or {"q_proj", "k_proj", "v_proj"}
+
+
+def attention_output(spec: ModelSpec) -> str:
+    """The attention's output projection (o_proj; GPT-NeoX's dense)."""
+    q = spec.num_attention_heads * spec.head_dim
+    return next((n for n in spec.attention_linears if spec.layer_linears[n] == (q, spec.hidden_size)
+                 and n not in ("q_proj", "k_proj", "v_proj")), "o_proj")
+
+
 def layer_activation_bytes(spec: ModelSpec, plan: Plan, tokens: int, backend: str = "flash") -> float:
     """Bytes one decoder layer saves for backward over ``tokens`` tokens, without checkpointing."""
     h, q, kv, i = (spec.hidden_size, spec.num_attention_heads * spec.head_dim,
@@ -154,7 +170,7 @@ def layer_activation_bytes(spec: ModelSpec, plan: Plan, tokens: int, backend: st
     norms = spec.norms_per_layer or (4 if spec.model_type.startswith("gemma") else 2)
     upcast = 4 if spec.norm_upcast else p
     per_token += norms * upcast * h  # each norm's input (RMSNorm keeps its fp32 upcast)
-    if full or kbit or (lora & {"q_proj", "k_proj", "v_proj"} and not dropout):
+    if full or kbit or (lora & attention_inputs(spec) and not dropout):
         per_token += norms * p * h  # norm outputs: inputs of trainable projections (and of the norm weights' grads)
     # query and key norms: their input's fp32 upcast, and their output where their weights train
     per_token += spec.attention_norm_elements * (upcast + (p if full else 0))
@@ -166,7 +182,7 @@ def layer_activation_bytes(spec: ModelSpec, plan: Plan, tokens: int, backend: st
         per_token += p * (2 * q + 2 * kv) + 4 * spec.num_attention_heads  # q, k, v, output, log-sum-exp
     else:  # math kernel or eager: k and v repeated to every head, and the s x s probabilities
         per_token += p * 4 * q + (4 + (p if p < 4 else 0)) * spec.num_attention_heads * plan.seq_len
-    if full or "o_proj" in lora and not dropout:
+    if full or attention_output(spec) in lora and not dropout:
         per_token += p * q  # o_proj's input (the contiguous copy of the attention output)
     # Gated MLP: gate output (activation input), activation output, up output; their product where down trains.
     # Plain MLP (GPT-NeoX): the activation's input; its output where the last projection trains.
@@ -212,18 +228,21 @@ def _checkpoint_bytes(spec: ModelSpec, plan: Plan, tokens: int, layer: float, ba
     dropout = plan.lora_dropout > 0
     norms = spec.norms_per_layer or (4 if spec.model_type.startswith("gemma") else 2)
     upcast = 4 if spec.norm_upcast else p
-    norm_outputs_counted = plan.peft == "none" or kbit or (lora & {"q_proj", "k_proj", "v_proj"} and not dropout)
+    norm_outputs_counted = plan.peft == "none" or kbit or (lora & attention_inputs(spec) and not dropout)
     per_token = layer / tokens - norms * upcast * h + norms * p * h
-    if spec.dense_mlp:
-        per_token -= 3 * act * i + (act * i if plan.peft == "none" or "down_proj" in lora and not dropout else 0)
-        per_token += 2 * act * i
+    if spec.dense_mlp:  # the MLP keeps its first projections' outputs (gate and up, or fc1) instead of what
+        # the activation and the last projection keep
+        gated = 3 if spec.mlp_gated else 1
+        down = spec.mlp_output_linear
+        per_token -= gated * act * i + (act * i if plan.peft == "none" or down in lora and not dropout else 0)
+        per_token += (2 if spec.mlp_gated else 1) * act * i
     per_token += 0 if norm_outputs_counted else act * h
     if spec.experts:  # op-level selective checkpointing there: the gate and up outputs kept (and, where the experts
         # train, the down projection's), the rest recomputed
         per_token -= expert_activation_bytes(spec, plan, act)
         per_token += spec.experts_per_token * (2 * act * spec.expert_intermediate
                                                + (act * h if plan.peft == "none" else 0))
-    if "down_proj" in lora:
+    if spec.mlp_output_linear in lora:
         per_token -= ((4 + 1) * i if dropout else 0) + 4 * plan.lora_rank
     return L * per_token * tokens
 
