@@ -47,8 +47,13 @@ def measure_plan(spec: ModelSpec, plan: Plan, *, steps: int = 2, mesh=None, devi
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, memory_cap_bytes / total), device)
     recipe.use_plan_allocator(plan, device)
-    with _sdpa_kernel(sdpa_backend):
-        return _measure(spec, plan, steps, mesh, device, cuda, memory_cap_bytes, snapshot_path, load_weights)
+    try:
+        with _sdpa_kernel(sdpa_backend):
+            return _measure(spec, plan, steps=steps, mesh=mesh, device=device, snapshot_path=snapshot_path,
+                            load_weights=load_weights)
+    finally:
+        if cuda and memory_cap_bytes is not None:
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
 
 
 def _sdpa_kernel(backend: str | None):
@@ -66,7 +71,9 @@ def _sdpa_kernel(backend: str | None):
     return sdpa_kernel(kernels[backend]) if backend in kernels else contextlib.nullcontext()
 
 
-def _measure(spec, plan, steps, mesh, device, cuda, memory_cap_bytes, snapshot_path, load_weights) -> dict:
+def _measure(spec: ModelSpec, plan: Plan, *, steps: int, mesh, device: torch.device, snapshot_path: Path | None,
+             load_weights: bool) -> dict:
+    cuda = device.type == "cuda"
     model = optimizer = batch = None
     try:
         model = recipe.build_model(spec, plan, device=device, mesh=mesh, load_weights=load_weights)
@@ -158,8 +165,6 @@ def _measure(spec, plan, steps, mesh, device, cuda, memory_cap_bytes, snapshot_p
             if snapshot_path is not None:
                 torch.cuda.memory._record_memory_history(enabled=None)
             torch.cuda.empty_cache()
-            if memory_cap_bytes is not None:
-                torch.cuda.set_per_process_memory_fraction(1.0, device)
 
 
 def _phase_times(events: list, steps: int) -> dict[str, float]:
