@@ -98,7 +98,8 @@ SAC_CASES = [("llama-guard-3-1b", 2, 1152), ("llama-guard-3-1b", 2, 2048), ("lla
 
 
 def _profile(spec, plan) -> dict:
-    """One profiled step (after two warm-up steps): host and GPU time, op and kernel counts, the top entries."""
+    """One profiled step (after two warm-up steps): host and GPU time, op and kernel counts, the top entries (by
+    host time, by kernel time, and the aten ops by the GPU time of the kernels they launch)."""
     from torch.profiler import ProfilerActivity, profile
 
     device = torch.device("cuda")
@@ -119,6 +120,9 @@ def _profile(spec, plan) -> dict:
     def device_us(e):
         return getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
 
+    def inclusive_us(e):
+        return getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0))
+
     kernels = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA] or \
         [e for e in events if device_us(e) > 0 and not e.key.startswith("aten::")]
     aten = [e for e in events if e.key.startswith("aten::")]
@@ -133,6 +137,10 @@ def _profile(spec, plan) -> dict:
                      for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:15]],
         "top_gpu": [{"kernel": e.key[:90], "calls": e.count, "ms": device_us(e) / 1e3}
                     for e in sorted(kernels, key=lambda e: -device_us(e))[:10]],
+        "aten": [{"op": e.key, "calls": e.count, "gpu_ms": inclusive_us(e) / 1e3,
+                  "host_ms": e.self_cpu_time_total / 1e3} for e in sorted(aten, key=lambda e: -inclusive_us(e))[:40]],
+        "kernels": [{"kernel": e.key[:120], "calls": e.count, "ms": device_us(e) / 1e3}
+                    for e in sorted(kernels, key=lambda e: -device_us(e))[:25]],
     }
 
 
@@ -391,7 +399,8 @@ EXPERTS = {
 
 def kernels_2(out: Path) -> None:
     """Fused attention given an explicit mask (a sliding window shorter than the sequence: CUDA's dispatcher picks
-    a kernel that takes one - cuDNN's on the H200 - and computes every block) and grouped matmuls at mixture-of-experts shapes
+    a kernel that takes one - cuDNN's on the H200 - and computes every block) and grouped matmuls at
+    mixture-of-experts shapes
     (transformers' ``grouped_mm`` experts: tokens sorted by expert, ``x @ W[e]`` per group), forward and backward;
     whether the memory-efficient kernel takes grouped-query attention (``enable_gqa``)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -450,45 +459,14 @@ def kernels_2(out: Path) -> None:
 def profile_plans(out: Path, plans_file: Path) -> None:
     """One profiled step of the chosen plan of each case on the GPU itself (``bench/regret.py plan``): the aten ops
     and kernels that take the GPU's time, to set beside the trace's op by op."""
-    from torch.profiler import ProfilerActivity, profile
-
     rows = []
     for case in json.loads(plans_file.read_text())["cases"]:
         if case["emulated"]:
             continue
-        spec, plan = resolve_model(case["model"]), Plan.from_dict(case["chosen"])
-        device = torch.device("cuda")
-        model = recipe.build_model(spec, plan, device=device)
-        optimizer = recipe.build_optimizer(model, plan)
-        batch = recipe.make_batch(spec, plan, device)
-        for _ in range(2):
-            recipe.train_step(model, optimizer, batch, plan)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            start = time.perf_counter()
-            recipe.train_step(model, optimizer, batch, plan)
-            torch.cuda.synchronize()
-            wall = time.perf_counter() - start
-        events = prof.key_averages()
-
-        def device_us(e):
-            return getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
-
-        def inclusive_us(e):
-            return getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0))
-
-        aten = [e for e in events if e.key.startswith("aten::")]
-        kernels = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
-        rows.append({"name": case["name"], "plan": case["chosen"], "wall_s": wall,
-                     "gpu_kernel_s": sum(device_us(e) for e in kernels) / 1e6,
-                     "aten": [{"op": e.key, "calls": e.count, "gpu_ms": inclusive_us(e) / 1e3,
-                               "host_ms": e.self_cpu_time_total / 1e3}
-                              for e in sorted(aten, key=lambda e: -inclusive_us(e))[:40]],
-                     "kernels": [{"kernel": e.key[:120], "calls": e.count, "ms": device_us(e) / 1e3}
-                                 for e in sorted(kernels, key=lambda e: -device_us(e))[:25]]})
-        print(case["name"], f"{wall:.3f} s", flush=True)
-        del model, optimizer, batch
-        torch.cuda.empty_cache()
+        profiled = _profile(resolve_model(case["model"]), Plan.from_dict(case["chosen"]))
+        rows.append({"name": case["name"], "plan": case["chosen"],
+                     **{k: profiled[k] for k in ("wall_s", "gpu_kernel_s", "aten", "kernels")}})
+        print(case["name"], f"{profiled['wall_s']:.3f} s", flush=True)
         out.write_text(json.dumps({"versions": versions(), "cases": rows}, indent=1) + "\n")
 
 

@@ -25,7 +25,8 @@ class OpRecord(NamedTuple):
     kind: str
     """``mm`` (matmuls), ``gmm`` (grouped matmuls: a mixture-of-experts' tokens times their experts' weights),
     ``attn`` / ``attn_bwd`` (fused causal attention forward / backward), ``attn_masked`` / ``attn_masked_bwd``
-    (fused attention given an explicit mask, e.g. a sliding window shorter than the sequence), ``mem`` (any other kernel:
+    (fused attention given an explicit mask, e.g. a sliding window shorter than the sequence), ``mem`` (any other
+    kernel:
     element-wise, reductions, copies, foreach and fused optimizer ops), ``view`` (no kernel: views, metadata),
     ``comm`` (collectives), ``frame`` (a checkpointed region is entered: no kernel, host work), ``region`` (a
     selectively recomputed region, ``recipe.recompute``, is entered: no kernel, host work) and the stand-ins'
