@@ -189,8 +189,8 @@ def tune(*, model: str, gpu: str, run: RunConfig, output_dir: Path, num_gpus: in
         trials.append(trial)
     passed = [t for t in trials if t.passed]
     if not passed:
-        raise ConfigError(f"none of the {len(shortlist)} cheapest plans validated on {gpu_spec.name}; see "
-                          f"{output_dir / 'validation'}")
+        raise PlanDoesNotFitError(f"none of the {len(shortlist)} cheapest plans validated on {gpu_spec.name}; see "
+                                  f"{output_dir / 'validation'}")
     if on_target:
         passed = fastest_first(passed)
         render_speeds(console, trials, chosen=passed[0])

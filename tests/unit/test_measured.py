@@ -422,3 +422,14 @@ def test_a_plan_needing_bitsandbytes_says_so_where_it_is_missing(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_bnb)
     with pytest.raises(ConfigError, match="pip install bitsandbytes"):
         quant.bitsandbytes()
+
+
+def test_tune_says_no_plan_fits_when_every_candidate_runs_out_of_memory(tune_env, tmp_path, monkeypatch):
+    """An answer (exit 1: nothing it may choose fits), not bad input (exit 2)."""
+    from memtune.errors import PlanDoesNotFitError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    tune_env.oom = set(range(6))
+    with pytest.raises(PlanDoesNotFitError, match="cheapest plans validated") as e:
+        tune_env.tune(tmp_path)
+    assert e.value.exit_code == 1
