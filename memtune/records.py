@@ -10,8 +10,8 @@ compute them when it wrote the record:
 * ``exports``: the plan in the other tools' words (llama-cookbook's command and keyword arguments, the Hugging Face
   Trainer's settings), or why it cannot be said there (``Export``).
 
-``memtune.report`` draws from these and never estimates: a record written before they existed gets them from
-``memtune.annotate`` when the report is made on a machine that can.
+A validation record carries its timeline; ``memtune.report`` draws from these and never estimates: a record
+without them gets them from ``memtune.reporting`` when the report is made on a machine that can.
 """
 
 from __future__ import annotations

@@ -59,7 +59,9 @@ def annotate(sources, *, timeline: bool = True) -> None:
     from memtune.plan import Plan
     from memtune.specs import resolve_gpu, resolve_model
 
-    records = [r for r in (sources.run, sources.validation, sources.plan_result) if r]
+    # what a record carries is for its own plan (a run's plan may be a fallback of the validated one)
+    records = [r for r in (sources.run, sources.validation, sources.plan_result)
+               if r and (r.get("plan") if isinstance(r.get("plan"), dict) else r.get("chosen")) == sources.plan]
     carried = next((EstimatedTimeline.from_json(r.get("estimated_timeline")) for r in records
                     if r.get("estimated_timeline")), None)
     exports = next(([e for e in map(Export.from_json, r["exports"]) if e] for r in records

@@ -11,7 +11,7 @@ A report joins up to three records, found by their content rather than their fil
 
 Everything here is reading and arithmetic on bytes; formatting happens in ``memtune.report.html``. What memtune
 computes for a report but the records may lack - the estimated memory timeline, the plan's exports to other tools
-(``memtune.records``) - is filled in by ``memtune.annotate`` before the report is drawn; nothing here estimates.
+(``memtune.records``) - is filled in by ``memtune.reporting.annotate`` before the report is drawn; nothing here estimates.
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ class Sources:
     base: Path | None = None
     """Folder the records came from: relative paths (a snapshot) are looked up there."""
     estimated_timeline: EstimatedTimeline | None = None
-    """The report's plan's estimated memory timeline (``memtune.annotate``)."""
+    """The report's plan's estimated memory timeline (``memtune.reporting.annotate``)."""
     exports: list[Export] = field(default_factory=list)
-    """The report's plan in other tools' words (``memtune.annotate``)."""
+    """The report's plan in other tools' words (``memtune.reporting.annotate``)."""
 
     @property
     def has_snapshot(self) -> bool:

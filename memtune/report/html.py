@@ -405,7 +405,7 @@ def _reproduce(sources: data.Sources) -> list[dict]:
 
 
 def build_context(sources: data.Sources) -> dict:
-    """Everything the template shows, computed from the records (``memtune.annotate`` fills in the estimated
+    """Everything the template shows, computed from the records (``memtune.reporting.annotate`` fills in the estimated
     timeline and the exports a record lacks)."""
     figures.new_page()
     est = sources.estimate

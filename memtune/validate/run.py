@@ -24,7 +24,7 @@ from memtune.errors import ConfigError, RunFailedError
 from memtune.estimate import MemoryBreakdown, Phase, estimate, overhead, sdpa_backend
 from memtune.estimate.categories import Verdict
 from memtune.plan import Plan
-from memtune.records import StepMeasurement, ValidationMode
+from memtune.records import EstimatedTimeline, StepMeasurement, ValidationMode
 from memtune.specs.gpu import GpuSpec
 from memtune.specs.model import ModelSpec
 
@@ -49,6 +49,8 @@ class ValidationRecord:
     memory_cap_bytes: int | None = None
     snapshot: str | None = None
     notes: list[str] = field(default_factory=list)
+    estimated_timeline: EstimatedTimeline | None = None
+    """The estimated step's memory over time (``memtune.estimate.timeline``), for the report."""
 
     def __post_init__(self):
         object.__setattr__(self, "ranks", tuple(r if isinstance(r, StepMeasurement) else StepMeasurement.from_json(r)
@@ -114,7 +116,9 @@ class ValidationRecord:
             "estimated_peak_reserved_bytes": self.estimate.peak_reserved_bytes,
             "measured_peak_allocated_bytes": self.measured_peak_allocated_bytes,
             "measured_peak_reserved_bytes": self.measured_peak_reserved_bytes,
-            "estimate": self.estimate.to_json(), "ranks": [r.to_json() for r in self.ranks], "snapshot": self.snapshot, "notes": self.notes,
+            "estimate": self.estimate.to_json(), "ranks": [r.to_json() for r in self.ranks], "snapshot": self.snapshot,
+            "notes": self.notes,
+            "estimated_timeline": self.estimated_timeline.to_json() if self.estimated_timeline else None,
         }
 
 
@@ -127,7 +131,11 @@ def validate_plan(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, steps: int = 5, 
     ``dry_run=None`` means "dry run when there is no CUDA GPU". The model starts from ``spec.weights_dir`` when it
     has weights, unless ``random_init``.
     """
+    import dataclasses
+
     import torch
+
+    from memtune.estimate.timeline import estimated_timeline
 
     est = estimate(spec, plan, gpu)
     if dry_run is None:
@@ -136,7 +144,7 @@ def validate_plan(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, steps: int = 5, 
         record = _dry_run(spec, plan, gpu, est, tolerance)
         if emulate:
             record.notes.append(f"no CUDA GPU here: the {gpu.name} cap needs one, so this is a dry run")
-        return record
+        return dataclasses.replace(record, estimated_timeline=estimated_timeline(spec, plan, gpu))
     if plan.nodes > 1:
         raise ConfigError("validate runs on one node; validate a multi-node plan with --nodes 1 and the same "
                           "--num-gpus, or use --dry-run")
@@ -160,7 +168,7 @@ def validate_plan(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, steps: int = 5, 
                           weights_dir=None if random_init else spec.weights_dir)
     mode = ValidationMode.EMULATED if emulate else ValidationMode.GPU
     record = ValidationRecord(model=spec.name, gpu=gpu.name, mode=mode, plan=plan, estimate=est, ranks=ranks,
-                              tolerance=tolerance,
+                              tolerance=tolerance, estimated_timeline=estimated_timeline(spec, plan, gpu),
                               device_name=torch.cuda.get_device_name(), memory_cap_bytes=cap,
                               snapshot=str(snapshot_path) if snapshot_path and snapshot_path.exists() else None)
     (out_dir / "validation.json").write_text(json.dumps(record.to_json(), indent=2))

@@ -181,3 +181,15 @@ def test_a_borderline_estimate_agrees_with_either_outcome(tiny, h200):
     assert fits.agrees and "called it borderline" in fits.verdict
     oom = dataclasses.replace(fits, ranks=[{"error": "oom", "measured_peak_reserved_bytes": 1}])
     assert oom.agrees and oom.verdict.startswith("does not fit on L4-24GB")
+
+
+def test_a_validation_record_carries_its_estimated_timeline_to_the_report(tiny, h200, tmp_path):
+    """The report draws the timeline the record carries: it need not (and here cannot) trace the model again."""
+    from memtune.reporting import validation_report
+
+    record = validate_plan(tiny, Plan(seq_len=64, batch_size=2), h200, dry_run=True).to_json()
+    timeline = record["estimated_timeline"]
+    assert timeline["peak_allocated"] == pytest.approx(record["estimated_peak_allocated_bytes"], rel=0.01)
+    record["model"] = "a-model-this-machine-cannot-find"
+    page = validation_report(record, tmp_path / "v.html").read_text()
+    assert "replayed through its model of the caching allocator" in page
