@@ -11,7 +11,8 @@ A report joins up to three records, found by their content rather than their fil
 
 Everything here is reading and arithmetic on bytes; formatting happens in ``memtune.report.html``. What memtune
 computes for a report but the records may lack - the estimated memory timeline, the plan's exports to other tools
-(``memtune.records``) - is filled in by ``memtune.reporting.annotate`` before the report is drawn; nothing here estimates.
+(``memtune.records``) - is filled in by ``memtune.reporting.annotate`` before the report is drawn; nothing here
+estimates.
 """
 
 from __future__ import annotations
