@@ -3,8 +3,9 @@
 #
 #   bash bench/gpu_session.sh knobs    # fused AdamW, selective checkpointing, expandable segments, CPU offload
 #                                      # (memory; then its copy / CPU-AdamW rates and step times); the GPU tests
-#   bash bench/gpu_session.sh regret [CASES]   # the planner's top candidates under L4 / V100 caps (case 3 is the
-#                                      # 2 x V100 one: run it alone on 2 GPUs with CASES=3)
+#   bash bench/gpu_session.sh regret   # the planner's choices and their alternatives (bench/regret.py plan first)
+#   bash bench/gpu_session.sh architectures [PLANS]   # the same for models without a profile, and a profile of
+#                                      # each chosen plan; kernels-2: masked attention and grouped matmuls
 #   bash bench/gpu_session.sh launch   # Llama-Guard-3-1B full FT and LoRA runs on ToxicChat: tokens/s, MFU, memory
 #   bash bench/gpu_session.sh offload | v100 | launch-packed   # CPU offload alone; the V100 case's plans with
 #                                      # more steps; the full fine-tune on packed 4,096-token sequences
@@ -13,9 +14,8 @@
 #                                      # grouped-query model, fp32, LoRA under a T4 cap, eager attention
 #   bash bench/gpu_session.sh tests    # the GPU tests alone (tests/gpu)
 #   bash bench/gpu_session.sh qlora-selective   # op by op, QLoRA with selective checkpointing (bitsandbytes)
-#   bash bench/gpu_session.sh x2       # on nvidia-h200-x2: the 2 x V100 regret case, then op by op the V100
-#                                      # attention step on CUDA against the trace (bench/op_memory.py), then the
-#                                      # CPU-offload GPU tests
+#   bash bench/gpu_session.sh x2       # on nvidia-h200-x2: op by op the V100 attention step on CUDA against the
+#                                      # trace (bench/op_memory.py), then the CPU-offload GPU tests
 #
 # Results go to $OUT (or ./gpu-out). Wheels for what the machine lacks (bitsandbytes, datasets, dill, multiprocess)
 # are installed from .whl/ when it exists; the ToxicChat training prompts are read from .data/toxicchat-train.jsonl
@@ -38,8 +38,16 @@ case "${1:-}" in
         python3 bench/offload.py "$out/offload.json" 2>&1 | tee "$out/offload.log"
         python3 -m pytest -q tests/gpu 2>&1 | tee "$out/gpu_tests.log" ;;
     regret)
-        # optional second argument: case indices (e.g. 3: the 2 x V100 case, on nvidia-h200-x2)
-        python3 bench/regret.py "$out/regret.json" ${2:+--cases "$2"} 2>&1 | tee "$out/regret.log" ;;
+        # the plans `python bench/regret.py plan bench/results/regret-plans.json` chose on the CPU, measured
+        python3 bench/regret.py measure bench/results/regret-plans.json "$out/regret.json" --deadline 540 2>&1 \
+            | tee "$out/regret.log" ;;
+    architectures)
+        # optional second argument: another plans file (bench/results/architectures-2-plans.json)
+        plans="${2:-bench/results/architectures-plans.json}"
+        python3 bench/regret.py measure "$plans" "$out/architectures.json" --deadline 480 2>&1 | tee "$out/arch.log"
+        python3 bench/timing.py profile "$out/profile.json" --plans "$plans" 2>&1 | tee -a "$out/arch.log" ;;
+    kernels-2)
+        python3 bench/timing.py kernels-2 "$out/kernels-2.json" 2>&1 | tee "$out/kernels-2.log" ;;
     launch)
         # run folders (checkpoints, final weights) stay on the machine; their metrics and reports come back
         python3 bench/launch_h200.py --out /tmp/launch --data "$data" 2>&1 | tee "$out/launch.log"
@@ -84,7 +92,6 @@ case "${1:-}" in
     tests)
         python3 -m pytest -q tests/gpu 2>&1 | tee "$out/gpu_tests.log" ;;
     x2)
-        python3 bench/regret.py "$out/regret-2gpu.json" --cases 3 2>&1 | tee "$out/regret-2gpu.log"
         python3 bench/op_memory.py "$out/op-memory.json" 2>&1 | tail -c 30000 > "$out/op-memory.log"
         python3 -m pytest -q tests/gpu -k offload 2>&1 | tee "$out/offload-tests.log" ;;
     launch-packed)
