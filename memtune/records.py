@@ -2,16 +2,13 @@
 recomputes.
 
 A plan result (``memtune plan --json``, a run's ``plan.json``), a validation record (``validation.json``) and a
-run's ``run.json`` are JSON objects; each carries ``schema`` (``SCHEMA_VERSION``) and, where memtune could
-compute them when it wrote the record:
+run's ``run.json`` are JSON objects; each carries ``schema`` (``SCHEMA_VERSION``). A validation record also
+carries ``estimated_timeline``: allocated and reserved bytes after every allocation and free of the plan's traced
+step, replayed through the caching-allocator model (``EstimatedTimeline``).
 
-* ``estimated_timeline``: allocated and reserved bytes after every allocation and free of the plan's traced step,
-  replayed through the caching-allocator model (``EstimatedTimeline``);
-* ``exports``: the plan in the other tools' words (llama-cookbook's command and keyword arguments, the Hugging Face
-  Trainer's settings), or why it cannot be said there (``Export``).
-
-A validation record carries its timeline; ``memtune.report`` draws from these and never estimates: a record
-without them gets them from ``memtune.reporting`` when the report is made on a machine that can.
+``memtune.report`` draws from these and never estimates: ``memtune.reporting`` gives it the plan's exports to
+other tools (``Export``) and, for a record without one, the estimated timeline, when the report is made on a
+machine that can compute them.
 """
 
 from __future__ import annotations
@@ -20,7 +17,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 SCHEMA_VERSION = 2
-"""1: records before ``schema`` was written; 2: ``estimated_timeline`` and ``exports``."""
+"""1: records before ``schema`` was written; 2: ``ranks`` as ``StepMeasurement``, a validation's
+``estimated_timeline``."""
 
 MAX_TIMELINE_POINTS = 1500
 """A timeline keeps at most this many points (each the highest of its bucket of events), so its SVG stays small."""
@@ -74,23 +72,17 @@ class Export:
     def to_json(self) -> dict:
         return {"title": self.title, "text": self.text, "lang": self.lang}
 
-    @classmethod
-    def from_json(cls, d: dict) -> Export | None:
-        if not isinstance(d, dict) or not all(isinstance(d.get(k), str) for k in ("title", "text", "lang")):
-            return None
-        return cls(title=d["title"], text=d["text"], lang=d["lang"])
 
-
-def bucket_max(x: list[int], allocated: list[int], reserved: list[int],
-               points: int = MAX_TIMELINE_POINTS) -> tuple[list[int], list[int], list[int]]:
-    """At most ``points`` points: each bucket of consecutive events keeps its first x and its largest allocated
-    and reserved bytes, so no peak is lost."""
+def bucket_max(x: list, allocated: list[int], reserved: list[int],
+               points: int = MAX_TIMELINE_POINTS) -> tuple[list, list[int], list[int]]:
+    """At most ``points`` points: each bucket of consecutive events (event i in bucket ``i * points // n``) keeps
+    its first x and its largest allocated and reserved bytes, so no peak is lost."""
     n = len(x)
     if n <= points:
         return list(x), list(allocated), list(reserved)
     out_x, out_a, out_r = [], [], []
     for b in range(points):
-        lo, hi = b * n // points, (b + 1) * n // points
+        lo, hi = -(-b * n // points), -(-(b + 1) * n // points)
         if hi > lo:
             out_x.append(x[lo])
             out_a.append(max(allocated[lo:hi]))

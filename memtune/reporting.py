@@ -9,8 +9,8 @@ from typing import Annotated
 
 import typer
 
-from memtune.errors import ConfigError, MemtuneError
-from memtune.records import EstimatedTimeline, Export
+from memtune.errors import ConfigError
+from memtune.records import EstimatedTimeline
 
 
 def write_report(source: Path | str, out: Path | str) -> Path:
@@ -52,41 +52,30 @@ def _render(sources, out: Path | str) -> Path:
     return html.write(html.render(sources), out)
 
 
-def annotate(sources, *, timeline: bool = True) -> None:
-    """Fill ``sources.estimated_timeline`` (unless ``timeline`` is false or a CUDA snapshot will be drawn instead)
-    and ``sources.exports`` for the report's plan, from the records when they carry them, else computed here; left
-    empty where the model, the GPU or the plan cannot be resolved on this machine."""
-    from memtune.plan import Plan
-    from memtune.specs import resolve_gpu, resolve_model
+def annotate(sources) -> None:
+    """Fill ``sources.exports`` and, unless a CUDA snapshot will be drawn instead, ``sources.estimated_timeline``
+    for the report's plan: the timeline a record of that plan carries, else computed here; the timeline is left
+    out where the model or the GPU cannot be resolved on this machine."""
+    from memtune.report import data
 
-    # what a record carries is for its own plan (a run's plan may be a fallback of the validated one)
-    records = [r for r in (sources.run, sources.validation, sources.plan_result)
-               if r and (r.get("plan") if isinstance(r.get("plan"), dict) else r.get("chosen")) == sources.plan]
-    carried = next((EstimatedTimeline.from_json(r.get("estimated_timeline")) for r in records
-                    if r.get("estimated_timeline")), None)
-    exports = next(([e for e in map(Export.from_json, r["exports"]) if e] for r in records
-                    if isinstance(r.get("exports"), list)), None)
-    if sources.plan is None:
+    plan = data.plan_of(sources.plan)
+    if plan is None:
         return
-    try:
-        plan = Plan.from_dict(sources.plan)
-        spec = resolve_model(sources.model_path)
-    except (MemtuneError, TypeError, ValueError, OSError):
-        spec = plan = None
-    if exports is None and plan is not None:
-        from memtune.planner.export import plan_exports
+    # what a record carries is for its own plan (a run's plan may be a fallback of the validated one)
+    sources.estimated_timeline = next(
+        (EstimatedTimeline.from_json(r["estimated_timeline"]) for r in (sources.run, sources.validation,
+                                                                        sources.plan_result)
+         if r and r.get("estimated_timeline")
+         and (r.get("plan") if isinstance(r.get("plan"), dict) else r.get("chosen")) == sources.plan), None)
+    spec = data.resolve_model(sources.model_path)
+    from memtune.planner.export import plan_exports
 
-        exports = plan_exports((spec.hub_id if spec else None) or sources.model_path, plan)
-    sources.exports = exports or []
-    if carried is None and timeline and spec is not None and not sources.has_snapshot:
-        try:
-            gpu = resolve_gpu(sources.gpu)
-        except MemtuneError:
-            return
+    sources.exports = plan_exports((spec.hub_id if spec else None) or sources.model_path, plan)
+    gpu = data.resolve_gpu(sources.gpu)
+    if sources.estimated_timeline is None and spec is not None and gpu is not None and not sources.has_snapshot:
         from memtune.estimate.timeline import estimated_timeline
 
-        carried = estimated_timeline(spec, plan, gpu)
-    sources.estimated_timeline = carried
+        sources.estimated_timeline = estimated_timeline(spec, plan, gpu)
 
 
 # --- `memtune report` ---------------------------------------------------------------------------------------
@@ -109,7 +98,6 @@ def report(
     from rich.markup import escape
 
     from memtune.report import write_index
-    from memtune.reporting import write_report
 
     if source is None and index is None:
         raise ConfigError("pass a run folder or record to report on, or --index FOLDER")

@@ -34,6 +34,7 @@ from rich.markup import escape
 from memtune.errors import ConfigError, MemtuneError
 from memtune.plan import Plan, summarize
 from memtune.planfile import PlanFile
+from memtune.records import SCHEMA_VERSION
 from memtune.runconfig import RunConfig
 from memtune.train import distributed
 from memtune.train.distributed import Torchrun
@@ -191,8 +192,6 @@ def _start_record(prep: _Prepared, out: Path, command: list[str] | None, torch,
                   override: frozenset[str] = frozenset()) -> dict:
     path = out / RUN_JSON
     now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    from memtune.records import SCHEMA_VERSION
-
     base = {"schema": SCHEMA_VERSION, "model": prep.plan_file.model, "model_path": prep.spec.name,
             "gpu": prep.gpu.name,
             "plan": prep.plans[0].to_dict(),

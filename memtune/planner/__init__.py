@@ -22,6 +22,7 @@ from memtune.estimate.screen import screen, screen_band
 from memtune.plan import Plan, describe
 from memtune.planner import measured, steptime
 from memtune.planner.cost import NETWORK_GBS, CostEstimate, step_cost
+from memtune.records import SCHEMA_VERSION
 from memtune.specs.gpu import GpuSpec
 from memtune.specs.model import ModelSpec, default_lora_targets
 
@@ -93,8 +94,6 @@ class PlanResult:
         if self.chosen is None:
             ran = [c for c in self.candidates if c.breakdown is not None]
             closest = one(min(ran, key=lambda c: c.breakdown.required_bytes)) if ran else None
-        from memtune.records import SCHEMA_VERSION
-
         return {
             "schema": SCHEMA_VERSION,
             "model": self.model,

@@ -26,14 +26,11 @@ import pandas as pd
 
 from memtune.errors import ConfigError, MemtuneError
 from memtune.estimate.categories import ALLOCATED_CATEGORIES, MemCategory, Phase
-from memtune.records import EstimatedTimeline, Export
+from memtune.records import EstimatedTimeline, Export, bucket_max
 
 RUN_FILES = ("run.json", "plan.json", "validation.json")
 CHART_TOP = 12
 """Candidates in the chart (the cheapest, as in the terminal's plan table); the table lists them all."""
-MAX_TIMELINE_POINTS = 1500
-"""A measured timeline is cut into this many buckets (keeping each bucket's highest point) so the SVG stays
-small (``memtune.records.MAX_TIMELINE_POINTS`` for an estimated one)."""
 
 
 @dataclass(kw_only=True)
@@ -482,14 +479,9 @@ def snapshot_timeline_frame(snapshot: dict) -> pd.DataFrame:
 
 
 def _bucket_max(frame: pd.DataFrame) -> pd.DataFrame:
-    """At most ``MAX_TIMELINE_POINTS`` rows: each bucket of consecutive rows keeps its first x and its largest
-    allocated and reserved bytes, so no peak is lost."""
-    if len(frame) <= MAX_TIMELINE_POINTS:
-        return frame.reset_index(drop=True)
-    bucket = (pd.RangeIndex(len(frame)) * MAX_TIMELINE_POINTS) // len(frame)
-    grouped = frame.groupby(bucket)
-    return pd.DataFrame({"x": grouped["x"].first(), "allocated": grouped["allocated"].max(),
-                         "reserved": grouped["reserved"].max()}).reset_index(drop=True)
+    """At most ``memtune.records.MAX_TIMELINE_POINTS`` rows (``bucket_max``), so the SVG stays small."""
+    x, allocated, reserved = bucket_max(frame["x"].tolist(), frame["allocated"].tolist(), frame["reserved"].tolist())
+    return pd.DataFrame({"x": x, "allocated": allocated, "reserved": reserved})
 
 
 def find_snapshot(sources: Sources) -> Path | None:

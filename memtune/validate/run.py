@@ -24,7 +24,7 @@ from memtune.errors import ConfigError, RunFailedError
 from memtune.estimate import MemoryBreakdown, Phase, estimate, overhead, sdpa_backend
 from memtune.estimate.categories import Verdict
 from memtune.plan import Plan
-from memtune.records import EstimatedTimeline, StepMeasurement, ValidationMode
+from memtune.records import SCHEMA_VERSION, EstimatedTimeline, StepMeasurement, ValidationMode
 from memtune.specs.gpu import GpuSpec
 from memtune.specs.model import ModelSpec
 
@@ -105,8 +105,6 @@ class ValidationRecord:
         return abs(self.error) <= self.tolerance and fit_agrees
 
     def to_json(self) -> dict:
-        from memtune.records import SCHEMA_VERSION
-
         return {
             "schema": SCHEMA_VERSION, "model": self.model, "gpu": self.gpu, "mode": str(self.mode),
             "device_name": self.device_name,
@@ -131,8 +129,6 @@ def validate_plan(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, steps: int = 5, 
     ``dry_run=None`` means "dry run when there is no CUDA GPU". The model starts from ``spec.weights_dir`` when it
     has weights, unless ``random_init``.
     """
-    import dataclasses
-
     import torch
 
     from memtune.estimate.timeline import estimated_timeline
@@ -144,7 +140,7 @@ def validate_plan(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, steps: int = 5, 
         record = _dry_run(spec, plan, gpu, est, tolerance)
         if emulate:
             record.notes.append(f"no CUDA GPU here: the {gpu.name} cap needs one, so this is a dry run")
-        return dataclasses.replace(record, estimated_timeline=estimated_timeline(spec, plan, gpu))
+        return record
     if plan.nodes > 1:
         raise ConfigError("validate runs on one node; validate a multi-node plan with --nodes 1 and the same "
                           "--num-gpus, or use --dry-run")
@@ -177,6 +173,7 @@ def validate_plan(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, steps: int = 5, 
 
 def _dry_run(spec, plan, gpu, est, tolerance) -> ValidationRecord:
     from memtune.estimate.compose import cached_trace
+    from memtune.estimate.timeline import estimated_timeline
 
     trace = cached_trace(spec, plan, spec.num_layers, sdpa_backend(spec, plan, gpu))
     rank = {"device": "fake tensors on the CPU",
@@ -185,6 +182,7 @@ def _dry_run(spec, plan, gpu, est, tolerance) -> ValidationRecord:
             "world_size": plan.world_size}
     return ValidationRecord(model=spec.name, gpu=gpu.name, mode=ValidationMode.DRY_RUN, plan=plan, estimate=est,
                             ranks=[rank], tolerance=tolerance, device_name="cpu (fake tensors)",
+                            estimated_timeline=estimated_timeline(spec, plan, gpu),
                             notes=[f"traced {plan.world_size} rank(s) with a fake process group"])
 
 
