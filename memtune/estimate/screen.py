@@ -158,8 +158,7 @@ def attention_output(spec: ModelSpec) -> str:
 
 def layer_activation_bytes(spec: ModelSpec, plan: Plan, tokens: int, backend: str = "flash") -> float:
     """Bytes one decoder layer saves for backward over ``tokens`` tokens, without checkpointing."""
-    h, q, kv, i = (spec.hidden_size, spec.num_attention_heads * spec.head_dim,
-                   spec.num_key_value_heads * spec.head_dim, spec.intermediate_size)
+    h, q, kv = spec.hidden_size, spec.num_attention_heads * spec.head_dim, spec.num_key_value_heads * spec.head_dim
     kbit = plan.quantization != "none"
     p = 4 if plan.fp32_residual else 2  # k-bit plans with kbit_upcast run in fp32 (peft upcasts the norms)
     full = plan.peft == "none"
@@ -184,15 +183,22 @@ def layer_activation_bytes(spec: ModelSpec, plan: Plan, tokens: int, backend: st
         per_token += p * 4 * q + (4 + (p if p < 4 else 0)) * spec.num_attention_heads * plan.seq_len
     if full or attention_output(spec) in lora and not dropout:
         per_token += p * q  # o_proj's input (the contiguous copy of the attention output)
-    # Gated MLP: gate output (activation input), activation output, up output; their product where down trains.
-    # Plain MLP (GPT-NeoX): the activation's input; its output where the last projection trains.
-    down = spec.mlp_output_linear
-    if spec.dense_mlp:
-        per_token += (3 if spec.mlp_gated else 1) * p * i + (p * i if full or down in lora and not dropout else 0)
-    per_token += expert_activation_bytes(spec, plan, p)
+    per_token += _mlp_bytes(spec, plan, p) + expert_activation_bytes(spec, plan, p)
     if plan.is_amp:
         per_token += 2 * 4 * h + 4 * (q + kv)  # fp32 residual stream: norm outputs and rotated q, k stay fp32
     return per_token * tokens
+
+
+def _mlp_bytes(spec: ModelSpec, plan: Plan, p: int) -> float:
+    """Bytes a dense MLP saves per token without checkpointing. Gated: the gate output (the activation's input),
+    the activation's output and the up output, and their product where the down projection trains; plain (GPT-NeoX):
+    the activation's input, and its output where the last projection trains."""
+    if not spec.dense_mlp:
+        return 0.0
+    i = spec.intermediate_size
+    lora = set(plan.lora_targets) if plan.peft == "lora" else set()
+    trains_last = plan.peft == "none" or spec.mlp_output_linear in lora and plan.lora_dropout <= 0
+    return (3 if spec.mlp_gated else 1) * p * i + (p * i if trains_last else 0)
 
 
 def expert_activation_bytes(spec: ModelSpec, plan: Plan, p: int) -> float:
@@ -232,10 +238,7 @@ def _checkpoint_bytes(spec: ModelSpec, plan: Plan, tokens: int, layer: float, ba
     per_token = layer / tokens - norms * upcast * h + norms * p * h
     if spec.dense_mlp:  # the MLP keeps its first projections' outputs (gate and up, or fc1) instead of what
         # the activation and the last projection keep
-        gated = 3 if spec.mlp_gated else 1
-        down = spec.mlp_output_linear
-        per_token -= gated * act * i + (act * i if plan.peft == "none" or down in lora and not dropout else 0)
-        per_token += (2 if spec.mlp_gated else 1) * act * i
+        per_token += (2 if spec.mlp_gated else 1) * act * i - _mlp_bytes(spec, plan, act)
     per_token += 0 if norm_outputs_counted else act * h
     if spec.experts:  # op-level selective checkpointing there: the gate and up outputs kept (and, where the experts
         # train, the down projection's), the rest recomputed

@@ -147,21 +147,15 @@ def op_times(ops, spec: ModelSpec, plan: Plan, gpu: GpuSpec, cal: Calibration, *
             host[i] = cal.host_region_s
         elif kind == "comm":
             host[i] = cal.host_op_s
-        elif kind == "mm":
-            gpu_s[i] = max(cal.mm_t0 + op.flops / (_peak_flops(gpu, plan, op.itemsize) * cal.mm_e_max),
-                           op.bytes / bandwidth)
+        elif kind in ("mm", "gmm"):
+            t0, e_max = (cal.mm_t0, cal.mm_e_max) if kind == "mm" else (cal.gmm_t0, cal.gmm_e_max)
+            gpu_s[i] = max(t0 + op.flops / (_peak_flops(gpu, plan, op.itemsize) * e_max), op.bytes / bandwidth)
             host[i] = cal.host_op_s
-        elif kind == "gmm":
-            gpu_s[i] = max(cal.gmm_t0 + op.flops / (_peak_flops(gpu, plan, op.itemsize) * cal.gmm_e_max),
-                           op.bytes / bandwidth)
-            host[i] = cal.host_op_s
-        elif kind in ("attn", "attn_bwd"):
-            flops = op.flops * (cal.attn_bwd_factor if kind == "attn_bwd" else 1.0)
-            gpu_s[i] = cal.attn_t0 + flops / (_peak_flops(gpu, plan, op.itemsize) * cal.attn_e_max)
-            host[i] = cal.host_op_s
-        elif kind in ("attn_masked", "attn_masked_bwd"):
-            flops = op.flops * (cal.masked_attn_bwd_factor if kind == "attn_masked_bwd" else 1.0)
-            gpu_s[i] = cal.masked_attn_t0 + flops / (_peak_flops(gpu, plan, op.itemsize) * cal.masked_attn_e_max)
+        elif kind.startswith("attn"):  # attn, attn_bwd, attn_masked, attn_masked_bwd
+            t0, e_max, bwd = ((cal.masked_attn_t0, cal.masked_attn_e_max, cal.masked_attn_bwd_factor)
+                              if kind.startswith("attn_masked") else (cal.attn_t0, cal.attn_e_max, cal.attn_bwd_factor))
+            flops = op.flops * (bwd if kind.endswith("_bwd") else 1.0)
+            gpu_s[i] = t0 + flops / (_peak_flops(gpu, plan, op.itemsize) * e_max)
             host[i] = cal.host_op_s
         elif kind == "kbit":
             mm = cal.mm_t0 + op.flops / (_peak_flops(gpu, plan, 2) * cal.mm_e_max) if op.flops else 0.0

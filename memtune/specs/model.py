@@ -271,6 +271,13 @@ def _build_spec(name: str, config_json: str) -> ModelSpec:
         num_params += (depth // period - 2) * per_period
     layers = decoder_layers(model)
     linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in layers[0].named_modules() if isinstance(m, nn.Linear)})
+    text = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+
+    def in_attention(parts: list[str]) -> bool:
+        return any(part in ("self_attn", "attention", "attn", "self_attention") for part in parts)
+
     shapes: dict[str, list[int]] = {}
     attention = set()
     for layer in layers:
@@ -279,27 +286,21 @@ def _build_spec(name: str, config_json: str) -> ModelSpec:
                 leaf = path.rsplit(".", 1)[-1]
                 entry = shapes.setdefault(leaf, [module.in_features, 0])
                 entry[1] += module.out_features
-                if any(part in ("self_attn", "attention", "attn", "self_attention") for part in path.split(".")):
+                if in_attention(path.split(".")):
                     attention.add(leaf)
     linear_shapes = tuple((leaf, i, round(o / len(layers))) for leaf, (i, o) in sorted(shapes.items()))
     stacked = sum(p.numel() for layer in layers for p in layer.parameters() if p.dim() == 3) // len(layers)
     norms = [m for m in layers[0].children() if "Norm" in type(m).__name__]
-    attention_norms = 0
+    attention_norms = 0  # query and key norms: over the projection, or per head (weights of head_dim elements)
     for path, module in layers[0].named_modules():
         weight = getattr(module, "weight", None)
-        if "Norm" in type(module).__name__ and "." in path and weight is not None and \
-                any(part in ("self_attn", "attention", "attn", "self_attention") for part in path.split(".")[:-1]):
-            leaf = path.rsplit(".", 1)[-1]
-            text_ = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
-            per_head = weight.numel() == (getattr(text_, "head_dim", None) or 0)
-            heads_ = (text_.num_attention_heads if leaf.startswith("q") else
-                      getattr(text_, "num_key_value_heads", None) or text_.num_attention_heads)
-            attention_norms += weight.numel() * (heads_ if per_head else 1)
+        if "Norm" in type(module).__name__ and weight is not None and in_attention(path.split(".")[:-1]):
+            per_head = weight.numel() == (getattr(text, "head_dim", None) or 0)
+            attention_norms += weight.numel() * ((heads if path.rsplit(".", 1)[-1].startswith("q") else kv_heads)
+                                                 if per_head else 1)
     text_cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
     experts = text_cfg.get("num_local_experts") or text_cfg.get("num_experts") or 0
     top_k = text_cfg.get("num_experts_per_tok") or 0
-    text = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
-    heads = text.num_attention_heads
     return ModelSpec(
         name=name,
         config_json=config_json,
@@ -308,7 +309,7 @@ def _build_spec(name: str, config_json: str) -> ModelSpec:
         hidden_size=text.hidden_size,
         intermediate_size=getattr(text, "intermediate_size", 4 * text.hidden_size),
         num_attention_heads=heads,
-        num_key_value_heads=getattr(text, "num_key_value_heads", None) or heads,
+        num_key_value_heads=kv_heads,
         head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
         vocab_size=text.vocab_size,
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
