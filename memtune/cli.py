@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 import os
 import sys
@@ -82,6 +81,10 @@ SeqLen = Annotated[int, typer.Option(help="Tokens per sequence.")]
 Attention = Annotated[str, typer.Option(help="sdpa | eager")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
 GradAccum = Annotated[int, typer.Option(help="Micro-batches per optimizer step.")]
+Offload = Annotated[bool, typer.Option(help="FSDP2 CPU offload: sharded weights, gradients and optimizer states in "
+                                            "host memory (needs --sharding fsdp; one GPU works).")]
+ExpandableSegments = Annotated[bool, typer.Option(help="The allocator's expandable segments "
+                                                       "(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True).")]
 KbitUpcast = Annotated[bool, typer.Option(help="QLoRA: peft's prepare_model_for_kbit_training upcasts the "
                                                "unquantized weights to fp32 (fp32 residual stream and logits).")]
 StackOpt = Annotated[str, typer.Option(help="The code that runs the step: memtune (its own recipe) | hf (the "
@@ -142,8 +145,27 @@ def _plan_from_options(gpu, spec, *, num_gpus, nodes, precision, sharding, check
                 expandable_segments=expandable_segments, kbit_upcast=kbit_upcast, stack=stack)
 
 
-def _plan_knobs(
+PLAN_KNOBS = ("num_gpus", "nodes", "precision", "sharding", "checkpointing", "peft", "lora_rank", "lora_targets",
+              "lora_dropout", "quantization", "optimizer", "batch_size", "seq_len", "attention", "grad_accum",
+              "offload", "expandable_segments", "kbit_upcast", "stack")
+"""The plan options estimate and validate both declare, passed on to ``_plan_from_options``."""
+
+
+def _knob_values(options: dict) -> dict:
+    return {name: options[name] for name in PLAN_KNOBS}
+
+
+@app.command()
+@_user_errors
+def estimate(
     *,
+    model: ModelOpt,
+    gpu: GpuOpt,
+    calibrated: Annotated[bool, typer.Option("--calibrated", help="Scale by the measured/estimated ratios in "
+                                                                  "profiles/calibration for this architecture.")] = False,
+    full_depth: Annotated[bool, typer.Option("--full-depth", help="Trace every layer of a model deeper than "
+                                                                  "64 (minutes) instead of the fast path.")] = False,
+    as_json: JsonOut = False,
     num_gpus: NumGpus = 1,
     nodes: Nodes = 1,
     precision: Precision = "auto",
@@ -159,46 +181,10 @@ def _plan_knobs(
     seq_len: SeqLen = 2048,
     attention: Attention = "sdpa",
     grad_accum: GradAccum = 1,
-    offload: Annotated[bool, typer.Option(help="FSDP2 CPU offload: sharded weights, gradients and optimizer "
-                                               "states in host memory (needs --sharding fsdp; one GPU works).")] = False,
-    expandable_segments: Annotated[bool, typer.Option(help="The allocator's expandable segments "
-                                                           "(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True).")] = False,
+    offload: Offload = False,
+    expandable_segments: ExpandableSegments = False,
     kbit_upcast: KbitUpcast = False,
     stack: StackOpt = "memtune",
-) -> dict:
-    """The plan options estimate and validate share: this signature is their part of the command line."""
-    return locals()
-
-
-def _with_plan_options(command: Callable) -> Callable:
-    """Give ``command`` the options of ``_plan_knobs``; it receives their values as one ``knobs`` dict."""
-    shared = list(inspect.signature(_plan_knobs, eval_str=True).parameters.values())
-    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "knobs"]
-
-    @functools.wraps(command)
-    def wrapper(**kwargs):
-        knobs = {p.name: kwargs.pop(p.name) for p in shared}
-        return command(knobs=knobs, **kwargs)
-
-    wrapper.__signature__ = inspect.Signature(own + shared)
-    wrapper.__annotations__ = {p.name: p.annotation for p in own + shared}
-    del wrapper.__wrapped__  # typer must see the combined signature, not the command's own
-    return wrapper
-
-
-@app.command()
-@_user_errors
-@_with_plan_options
-def estimate(
-    *,
-    model: ModelOpt,
-    gpu: GpuOpt,
-    knobs: dict,
-    calibrated: Annotated[bool, typer.Option("--calibrated", help="Scale by the measured/estimated ratios in "
-                                                                  "profiles/calibration for this architecture.")] = False,
-    full_depth: Annotated[bool, typer.Option("--full-depth", help="Trace every layer of a model deeper than "
-                                                                  "64 (minutes) instead of the fast path.")] = False,
-    as_json: JsonOut = False,
 ) -> None:
     """Per-GPU peak memory of one training step, by category and phase, and whether it fits."""
     from memtune.estimate import estimate as run_estimate
@@ -206,7 +192,7 @@ def estimate(
 
     gpu_spec = resolve_gpu(gpu)
     spec = resolve_model(model)
-    plan = _plan_from_options(gpu_spec, spec, **knobs)
+    plan = _plan_from_options(gpu_spec, spec, **_knob_values(locals()))
     with _working(f"tracing a training step of {spec.name} on fake tensors"):
         breakdown = run_estimate(spec, plan, gpu_spec, calibrated=calibrated, full_depth=full_depth)
     if as_json:
@@ -219,7 +205,6 @@ def estimate(
 
 @app.command()
 @_user_errors
-@_with_plan_options
 def validate(
     *,
     model: Annotated[str | None, typer.Option("--model", "-m", help="As for estimate (or from --plan-file).")] = None,
@@ -229,7 +214,6 @@ def validate(
     emulate_gpu: Annotated[str | None, typer.Option(help="Check a plan for this (smaller) GPU on the local one: "
                                                          "PyTorch's pool is capped at its memory less the CUDA "
                                                          "context.")] = None,
-    knobs: dict,
     steps: Annotated[int, typer.Option(help="Measured steps (after one warm-up step).")] = 5,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Fake tensors on the CPU, fake process group for N "
                                                             "ranks (automatic without a CUDA GPU).")] = False,
@@ -241,6 +225,25 @@ def validate(
                                                                     "has a checkpoint.")] = False,
     report: ReportOpt = None,
     as_json: JsonOut = False,
+    num_gpus: NumGpus = 1,
+    nodes: Nodes = 1,
+    precision: Precision = "auto",
+    sharding: Sharding = "auto",
+    checkpointing: Checkpointing = "none",
+    peft: PeftOpt = "none",
+    lora_rank: LoraRank = 8,
+    lora_targets: LoraTargets = None,
+    lora_dropout: LoraDropout = 0.05,
+    quantization: Quantization = "none",
+    optimizer: OptimizerOpt = "adamw",
+    batch_size: BatchSize = 1,
+    seq_len: SeqLen = 2048,
+    attention: Attention = "sdpa",
+    grad_accum: GradAccum = 1,
+    offload: Offload = False,
+    expandable_segments: ExpandableSegments = False,
+    kbit_upcast: KbitUpcast = False,
+    stack: StackOpt = "memtune",
 ) -> None:
     """Run a few real training steps and compare measured memory with the estimate.
 
@@ -252,7 +255,7 @@ def validate(
     from memtune.specs import detect_gpus, resolve_gpu, resolve_model
     from memtune.validate.run import validate_plan
 
-    from_file = None
+    knobs, from_file = _knob_values(locals()), None
     if plan_file:
         from memtune.planfile import read_plan_file
 
