@@ -13,6 +13,8 @@
 #   bash bench/gpu_session.sh math-check   # plans whose attention runs a softmax (math SDPA or eager): QLoRA on a
 #                                      # grouped-query model, fp32, LoRA under a T4 cap, eager attention
 #   bash bench/gpu_session.sh tests    # the GPU tests alone (tests/gpu)
+#   bash bench/gpu_session.sh accuracy # the one-GPU accuracy grids again (single, quant, knobs): raw rows for
+#                                      # bench/accuracy.py (the fsdp2 grid needs nvidia-h200-x2)
 #   bash bench/gpu_session.sh qlora-selective   # op by op, QLoRA with selective checkpointing (bitsandbytes)
 #   bash bench/gpu_session.sh x2       # on nvidia-h200-x2: op by op the V100 attention step on CUDA against the
 #                                      # trace (bench/op_memory.py), then the CPU-offload GPU tests
@@ -89,6 +91,11 @@ case "${1:-}" in
     qlora-selective)
         python3 bench/op_memory.py "$out/op-memory-qlora-selective.json" --precision bf16 --checkpointing selective \
             --peft lora --quantization 4bit --seq-len 4096 --batch-size 2 > "$out/op-memory-qlora-selective.log" 2>&1 ;;
+    accuracy)
+        python3 bench/measure.py --grid single --out "$out/single.jsonl" 2>&1 | tee "$out/accuracy.log"
+        python3 bench/measure.py --grid quant --out "$out/quant.jsonl" 2>&1 | tee -a "$out/accuracy.log"
+        torchrun --standalone --nproc-per-node 1 bench/measure.py --grid knobs --out "$out/knobs.jsonl" 2>&1 \
+            | tee -a "$out/accuracy.log" ;;
     tests)
         python3 -m pytest -q tests/gpu 2>&1 | tee "$out/gpu_tests.log" ;;
     x2)
@@ -101,6 +108,6 @@ case "${1:-}" in
         cp /tmp/launch-packed/launch.json "$out/launch-packed.json"
         cp /tmp/launch-packed/full-bf16/metrics.jsonl "$out/full-bf16-packed-metrics.jsonl" ;;
     *)
-        echo "usage: bash bench/gpu_session.sh knobs|offload|regret|v100|v100-check|math-check|tests|qlora-selective|x2|launch|launch-packed" >&2
+        echo "usage: bash bench/gpu_session.sh accuracy|knobs|offload|regret|v100|v100-check|math-check|tests|qlora-selective|x2|launch|launch-packed" >&2
         exit 2 ;;
 esac

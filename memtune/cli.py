@@ -88,7 +88,8 @@ ExpandableSegments = Annotated[bool, typer.Option(help="The allocator's expandab
 KbitUpcast = Annotated[bool, typer.Option(help="QLoRA: peft's prepare_model_for_kbit_training upcasts the "
                                                "unquantized weights to fp32 (fp32 residual stream and logits).")]
 StackOpt = Annotated[str, typer.Option(help="The code that runs the step: memtune (its own recipe) | hf (the "
-                                            "Hugging Face Trainer's checkpointing and optimizer).")]
+                                            "Hugging Face Trainer's checkpointing and optimizer) | llama-cookbook "
+                                            "(finetuning.main: bf16 weights, checkpointing only with FSDP).")]
 ReportOpt = Annotated[str | None, typer.Option(help="Also write an HTML report to this file.")]
 
 
@@ -130,10 +131,12 @@ def _plan_from_options(gpu, spec, *, num_gpus, nodes, precision, sharding, check
                        offload, expandable_segments, kbit_upcast=False, stack="memtune"):
     from memtune.plan import Plan
 
+    cookbook = stack == "llama-cookbook"  # bf16 weights on every card; checkpointing only under FSDP
     if precision == "auto":
-        precision = "bf16" if gpu.bf16 else "amp-fp16"
+        precision = "bf16" if gpu.bf16 or cookbook else "amp-fp16"
     if sharding == "auto":
-        sharding = "none" if num_gpus * nodes == 1 and not offload else ("hsdp" if nodes > 1 else "fsdp")
+        alone = num_gpus * nodes == 1 and not offload and not (cookbook and checkpointing == "full")
+        sharding = "none" if alone else ("hsdp" if nodes > 1 else "fsdp")
     from memtune.specs.model import default_lora_targets, resolve_lora_targets
 
     targets = tuple(t.strip() for t in (lora_targets or "").split(",") if t.strip())

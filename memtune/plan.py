@@ -17,7 +17,8 @@ Quantization = Literal["none", "8bit", "4bit"]
 Optimizer = Literal["adamw", "adamw-fused", "adamw-8bit", "sgd"]
 Attention = Literal["sdpa", "eager"]
 Batching = Literal["padding", "packing"]
-Stack = Literal["memtune", "hf"]
+Stack = Literal["memtune", "hf", "llama-cookbook"]
+STACK_NAMES = {"memtune": "memtune", "hf": "the Hugging Face Trainer", "llama-cookbook": "llama-cookbook"}
 
 DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
 
@@ -73,7 +74,9 @@ class Plan:
     stack: Stack = "memtune"
     """The code that runs the step: memtune's recipe, or the Hugging Face Trainer's (``hf``: its own gradient
     checkpointing, its optimizer's two parameter groups, and fp32 optimizer states for embeddings under bitsandbytes'
-    8-bit optimizers, as ``Trainer.create_optimizer`` registers them)."""
+    8-bit optimizers, as ``Trainer.create_optimizer`` registers them), or llama-cookbook's ``finetuning.main``
+    (``llama-cookbook``: only the plans ``llama_cookbook_rules`` allows, which memtune's recipe then runs the same
+    way: bf16 weights and AdamW states, checkpointing of whole layers under FSDP)."""
 
     def __post_init__(self) -> None:
         errors = [f"{name.replace('_', '-')} must be one of {', '.join(allowed)}, not {value!r}"
@@ -108,6 +111,11 @@ class Plan:
         if self.stack == "hf" and self.checkpointing == "selective":
             errors.append("the Hugging Face Trainer checkpoints whole layers only: use --checkpointing full or none, "
                           "or --stack memtune")
+        if self.stack == "llama-cookbook":
+            errors += llama_cookbook_rules(self)
+            if self.checkpointing == "full" and self.sharding == "none":
+                errors.append("llama-cookbook checkpoints activations only inside its FSDP branch (enable_fsdp): use "
+                              "--sharding fsdp (one GPU works) or --checkpointing none")
         if not isinstance(self.lora_targets, tuple) or not all(isinstance(t, str) for t in self.lora_targets):
             errors.append(f"lora-targets must be a tuple of layer names, not {self.lora_targets!r}")
         elif self.peft == "lora" and not self.lora_targets:
@@ -151,8 +159,11 @@ class Plan:
         return {"fp32": "float32", "bf16": "bfloat16", "amp-bf16": "bfloat16"}.get(self.precision, "float16")
 
     def check_model(self, model) -> None:
-        """Errors that depend on the model: sequence length and LoRA targets."""
+        """Errors that depend on the model: sequence length, LoRA targets, and llama-cookbook's model classes."""
         errors = []
+        if self.stack == "llama-cookbook" and model.model_type != "llama":
+            errors.append(f"llama-cookbook's finetuning.main loads llama models only, not {model.model_type} "
+                          f"({model.name}): use --stack memtune or hf")
         if model.max_position_embeddings and self.seq_len > model.max_position_embeddings:
             errors.append(f"seq-len {self.seq_len} is longer than {model.name}'s context "
                           f"({model.max_position_embeddings}); use --seq-len {model.max_position_embeddings} or less")
@@ -165,8 +176,9 @@ class Plan:
             raise InvalidPlanError(errors)
 
     def check_gpu(self, gpu) -> None:
-        """Errors that depend on the GPU: bf16 needs compute capability 8.0 or newer."""
-        if "bf16" in self.precision and not gpu.bf16:
+        """Errors that depend on the GPU: bf16 needs compute capability 8.0 or newer (except under llama-cookbook,
+        which loads bf16 weights on every card and lets CUDA emulate what the card lacks)."""
+        if "bf16" in self.precision and not gpu.bf16 and self.stack != "llama-cookbook":
             raise InvalidPlanError([f"{gpu.name} (compute capability {'.'.join(map(str, gpu.compute_capability))}) "
                                     f"has no bf16: use --precision fp16, amp-fp16 or fp32"])
 
@@ -221,6 +233,37 @@ def describe(plan: Plan) -> str:
             + (f" ({plan.batch_size} x {plan.grad_accum})" if plan.grad_accum > 1 else ""))
 
 
+def llama_cookbook_rules(plan: Plan) -> list[str]:
+    """Why llama-cookbook 0.0.5's ``finetuning.main`` cannot run ``plan`` as it stands (empty: it can).
+
+    Read from its code: weights load with ``from_pretrained(torch_dtype=bf16)`` (fp16 with ``use_fp16``) whatever
+    the FSDP precision flags, so no fp32 master weights exist; activation checkpointing wraps whole decoder layers,
+    inside the FSDP branch only (the one-GPU case runs FSDP over one GPU); 8-bit quantization is refused with FSDP;
+    the optimizer is ``torch.optim.AdamW`` (foreach); attention is what transformers picks (SDPA); k-bit models are
+    not passed through ``prepare_model_for_kbit_training``. FSDP1's CPU offload (``fsdp_cpu_offload``) moves only
+    parameters, which memtune does not estimate."""
+    errors = []
+    if plan.checkpointing == "selective":
+        errors.append("llama-cookbook checkpoints whole layers only: use --checkpointing full (less memory, more "
+                      "recompute) or none, or run the plan with memtune launch")
+    if plan.precision not in ("bf16", "fp16"):
+        errors.append(f"llama-cookbook loads the weights in bf16 (fp16 with use_fp16) whatever its FSDP precision "
+                      f"flags, so {plan.precision} does not run there: use --precision bf16 or fp16")
+    if plan.quantization == "8bit" and (plan.sharding != "none" or plan.checkpointing == "full"):
+        errors.append("llama-cookbook rejects 8-bit quantization with FSDP (and FSDP is how it checkpoints)")
+    if plan.optimizer != "adamw":
+        errors.append(f"llama-cookbook's optimizer is AdamW: {plan.optimizer} is not available there")
+    if plan.offload:
+        errors.append("llama-cookbook's CPU offload (FSDP1, parameters only) is not what memtune estimates: leave "
+                      "--offload off")
+    if plan.attention != "sdpa":
+        errors.append("llama-cookbook leaves attention to transformers (SDPA): use --attention sdpa")
+    if plan.kbit_upcast:
+        errors.append("llama-cookbook does not upcast a k-bit model (no prepare_model_for_kbit_training): leave "
+                      "--kbit-upcast off")
+    return errors
+
+
 def summarize(plan: Plan) -> str:
     """Every knob that is not a default, in one line ('bf16, batch 4 x 1152 tokens, 2 accumulated, ...')."""
     parts = [plan.precision, f"batch {plan.batch_size} x {plan.seq_len} tokens"]
@@ -242,5 +285,5 @@ def summarize(plan: Plan) -> str:
     if plan.attention != "sdpa":
         parts.append(f"{plan.attention} attention")
     if plan.stack != "memtune":
-        parts.append(f"as the {'Hugging Face Trainer' if plan.stack == 'hf' else plan.stack} runs it")
+        parts.append(f"as {STACK_NAMES[plan.stack]} runs it")
     return ", ".join(parts)

@@ -160,9 +160,9 @@ def candidate_plans(gpu: GpuSpec, *, num_gpus: int, nodes: int, batch_size: int,
 def llama_cookbook_default(gpu: GpuSpec, *, num_gpus: int = 1, batch_size: int = 1, seq_len: int,
                            batching: str = "padding") -> Plan:
     """What llama-cookbook's ``finetuning.py`` runs without ``enable_fsdp``: no FSDP, hence no activation
-    checkpointing (it only turns it on inside its FSDP branch), bf16 weights where the GPU has bf16 and fp32 where
-    it does not, AdamW; every process holds the whole model."""
-    return Plan(precision="bf16" if gpu.bf16 else "fp32", batch_size=batch_size, seq_len=seq_len, batching=batching)
+    checkpointing (it only turns it on inside its FSDP branch), bf16 weights on every card (``from_pretrained``
+    with ``torch_dtype=bfloat16``), AdamW; every process holds the whole model."""
+    return Plan(precision="bf16", batch_size=batch_size, seq_len=seq_len, batching=batching, stack="llama-cookbook")
 
 
 def micro_batches(global_batch: int | None, batch_size: int, world_size: int) -> list[tuple[int, int]]:
@@ -183,10 +183,16 @@ def micro_batches(global_batch: int | None, batch_size: int, world_size: int) ->
 
 def with_fixed(kind: Plan, fixed: dict, **fields) -> Plan:
     """``kind`` with the ``fields`` of a search and the knobs the user fixed; CPU offload brings FSDP2 along (over
-    one GPU too) unless the sharding is fixed as well. Raises InvalidPlanError when they cannot go together."""
+    one GPU too) unless the sharding is fixed as well. Under llama-cookbook's stack the weights are bf16 unless the
+    precision is fixed, and checkpointing brings FSDP along (it checkpoints only there). Raises InvalidPlanError
+    when they cannot go together."""
     fields = {**fields, **fixed}
     if fields.get("offload") and kind.sharding == "none" and "sharding" not in fields:
         fields["sharding"] = "fsdp"
+    if fields.get("stack", kind.stack) == "llama-cookbook":
+        fields.setdefault("precision", "bf16")
+        if fields.get("checkpointing", kind.checkpointing) == "full" and kind.sharding == "none":
+            fields.setdefault("sharding", "fsdp")
     return dataclasses.replace(kind, **fields)
 
 
@@ -222,8 +228,9 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
     ref_plan = llama_cookbook_default(gpu, batch_size=batch_size, batching=ref_batching,
                                       seq_len=lengths.max if ref_batching == "padding" and lengths else seq_len)
     for b in batchings:  # a sequence longer than the model's context is bad input, not a miss
-        dataclasses.replace(ref_plan, seq_len=seq_for[b]).check_model(spec)
+        Plan(seq_len=seq_for[b]).check_model(spec)
     try:
+        ref_plan.check_model(spec)  # llama-cookbook runs llama models only
         ref_estimate = _screened_or_traced(spec, ref_plan, gpu)
         reference = Candidate(label="llama-cookbook default (no FSDP, so no checkpointing)", plan=ref_plan,
                               breakdown=ref_estimate, reason=_reason(ref_estimate))

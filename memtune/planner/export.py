@@ -1,10 +1,8 @@
 """A plan written out for the tools people train with: llama-cookbook, Hugging Face Trainer, torchrun.
 
 Each function is pure and raises ``InvalidPlanError`` when the tool cannot express the plan, naming the rule.
-llama-cookbook rules (``finetuning.py`` and its configs): activation checkpointing happens only inside its FSDP
-branch (``fsdp_activation_checkpointing``), so a one-GPU plan with checkpointing runs as FSDP over one GPU;
-8-bit quantization with FSDP is rejected; without FSDP the weights load in their checkpoint dtype (or fp16 with
-``use_fp16``) and there is no bf16 autocast; its optimizer is AdamW (or AnyPrecisionAdamW).
+llama-cookbook's rules are ``memtune.plan.llama_cookbook_rules``; a one-GPU plan with checkpointing runs there as
+FSDP over one GPU (its checkpointing comes only with FSDP).
 """
 
 from __future__ import annotations
@@ -12,7 +10,7 @@ from __future__ import annotations
 import shlex
 
 from memtune.errors import InvalidPlanError
-from memtune.plan import Plan
+from memtune.plan import Plan, llama_cookbook_rules
 
 LLAMA_COOKBOOK_MODULE = "llama_cookbook.finetuning"
 _SHARDING = {"fsdp-grad-op": "SHARD_GRAD_OP", "hsdp": "HYBRID_SHARD"}
@@ -21,54 +19,36 @@ _SHARDING = {"fsdp-grad-op": "SHARD_GRAD_OP", "hsdp": "HYBRID_SHARD"}
 
 def llama_cookbook_kwargs(model_name: str, plan: Plan) -> dict:
     """Keyword arguments for ``llama_cookbook.finetuning.main(**kwargs)`` (the same names as its CLI flags; each a
-    field of its ``train_config``, ``fsdp_config``, ``lora_config`` or ``quantization_config``).
+    field of its ``train_config``, ``fsdp_config``, ``lora_config`` or ``quantization_config``); what it cannot run
+    is ``memtune.plan.llama_cookbook_rules``.
 
     ``sharding_strategy`` is a ``torch.distributed.fsdp.ShardingStrategy`` member where the plan needs other than
     llama-cookbook's default (full sharding); 4-bit plans ask for NF4 with double quantization (its default is FP4
     without), the 4-bit format memtune estimates."""
-    errors = []
-    if plan.checkpointing == "selective":
-        errors.append("llama-cookbook checkpoints whole layers only: export the plan with full checkpointing "
-                      "(less memory, more recompute) or run it with memtune launch")
+    errors = llama_cookbook_rules(plan)
     fsdp = plan.sharding != "none" or plan.checkpointing == "full"
     kwargs: dict = {"model_name": model_name, "batch_size_training": plan.batch_size,
                     "gradient_accumulation_steps": plan.grad_accum, "batching_strategy": plan.batching,
                     "context_length": plan.seq_len, "enable_fsdp": fsdp}
+    if plan.precision == "fp16":
+        kwargs["use_fp16"] = True
     if fsdp:
         kwargs["fsdp_activation_checkpointing"] = plan.checkpointing == "full"
         if plan.sharding in _SHARDING:
             from torch.distributed.fsdp import ShardingStrategy
 
             kwargs["sharding_strategy"] = ShardingStrategy[_SHARDING[plan.sharding]]
-        if plan.offload:
-            kwargs["fsdp_cpu_offload"] = True
         if plan.sharding == "hsdp":
             kwargs.update(hsdp=True, sharding_group_size=plan.num_gpus, replica_group_size=plan.nodes)
-        precision = {"bf16": {"pure_bf16": True, "mixed_precision": False},
-                     "fp32": {"pure_bf16": False, "mixed_precision": False},
-                     "amp-bf16": {"pure_bf16": False, "mixed_precision": True},
-                     "amp-fp16": {"pure_bf16": False, "mixed_precision": True, "use_fp16": True}}.get(plan.precision)
-        if precision is None:
-            errors.append(f"llama-cookbook with FSDP has no {plan.precision} mode: use bf16, fp32, amp-bf16 or amp-fp16")
-        else:
-            kwargs.update(precision)
-    else:
-        if plan.precision == "fp16":
-            kwargs["use_fp16"] = True
-        elif plan.precision != "bf16":
-            errors.append(f"without FSDP llama-cookbook loads the weights in their checkpoint dtype (bf16) or fp16: "
-                          f"{plan.precision} needs enable_fsdp")
+        if plan.precision == "bf16":
+            kwargs.update(pure_bf16=True, mixed_precision=False)  # the weights are bf16 already: no casts
     if plan.quantization != "none":
-        if fsdp and plan.quantization == "8bit":
-            errors.append("llama-cookbook rejects 8-bit quantization with FSDP (and FSDP is how it checkpoints)")
         kwargs["quantization"] = plan.quantization
         if plan.quantization == "4bit":
             kwargs.update(quant_type="nf4", use_double_quant=True)
     if plan.peft == "lora":
         kwargs.update(use_peft=True, peft_method="lora", r=plan.lora_rank, lora_alpha=plan.lora_alpha,
                       lora_dropout=plan.lora_dropout, target_modules=list(plan.lora_targets))
-    if plan.optimizer != "adamw":
-        errors.append(f"llama-cookbook's optimizer is AdamW: {plan.optimizer} is not available there")
     if errors:
         raise InvalidPlanError(errors)
     return kwargs

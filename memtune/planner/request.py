@@ -47,8 +47,8 @@ class SearchRequest:
         export = options.get("export")
         if export is not None and export not in EXPORTERS:
             raise ConfigError(f"--export must be {', '.join(EXPORTERS)}, not {export!r}")
-        if export == "hf":
-            fixed["stack"] = "hf"  # the estimate of what the Trainer runs
+        if export is not None:  # the estimate of what that tool runs (the torchrun command runs llama-cookbook)
+            fixed["stack"] = "hf" if export == "hf" else "llama-cookbook"
         if options.get("network_gbs", 25.0) <= 0:
             raise ConfigError("--network-gbs must be positive")
         if options.get("batching") not in (None, "padding", "packing"):

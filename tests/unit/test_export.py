@@ -22,8 +22,11 @@ def test_default_path_without_fsdp_has_no_checkpointing():
 
 @pytest.mark.parametrize(("fields", "message"), [
     ({"quantization": "8bit", "peft": "lora", "checkpointing": "full"}, "rejects 8-bit quantization with FSDP"),
-    ({"precision": "fp32"}, "needs enable_fsdp"),
+    ({"precision": "fp32"}, "loads the weights in bf16"),
+    ({"precision": "amp-bf16", "sharding": "fsdp", "num_gpus": 2}, "loads the weights in bf16"),
     ({"optimizer": "sgd"}, "AdamW"),
+    ({"checkpointing": "selective"}, "whole layers only"),
+    ({"sharding": "fsdp", "offload": True}, "CPU offload"),
 ])
 def test_what_llama_cookbook_cannot_express(fields, message):
     with pytest.raises(InvalidPlanError, match=message):
@@ -110,8 +113,8 @@ def test_hybrid_sharding_is_not_expressible_in_the_trainer():
 
 COOKBOOK_PLANS = [Plan(), Plan(checkpointing="full"), Plan(precision="fp16", peft="lora"),
                   Plan(peft="lora", quantization="4bit"), Plan(peft="lora", quantization="8bit"),
-                  Plan(sharding="fsdp", num_gpus=8, precision="amp-bf16", checkpointing="full", offload=True),
-                  Plan(sharding="fsdp-grad-op", num_gpus=2, precision="fp32"),
+                  Plan(sharding="fsdp", num_gpus=8, checkpointing="full"),
+                  Plan(sharding="fsdp-grad-op", num_gpus=2, precision="fp16"),
                   Plan(sharding="hsdp", num_gpus=8, nodes=2, peft="lora", lora_targets=("q_proj", "o_proj"))]
 
 
