@@ -1,6 +1,7 @@
-"""The seed case with the real llama-cookbook: Llama-Guard-3-1B full fine-tune through ``finetuning.main`` with its
-defaults (padding, batch 1, no FSDP - so no activation checkpointing) and then with ``enable_fsdp``, on an H200 capped
-to an L4-24GB and to a V100-32GB (with the attention kernel each card would run), against memtune's verdicts.
+"""The seed case with the real llama-cookbook: Llama-Guard-3-1B full fine-tunes through ``finetuning.main`` on an H200
+capped to an L4-24GB and to a V100-32GB (with the attention kernel each card would run), without and with
+``enable_fsdp``, against ``memtune estimate --stack llama-cookbook``: the issue's settings (padding, batch 1), the
+same at llama-cookbook's default batch of 4, its default packing (4 x 4,096), and a LoRA.
 
     python bench/cookbook.py OUT.json        # on the GPU machine, llama-cookbook 0.0.5 and fire installed
 
@@ -10,15 +11,16 @@ ToxicChat sample of the case (1,139 tokens, ``bench/assets/cookbook_dataset.py``
 changes let llama-cookbook 0.0.5 run on accelerate 1.x and transformers 5, neither touching what it allocates:
 ``accelerate.utils.is_ccl_available`` (removed from accelerate, an Intel-only check) returns False, and its
 ``from_pretrained(use_cache=None)`` (which transformers 5's config refuses) leaves ``use_cache`` to the config's
-default, which is what None meant.
+default, which is what None meant. memtune's estimate runs as the command line (``memtune estimate --json``) while
+the run goes on.
 
-OUT.json: ``runs`` (``gpu``, ``kwargs``, ``oom``, ``measured_peak_allocated_bytes``, ``error``) and, for each, memtune's
-estimate of the plan it corresponds to (``memtune_plan``, ``estimated_peak_allocated_bytes``, ``memtune_verdict``).
+OUT.json: ``runs`` (``gpu``, ``kwargs``, ``oom``, ``measured_peak_allocated_bytes``, ``error``), each with memtune's
+command (``memtune_command``), its plan, ``estimated_peak_allocated_bytes`` and ``memtune_verdict``; ``verdicts_agree``
+counts the runs whose OOM-or-not is what memtune said.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -29,23 +31,29 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from memtune.plan import Plan  # noqa: E402
-
 MODEL = "llama-guard-3-1b"
 SEQ = 1139
 BASE = {"batch_size_training": 1, "batching_strategy": "padding", "context_length": 4096, "use_peft": False,
         "quantization": None, "dataset": "custom_dataset", "run_validation": False, "num_epochs": 1,
         "max_train_step": 3, "save_model": False, "num_workers_dataloader": 0,
         "custom_dataset.file": str(ROOT / "bench/assets/cookbook_dataset.py")}
-RUNS = [("L4-24GB", {}), ("L4-24GB", {"enable_fsdp": True}), ("V100-32GB", {}), ("V100-32GB", {"enable_fsdp": True})]
+FSDP = {"enable_fsdp": True}
+BATCH4 = {"batch_size_training": 4}
+PACKED = {"batch_size_training": 4, "batching_strategy": "packing"}
+RUNS = [("L4-24GB", {}), ("L4-24GB", FSDP), ("V100-32GB", {}), ("V100-32GB", FSDP),
+        ("L4-24GB", BATCH4), ("L4-24GB", {**BATCH4, **FSDP}), ("V100-32GB", BATCH4), ("V100-32GB", {**BATCH4, **FSDP}),
+        ("L4-24GB", {**PACKED, **FSDP}), ("L4-24GB", {**BATCH4, "use_peft": True})]
 
 
-def memtune_plan(extra: dict) -> Plan:
-    """The plan memtune estimates for a llama-cookbook run: bf16 weights and AdamW; with FSDP, FSDP over one GPU
-    and checkpointing of every layer (llama-cookbook's fsdp_activation_checkpointing default)."""
-    if extra.get("enable_fsdp"):
-        return Plan(sharding="fsdp", checkpointing="full", batch_size=1, seq_len=SEQ)
-    return Plan(batch_size=1, seq_len=SEQ)
+def memtune_options(kwargs: dict) -> list[str]:
+    """The ``memtune estimate`` options for what ``finetuning.main(**kwargs)`` runs: padding pads each batch to its
+    longest sample (all are 1,139 tokens here), packing fills ``context_length``; ``enable_fsdp`` brings
+    checkpointing (``fsdp_activation_checkpointing`` is on by default), which brings FSDP over one GPU."""
+    kw = {**BASE, **kwargs}
+    seq = SEQ if kw["batching_strategy"] == "padding" else kw["context_length"]
+    return ["--model", MODEL, "--stack", "llama-cookbook", "--batch-size", str(kw["batch_size_training"]),
+            "--seq-len", str(seq), "--checkpointing", "full" if kw.get("enable_fsdp") else "none",
+            "--peft", "lora" if kw["use_peft"] else "none"]
 
 
 def model_dir() -> Path:
@@ -71,6 +79,7 @@ def run_one(gpu_name: str, extra: dict, path: str) -> dict:
     import torch
 
     from memtune.estimate import overhead
+    from memtune.plan import Plan
     from memtune.estimate.compose import sdpa_backend
     from memtune.specs import resolve_gpu, resolve_model
     from memtune.validate.probe import _sdpa_kernel
@@ -90,7 +99,9 @@ def run_one(gpu_name: str, extra: dict, path: str) -> dict:
     finetuning.LlamaForCausalLM.from_pretrained = classmethod(from_pretrained)
 
     gpu = resolve_gpu(gpu_name)
-    plan = memtune_plan(extra)
+    fsdp = bool(extra.get("enable_fsdp"))
+    plan = Plan(sharding="fsdp" if fsdp else "none", checkpointing="full" if fsdp else "none", seq_len=SEQ,
+                stack="llama-cookbook")  # what sets the card's cap and attention kernels
     cap = gpu.memory_bytes - overhead.runtime_overhead_bytes(plan.has_process_group)
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap / torch.cuda.get_device_properties(0).total_memory), 0)
     if extra.get("enable_fsdp"):
@@ -113,9 +124,6 @@ def main() -> None:
     import torch
     import transformers
 
-    from memtune.estimate.compose import estimate
-    from memtune.specs import resolve_gpu, resolve_model
-
     out = Path(sys.argv[1])
     path = str(model_dir())
     result = {"command": "python bench/cookbook.py OUT.json", "model": MODEL, "seq_len": SEQ,
@@ -123,22 +131,29 @@ def main() -> None:
                            "llama_cookbook": "0.0.5", "gpu_name": torch.cuda.get_device_name()}, "runs": []}
     for gpu_name, extra in RUNS:
         started = time.time()
-        proc = subprocess.run([sys.executable, __file__, "--run", gpu_name, json.dumps(extra), path],
-                              capture_output=True, text=True)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        real = subprocess.Popen([sys.executable, __file__, "--run", gpu_name, json.dumps(extra), path],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        command = ["memtune", "estimate", *memtune_options(extra), "--gpu", gpu_name, "--json"]
+        est = subprocess.run([sys.executable, "-m", "memtune", *command[1:]], capture_output=True, text=True,
+                             cwd=ROOT)
+        stdout, stderr = real.communicate()
+        lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
         row = json.loads(lines[-1][7:]) if lines else {
-            "gpu": gpu_name, "kwargs": extra, "error": " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-4:])[-800:]}
-        plan = memtune_plan(extra)
-        gpu = resolve_gpu(gpu_name)
-        if not gpu.bf16:  # memtune plans fp16 there; llama-cookbook loads bf16 anyway: estimate what it runs
-            row["memtune_note"] = f"memtune refuses bf16 on {gpu_name}; estimated as if the card took it"
-            gpu = dataclasses.replace(gpu, bf16=True)
-        b = estimate(resolve_model(MODEL), plan, gpu)
-        row.update(memtune_plan=plan.to_dict(), estimated_peak_allocated_bytes=b.peak_allocated_bytes,
-                   memtune_verdict=b.verdict, wall_s=round(time.time() - started, 1))
-        if row.get("measured_peak_allocated_bytes") and not row.get("oom"):
-            row["error_allocated"] = b.peak_allocated_bytes / row["measured_peak_allocated_bytes"] - 1
+            "gpu": gpu_name, "kwargs": extra, "error": " | ".join((stderr or stdout).strip().splitlines()[-4:])[-800:]}
+        row["memtune_command"] = " ".join(command)
+        if est.returncode == 0:
+            b = json.loads(est.stdout)
+            row.update(memtune_plan=b["plan"], estimated_peak_allocated_bytes=b["peak_allocated_bytes"],
+                       memtune_verdict=b["verdict"])
+        else:
+            row["memtune_error"] = est.stderr.strip()[-500:]
+        row["wall_s"] = round(time.time() - started, 1)
+        if row.get("measured_peak_allocated_bytes") and row.get("oom") is False and "estimated_peak_allocated_bytes" in row:
+            row["error_allocated"] = row["estimated_peak_allocated_bytes"] / row["measured_peak_allocated_bytes"] - 1
+        if "oom" in row and "memtune_verdict" in row:
+            row["verdict_agrees"] = row["oom"] == (row["memtune_verdict"] == "does not fit")
         result["runs"].append(row)
+        result["verdicts_agree"] = f"{sum(bool(r.get('verdict_agrees')) for r in result['runs'])} of {len(result['runs'])}"
         print(json.dumps({k: v for k, v in row.items() if k not in ("kwargs", "memtune_plan")}), flush=True)
         out.write_text(json.dumps(result, indent=1) + "\n")
 

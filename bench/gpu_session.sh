@@ -13,6 +13,8 @@
 #   bash bench/gpu_session.sh math-check   # plans whose attention runs a softmax (math SDPA or eager): QLoRA on a
 #                                      # grouped-query model, fp32, LoRA under a T4 cap, eager attention
 #   bash bench/gpu_session.sh tests    # the GPU tests alone (tests/gpu)
+#   bash bench/gpu_session.sh selective   # selective checkpointing: its cost against none and full (sac.json),
+#                                      # its accuracy-grid rows, its step-time grid rows, one FSDP2 validation
 #   bash bench/gpu_session.sh accuracy # the one-GPU accuracy grids again (single, quant, knobs): raw rows for
 #                                      # bench/accuracy.py (the fsdp2 grid needs nvidia-h200-x2)
 #   bash bench/gpu_session.sh qlora-selective   # op by op, QLoRA with selective checkpointing (bitsandbytes)
@@ -91,6 +93,14 @@ case "${1:-}" in
     qlora-selective)
         python3 bench/op_memory.py "$out/op-memory-qlora-selective.json" --precision bf16 --checkpointing selective \
             --peft lora --quantization 4bit --seq-len 4096 --batch-size 2 > "$out/op-memory-qlora-selective.log" 2>&1 ;;
+    selective)
+        python3 bench/timing.py sac "$out/sac.json" 2>&1 | tee "$out/selective.log"
+        python3 bench/measure.py --grid single --match '"selective"' --out "$out/single-selective.jsonl" 2>&1 \
+            | tee -a "$out/selective.log"
+        python3 bench/timing.py grid "$out/grid-selective.jsonl" --checkpointing selective --deadline 300 2>&1 \
+            | tee -a "$out/selective.log"
+        python3 -m memtune validate --model llama-guard-3-1b --sharding fsdp --checkpointing selective --batch-size 2 \
+            --seq-len 2048 --steps 3 --json > "$out/validate-fsdp-selective.json" 2>> "$out/selective.log" || true ;;
     accuracy)
         python3 bench/measure.py --grid single --out "$out/single.jsonl" 2>&1 | tee "$out/accuracy.log"
         python3 bench/measure.py --grid quant --out "$out/quant.jsonl" 2>&1 | tee -a "$out/accuracy.log"
@@ -108,6 +118,6 @@ case "${1:-}" in
         cp /tmp/launch-packed/launch.json "$out/launch-packed.json"
         cp /tmp/launch-packed/full-bf16/metrics.jsonl "$out/full-bf16-packed-metrics.jsonl" ;;
     *)
-        echo "usage: bash bench/gpu_session.sh accuracy|knobs|offload|regret|v100|v100-check|math-check|tests|qlora-selective|x2|launch|launch-packed" >&2
+        echo "usage: bash bench/gpu_session.sh selective|accuracy|knobs|offload|regret|v100|v100-check|math-check|tests|qlora-selective|x2|launch|launch-packed" >&2
         exit 2 ;;
 esac

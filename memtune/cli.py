@@ -415,6 +415,8 @@ def check(
     plan_file: Annotated[str, typer.Argument(help="A plan file written by `memtune plan --out`.")],
     *,
     gpu: Annotated[str | None, typer.Option("--gpu", "-g", help="Check against this GPU instead of the file's.")] = None,
+    stack: Annotated[str | None, typer.Option(help="Check the plan as this code runs it instead of the file's: "
+                                                   "memtune | hf | llama-cookbook.")] = None,
 ) -> None:
     """Pre-flight check for scripts and CI: exit 0 if the plan fits, 1 if not (with the reason), 2 on bad input."""
     from memtune.planfile import read_plan_file
@@ -424,8 +426,10 @@ def check(
     pf = read_plan_file(plan_file)
     gpu_spec = resolve_gpu(gpu or pf.gpu)
     spec = resolve_model(pf.model)
+    plan_ = pf.plan.on_stack(stack) if stack else pf.plan
+    plan_.check_model(spec)
     with _working(f"estimating {pf.model} on {gpu_spec.name}"):
-        b = settled_estimate(spec, pf.plan, gpu_spec)
+        b = settled_estimate(spec, plan_, gpu_spec)
     usable = b.usable_bytes
     line = f"{b.verdict} on {gpu_spec.name}: needs {b.required_bytes / 2**30:.2f} GiB of {usable / 2**30:.2f} GiB usable"
     if b.traced_layers is not None and b.traced_layers < spec.num_layers:

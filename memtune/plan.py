@@ -123,6 +123,15 @@ class Plan:
         if errors:
             raise InvalidPlanError(errors)
 
+    def on_stack(self, stack: str) -> Plan:
+        """This plan as ``stack`` runs it: llama-cookbook checkpoints only under FSDP, so there a one-GPU plan with
+        checkpointing runs as FSDP over one GPU (as its export says). Raises InvalidPlanError where that stack
+        cannot run the plan."""
+        sharding = self.sharding
+        if stack == "llama-cookbook" and self.checkpointing == "full" and sharding == "none":
+            sharding = "fsdp"
+        return dataclasses.replace(self, stack=stack, sharding=sharding)
+
     @property
     def world_size(self) -> int:
         return self.num_gpus * self.nodes
@@ -273,6 +282,8 @@ def summarize(plan: Plan) -> str:
         parts.append(f"{plan.sharding} over {plan.world_size} GPUs")
     if plan.checkpointing != "none":
         parts.append("activation checkpointing" if plan.checkpointing == "full" else "selective checkpointing")
+    elif plan.stack == "llama-cookbook" and plan.sharding == "none":
+        parts.append("no activation checkpointing (llama-cookbook checkpoints only with enable_fsdp)")
     if plan.peft == "lora":
         parts.append(f"LoRA r={plan.lora_rank} on {','.join(plan.lora_targets)}")
     if plan.quantization != "none":

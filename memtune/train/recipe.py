@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
@@ -77,7 +78,8 @@ def build_model(spec: ModelSpec, plan: Plan, *, device: str | torch.device, num_
         hf_checkpointing(model)
     elif plan.checkpointing != "none":
         for i, layer in enumerate(layers):
-            layers[i] = checkpoint_layer(layer, plan.checkpointing)
+            layers[i] = checkpoint_layer(layer, plan.checkpointing,
+                                         autocast=plan.precision.startswith("amp") and plan.sharding == "none")
     if plan.sharding != "none":
         _shard(model, layers, plan, mesh)
         if device.type != "meta":
@@ -117,24 +119,28 @@ MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe")
 """What decoder layers call their feed-forward block (dense or mixture-of-experts) in transformers."""
 
 
-def checkpoint_layer(layer: nn.Module, checkpointing: str) -> nn.Module:
+def checkpoint_layer(layer: nn.Module, checkpointing: str, *, autocast: bool = False) -> nn.Module:
     """A decoder layer under ``full`` or ``selective`` activation checkpointing.
 
     ``full`` recomputes the whole layer in backward (``checkpoint_wrapper``, non-reentrant, as torchtitan).
-    ``selective`` keeps what the matmuls and attention made and recomputes the cheap element-wise work, in regions
-    that each cost one autograd node on the host (``recompute``), not a checkpoint frame:
+    ``selective`` keeps what the matmuls and attention made and recomputes the cheap element-wise work:
 
-    * each normalization module of the layer keeps only its input (not its fp32 upcast and normalized copy);
-    * a gated MLP of the transformers form ``down(act(gate(x)) * up(x))`` keeps ``gate(x)`` and ``up(x)`` and
-      recomputes ``down(act(gate) * up)`` (the activation's output and the product are not kept; the down
-      projection's matmul runs again, as in torchtitan's "every other matmul" policy);
+    * each normalization module of the layer keeps only its input (not its fp32 upcast and normalized copy): the
+      Llama form of RMSNorm through ``_RMSNorm`` (its gradient in closed form), any other through a ``recompute``
+      region;
+    * a gated MLP of the transformers form ``down(act(gate(x)) * up(x))`` keeps ``gate(x)`` and ``up(x)``, not the
+      activation's output or the product: with SiLU, a plain ``nn.Linear`` down projection and no autocast
+      (``autocast``: the plan's precision is amp-* without FSDP) through ``_SiluGatedDown``, which recomputes the
+      product in backward for the down projection's weight gradient; otherwise through a ``recompute`` region that
+      runs ``down(act(gate) * up)`` again (its matmul included);
     * any other feed-forward block keeps its matmul outputs and recomputes the rest through the op-level modes of
       ``selective_checkpoint_context``; a layer without a feed-forward block under one of ``MLP_NAMES`` gets that
       policy over the whole layer.
 
-    Attention keeps what it keeps without checkpointing. Why regions and not the op-level policy everywhere: a step
-    that is host-bound without checkpointing (a 1B model at a few thousand tokens per micro-batch on an H200) pays
-    for every Python call per op and per frame (``bench/results/sac.json``, ``bench/results/timing/sac-variants.json``).
+    Attention keeps what it keeps without checkpointing. Why closed-form functions first, then regions, and the
+    op-level policy last: a step that is host-bound without checkpointing (a 1B model at a few thousand tokens per
+    micro-batch on an H200) pays for every Python call per op, per region (a nested backward) and per frame
+    (``bench/results/sac.json``, ``bench/results/timing/sac-variants.json``).
     """
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
@@ -146,9 +152,10 @@ def checkpoint_layer(layer: nn.Module, checkpointing: str) -> nn.Module:
         return checkpoint_wrapper(layer, context_fn=selective_checkpoint_context)
     for child in children.values():
         if "Norm" in type(child).__name__:
-            _recompute_whole(child)
+            (_lean_rms_norm if is_llama_rms_norm(child) else _recompute_whole)(child)
     if is_gated_mlp(children[mlp]):
-        _recompute_gated_tail(children[mlp])
+        lean = not autocast and _silu_into_linear(children[mlp])
+        (_lean_gated_tail if lean else _recompute_gated_tail)(children[mlp])
     else:
         setattr(layer, mlp, checkpoint_wrapper(children[mlp], context_fn=selective_checkpoint_context))
     return layer
@@ -156,6 +163,109 @@ def checkpoint_layer(layer: nn.Module, checkpointing: str) -> nn.Module:
 
 RECOMPUTED = "_memtune_recomputed"
 """Attribute set on a module whose forward runs (partly) in a ``recompute`` region (the trace counts the regions)."""
+
+
+class _RMSNorm(torch.autograd.Function):
+    """transformers' Llama RMSNorm, ``w * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)`` in fp32, keeping only ``x``
+    and the per-row ``rsqrt`` for the backward, whose gradient is in closed form (Zhang and Sennrich 2019):
+    with ``n = x r`` and ``g = dL/dn``, ``dL/dx = r (g - n mean(g n))`` and ``dL/dw = sum(dy n)``. The forward
+    computes what transformers computes; the gradient is autograd's to fp32 rounding."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        h = x.float()
+        r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, r)
+        return weight * (h * r).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, r = ctx.saved_tensors
+        n = x.float() * r
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = (dy * n.to(x.dtype)).reshape(-1, dy.shape[-1]).sum(0).to(weight.dtype)
+        g = (dy * weight).to(x.dtype).float()
+        dx = (r * (g - n * (g * n).mean(-1, keepdim=True))).to(x.dtype)
+        return dx, dw, None
+
+
+_LLAMA_RMS_NORM = ("input_dtype=hidden_states.dtypehidden_states=hidden_states.to(torch.float32)variance="
+                   "hidden_states.pow(2).mean(-1,keepdim=True)hidden_states=hidden_states*torch.rsqrt(variance+"
+                   "self.variance_epsilon)returnself.weight*hidden_states.to(input_dtype)")
+
+
+@functools.lru_cache(maxsize=None)
+def _source_body(cls: type) -> tuple[str, str]:
+    """A class's ``forward``: its ``def`` line, and its body without comments, docstring lines or whitespace."""
+    try:
+        lines = inspect.getsource(cls.forward).splitlines()
+    except (OSError, TypeError):
+        return "", ""
+    body = "".join(line.split("#")[0] for line in lines[1:] if not line.strip().startswith(('"', "'")))
+    return lines[0], "".join(body.split())
+
+
+def is_llama_rms_norm(module: nn.Module) -> bool:
+    """Whether ``module.forward`` is exactly transformers' ``LlamaRMSNorm.forward`` (Llama, Mistral, Qwen, Phi-3,
+    OLMoE and most others; not Gemma's ``1 + w`` nor OLMo-2's product in fp32)."""
+    return _source_body(type(module))[1] == _LLAMA_RMS_NORM \
+        and list(inspect.signature(type(module).forward).parameters) == ["self", "hidden_states"] and isinstance(
+        getattr(module, "weight", None), torch.Tensor) and hasattr(module, "variance_epsilon")
+
+
+def _lean_rms_norm(module: nn.Module) -> None:
+    """``module`` (a Llama RMSNorm) through ``_RMSNorm`` while gradients are recorded."""
+    forward = module.forward
+
+    def lean(x):
+        return _RMSNorm.apply(x, module.weight, module.variance_epsilon) if torch.is_grad_enabled() else forward(x)
+
+    module.forward = lean
+
+
+class _SiluGatedDown(torch.autograd.Function):
+    """``down(silu(gate) * up)`` with a bias-free linear ``down`` of weight ``W``, keeping ``gate``, ``up`` and
+    ``W``: the backward recomputes ``a = silu(gate)`` and, for ``dW = dy^T (a up)``, the product; then
+    ``d(up) = (dy W) a`` and ``d(gate) = silu'(gate) (dy W) up`` (``aten.silu_backward``). What it does not keep
+    (the activation's output and the product, two intermediate-sized tensors) is what ``_recompute_gated_tail``
+    saves, without running the down projection's matmul again."""
+
+    @staticmethod
+    def forward(ctx, gate, up, weight):
+        ctx.save_for_backward(gate, up, weight)
+        return F.linear(F.silu(gate) * up, weight)
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate, up, weight = ctx.saved_tensors
+        a = F.silu(gate)
+        dw = None
+        if ctx.needs_input_grad[2]:
+            h = a * up
+            dw = dy.reshape(-1, dy.shape[-1]).t() @ h.reshape(-1, h.shape[-1])
+        dh = dy @ weight
+        return torch.ops.aten.silu_backward(dh * up, gate), dh * a, dw
+
+
+def _silu_into_linear(mlp: nn.Module) -> bool:
+    """The gated MLP's activation is SiLU and its down projection a plain bias-free ``nn.Linear`` (not a LoRA or
+    k-bit layer): what ``_SiluGatedDown`` computes."""
+    act, down = mlp.act_fn, mlp.down_proj
+    silu = isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+    return silu and type(down) is nn.Linear and down.bias is None
+
+
+def _lean_gated_tail(mlp: nn.Module) -> None:
+    """A gated MLP (SiLU, plain down projection) that keeps its gate and up projections' outputs only
+    (``_SiluGatedDown``)."""
+    def forward(x):
+        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+        if not torch.is_grad_enabled() or gate.dtype != mlp.down_proj.weight.dtype:
+            return mlp.down_proj(mlp.act_fn(gate) * up)
+        return _SiluGatedDown.apply(gate, up, mlp.down_proj.weight)
+
+    mlp.forward = forward
 
 
 class _Recompute(torch.autograd.Function):
@@ -214,21 +324,11 @@ _GATED_FORWARD = ("down_proj=self.down_proj(self.act_fn(self.gate_proj(x))*self.
                   "returnself.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))")
 
 
-@functools.lru_cache(maxsize=None)
-def _forward_is_gated(cls: type) -> bool:
-    try:
-        source = inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return False
-    body = "".join(line.split("#")[0] for line in source.splitlines()[1:] if not line.strip().startswith(('"', "'")))
-    return "".join(body.split()) in _GATED_FORWARD and "def forward(self, x)" in source.splitlines()[0]
-
-
 def is_gated_mlp(mlp: nn.Module) -> bool:
     """Whether ``mlp.forward`` is exactly ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` (the form of Llama,
     Mistral, Qwen, Gemma and most transformers models), so that ``_recompute_gated_tail`` computes the same."""
     return all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")) \
-        and _forward_is_gated(type(mlp))
+        and _source_body(type(mlp))[1] in _GATED_FORWARD and "def forward(self, x)" in _source_body(type(mlp))[0]
 
 
 def _recompute_gated_tail(mlp: nn.Module) -> None:

@@ -2,12 +2,17 @@
 (batch 1), out of memory on V100-32GB and L4-24GB unless FSDP was on - because llama-cookbook only checkpoints
 activations inside its FSDP branch.
 
-The verdicts below agree with validations under emulated caps on an H200 (bench/results/emulation.md).
+The verdicts below are those of the real llama-cookbook 0.0.5 (``finetuning.main`` under emulated caps on an H200,
+bench/results/cookbook.json), which loads bf16 weights on every card: the issue's batch 1 fits there; its default
+batch of 4 does not, unless FSDP is on.
 """
+
+import dataclasses
 
 import pytest
 
 from memtune.data import load_lengths
+from memtune.errors import InvalidPlanError
 from memtune.estimate import estimate
 from memtune.planner import llama_cookbook_default, plan_candidates
 from memtune.specs import resolve_gpu, resolve_model
@@ -28,18 +33,29 @@ def test_toxicchat_lengths_in_the_llama_guard_prompt():
     assert lengths.padded(1) == (PADDED, 1.0)
 
 
-@pytest.mark.parametrize(("gpu", "seq_len", "verdict"), [
-    ("L4-24GB", PADDED, "fits"),  # bf16 weights, padding: fits (emulated: fits)
-    ("L4-24GB", PACKED, "does not fit"),  # packing to 4096 without checkpointing (emulated: out of memory)
-    ("V100-32GB", PADDED, "fits"),  # no bf16 -> fp32: 29.4 of 31.1 GiB (emulated: fits, 30.0 GiB reserved)
-    ("V100-32GB", PACKED, "does not fit"),  # (emulated: out of memory)
+@pytest.mark.parametrize(("gpu", "batch_size", "seq_len", "verdict"), [
+    ("L4-24GB", 1, PADDED, "fits"),
+    ("V100-32GB", 1, PADDED, "fits"),
+    ("L4-24GB", 4, PADDED, "does not fit"),  # llama-cookbook's default batch, still padded
+    ("V100-32GB", 4, PADDED, "does not fit"),
+    ("L4-24GB", 1, PACKED, "does not fit"),  # packing to 4096 without checkpointing
+    ("V100-32GB", 1, PACKED, "does not fit"),
 ])
-def test_llama_cookbook_default_path(guard, gpu, seq_len, verdict):
+def test_llama_cookbook_default_path(guard, gpu, batch_size, seq_len, verdict):
     spec = resolve_gpu(gpu)
-    plan = llama_cookbook_default(spec, seq_len=seq_len)
-    assert plan.sharding == "none" and plan.checkpointing == "none"
-    assert plan.precision == ("bf16" if spec.bf16 else "fp32")
+    plan = llama_cookbook_default(spec, batch_size=batch_size, seq_len=seq_len)
+    assert (plan.sharding, plan.checkpointing, plan.precision, plan.stack) == ("none", "none", "bf16", "llama-cookbook")
     assert estimate(guard, plan, spec).verdict == verdict
+
+
+@pytest.mark.parametrize("gpu", ["L4-24GB", "V100-32GB"])
+def test_fsdp_brings_the_checkpointing_that_makes_the_default_batch_fit(guard, gpu):
+    spec = resolve_gpu(gpu)
+    plan = dataclasses.replace(llama_cookbook_default(spec, batch_size=4, seq_len=PADDED), checkpointing="full",
+                               sharding="fsdp")
+    assert estimate(guard, plan, spec).verdict == "fits"
+    with pytest.raises(InvalidPlanError, match="only inside its FSDP branch"):
+        dataclasses.replace(plan, sharding="none")
 
 
 def test_eight_v100s_find_a_plan_without_bf16(guard):
