@@ -74,6 +74,9 @@ def test_plan_constraints_fix_a_knob():
     (["--peft", "lora", "--lora-targets", "c_attn"], "lora-targets"),
     (["--num-gpus", "2", "--sharding", "none"], "need --sharding"),
     (["--optimizer", "lion"], "optimizer must be one of"),
+    (["--stack", "llama-cookbook", "--checkpointing", "selective"], "whole layers only"),
+    (["--stack", "llama-cookbook", "--precision", "amp-bf16"], "loads the weights in bf16"),
+    (["--stack", "llama-cookbook", "--model", "qwen2.5-0.5b"], "llama models only"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message):
     base = {"--model": str(TINY), "--gpu": "H200", "--seq-len": "128"}
@@ -169,9 +172,23 @@ def test_an_export_target_limits_the_search_to_what_that_tool_runs(tmp_path):
     assert r.exit_code == 0, r.output
     from memtune.planfile import read_plan_file
 
-    assert read_plan_file(out).plan.optimizer == "adamw"
+    plan = read_plan_file(out).plan
+    assert plan.optimizer == "adamw" and plan.stack == "llama-cookbook"
     assert "llama-cookbook's optimizer is AdamW" in r.stdout
     assert '"batch_size_training"' in r.stdout
+
+
+def test_check_takes_the_plan_as_another_stack_runs_it(tmp_path):
+    """A one-GPU plan with checkpointing runs under FSDP in llama-cookbook (over one GPU); 8-bit AdamW does not
+    run there at all."""
+    pf = tmp_path / "plan.toml"
+    pf.write_text(f'model = "{TINY}"\ngpu = "L4-24GB"\n[plan]\ncheckpointing = "full"\nseq_len = 128\n')
+    r = run("check", str(pf), "--stack", "llama-cookbook")
+    assert r.exit_code == 0, r.output
+    pf.write_text(f'model = "{TINY}"\ngpu = "L4-24GB"\n[plan]\noptimizer = "adamw-8bit"\nseq_len = 128\n')
+    r = run("check", str(pf), "--stack", "llama-cookbook")
+    assert r.exit_code == 2 and "optimizer is AdamW" in r.stderr
+    assert run("check", str(pf), "--stack", "keras").exit_code == 2
 
 
 def test_plan_table_shows_needs_headroom_and_throughput():
