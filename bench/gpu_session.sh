@@ -14,7 +14,9 @@
 #                                      # grouped-query model, fp32, LoRA under a T4 cap, eager attention
 #   bash bench/gpu_session.sh tests    # the GPU tests alone (tests/gpu)
 #   bash bench/gpu_session.sh selective   # selective checkpointing: its cost against none and full (sac.json),
-#                                      # its accuracy-grid rows, its step-time grid rows, one FSDP2 validation
+#                                      # its accuracy-grid rows, the step-time grid's k-bit rows (index 89 on) and
+#                                      # selective rows, one FSDP2 validation
+#   bash bench/gpu_session.sh kbit     # the step-time grid's 8-bit and small 4-bit plans (from index 89)
 #   bash bench/gpu_session.sh accuracy # the one-GPU accuracy grids again (single, quant, knobs): raw rows for
 #                                      # bench/accuracy.py (the fsdp2 grid needs nvidia-h200-x2)
 #   bash bench/gpu_session.sh qlora-selective   # op by op, QLoRA with selective checkpointing (bitsandbytes)
@@ -97,10 +99,13 @@ case "${1:-}" in
         python3 bench/timing.py sac "$out/sac.json" 2>&1 | tee "$out/selective.log"
         python3 bench/measure.py --grid single --match '"selective"' --out "$out/single-selective.jsonl" 2>&1 \
             | tee -a "$out/selective.log"
-        python3 bench/timing.py grid "$out/grid-selective.jsonl" --checkpointing selective --deadline 300 2>&1 \
+        python3 bench/timing.py grid "$out/grid-kbit.jsonl" --start 89 --deadline 120 2>&1 | tee -a "$out/selective.log"
+        python3 bench/timing.py grid "$out/grid-selective.jsonl" --checkpointing selective --deadline 200 2>&1 \
             | tee -a "$out/selective.log"
         python3 -m memtune validate --model llama-guard-3-1b --sharding fsdp --checkpointing selective --batch-size 2 \
             --seq-len 2048 --steps 3 --json > "$out/validate-fsdp-selective.json" 2>> "$out/selective.log" || true ;;
+    kbit)
+        python3 bench/timing.py grid "$out/grid-kbit.jsonl" --start 89 --deadline 400 2>&1 | tee "$out/kbit.log" ;;
     accuracy)
         python3 bench/measure.py --grid single --out "$out/single.jsonl" 2>&1 | tee "$out/accuracy.log"
         python3 bench/measure.py --grid quant --out "$out/quant.jsonl" 2>&1 | tee -a "$out/accuracy.log"
@@ -118,6 +123,6 @@ case "${1:-}" in
         cp /tmp/launch-packed/launch.json "$out/launch-packed.json"
         cp /tmp/launch-packed/full-bf16/metrics.jsonl "$out/full-bf16-packed-metrics.jsonl" ;;
     *)
-        echo "usage: bash bench/gpu_session.sh selective|accuracy|knobs|offload|regret|v100|v100-check|math-check|tests|qlora-selective|x2|launch|launch-packed" >&2
+        echo "usage: bash bench/gpu_session.sh selective|kbit|accuracy|knobs|offload|regret|v100|v100-check|math-check|tests|qlora-selective|x2|launch|launch-packed" >&2
         exit 2 ;;
 esac

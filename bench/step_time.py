@@ -38,8 +38,8 @@ from memtune.specs.model import resolve_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU = "H200-141GB"
-STEP_FITTED = ("host_op_s", "host_view_s", "host_frame_s", "host_region_s", "host_selective_s", "host_tensor_s", "kbit_factor",
-               "mem_efficiency", "mm_e_max",
+STEP_FITTED = ("host_op_s", "host_view_s", "host_frame_s", "host_region_s", "host_selective_s", "host_tensor_s",
+               "host_kbit_s", "host_kbit8_s", "kbit_factor", "kbit8_factor", "mem_efficiency", "mm_e_max",
                "adam8bit_rate", "adam8bit_tensor_s")
 
 

@@ -6,7 +6,7 @@
     python bench/timing.py kernels-2 OUT.json           # attention with an explicit mask, grouped (experts') matmuls
     python bench/timing.py profile OUT.json --plans P.json   # each case's chosen plan in a regret plans file,
                                                         # profiled: GPU time per aten op and per kernel
-    python bench/timing.py grid OUT.jsonl [--deadline S] [--checkpointing selective]   # whole steps of the grid
+    python bench/timing.py grid OUT.jsonl [--deadline S] [--checkpointing selective] [--start I]   # whole steps
 
 Every step is measured by ``memtune.validate.probe.measure_plan`` (the code ``memtune validate`` runs): one warm-up
 step, then timed steps with no synchronization inside them; ``host_enqueue_s`` is how long the host took to issue a
@@ -66,13 +66,26 @@ def _torch_sac():
 def _wrap_whole(context_fn):
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    def checkpoint_layer(layer, checkpointing):
+    def checkpoint_layer(layer, checkpointing, **_):
         return checkpoint_wrapper(layer, **({"context_fn": context_fn} if checkpointing == "selective" else {}))
 
     return checkpoint_layer
 
 
-def _wrap_modules(layer, checkpointing):
+def _regions(layer, checkpointing, **_):
+    """The previous implementation: each norm and the gated MLP's tail, down(act(gate) * up), in a recomputed
+    region (``recipe.recompute``: an autograd node whose backward runs the region again and differentiates it)."""
+    if checkpointing == "full":
+        return recipe.checkpoint_layer(layer, checkpointing)
+    children = dict(layer.named_children())
+    for child in children.values():
+        if "Norm" in type(child).__name__:
+            recipe._recompute_whole(child)
+    recipe._recompute_gated_tail(children["mlp"])
+    return layer
+
+
+def _wrap_modules(layer, checkpointing, **_):
     """The previous placement: a checkpoint frame around each norm (recomputed whole) and around the MLP (its matmul
     outputs kept through the op-level modes); attention not checkpointed."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -93,6 +106,7 @@ SAC_VARIANTS = {
     "titan-every-other-mm": _wrap_whole(functools.partial(recipe.selective_checkpoint_context,
                                                           recipe.every_other_matmul)),
     "modules": _wrap_modules,
+    "regions": _regions,
 }
 SAC_CASES = [("llama-guard-3-1b", 2, 1152), ("llama-guard-3-1b", 2, 2048), ("llama-3.1-8b", 2, 2048)]
 
@@ -145,12 +159,12 @@ def _profile(spec, plan) -> dict:
 
 
 def sac(out: Path, study: bool) -> None:
-    """Step time of no, selective (memtune's), full checkpointing and the previous placement of selective
-    (``modules``, checkpoint frames) at the same micro-batch; with ``study`` also
+    """Step time of no, selective (memtune's), full checkpointing and the previous implementation of selective
+    (``regions``, recomputed regions) at the same micro-batch; with ``study`` also
     the other placements of selective checkpointing (``SAC_VARIANTS``), profiled at 1B x 1,152 tokens."""
     rows = []
     original = recipe.checkpoint_layer
-    variants = ("none", "full", "selective", "modules", *(v for v in SAC_VARIANTS if study and v != "modules"))
+    variants = ("none", "full", "selective", "regions", *(v for v in SAC_VARIANTS if study and v != "regions"))
     for model, batch, seq in SAC_CASES:
         spec = resolve_model(model)
         steps = 3 if spec.num_params > 5e9 else 6
@@ -348,10 +362,15 @@ GRID = [
     _p(L3, ac="selective", opt="adamw-fused", b=8, s=1024), _p(L3, "lora", ac="selective", opt="adamw-fused", b=8),
     _p(L3, q="4bit", ac="full", b=8), _p(L8, ac="selective", opt="adamw-fused", b=2),
     _p(L8, "lora", ac="selective", opt="adamw-fused", b=8), _p(L8, q="4bit", ac="selective", opt="adamw-8bit", b=4),
+    # LLM.int8 (bitsandbytes 8-bit) weights, and 4-bit at host-bound sizes
+    _p(L1, q="8bit", b=4), _p(L1, q="8bit", ac="full", b=2, s=1024), _p(L3, q="8bit", b=2),
+    _p(L3, q="8bit", ac="selective", b=4), _p(Q05, q="8bit", b=8, s=1024), _p(L8, q="8bit", b=2),
+    _p(M7, q="8bit", ac="full", b=4), _p(L1B, q="8bit", ac="selective", b=8, s=1024),
+    _p(L1, q="4bit", b=1, s=1024), _p(Q05, q="4bit", b=2, s=512),
 ]
 
 
-def grid(out: Path, deadline: float, checkpointing: str | None) -> None:
+def grid(out: Path, deadline: float, checkpointing: str | None, start: int = 0) -> None:
     started = time.time()
     done = set()
     if out.exists():
@@ -363,7 +382,7 @@ def grid(out: Path, deadline: float, checkpointing: str | None) -> None:
         has_bnb = False
     meta = versions()
     for i, (model, plan) in enumerate(GRID):
-        if checkpointing and plan.checkpointing != checkpointing:
+        if (checkpointing and plan.checkpointing != checkpointing) or i < start:
             continue
         key = f"{model} {json.dumps(plan.to_dict(), sort_keys=True)}"
         if key in done:
@@ -478,6 +497,7 @@ def main() -> None:
     ap.add_argument("--deadline", type=float, default=1e9, help="grid: start no plan after this many seconds")
     ap.add_argument("--checkpointing", choices=("none", "selective", "full"), default=None,
                     help="grid: only the plans with this checkpointing")
+    ap.add_argument("--start", type=int, default=0, help="grid: only the plans from this index on")
     ap.add_argument("--study", action="store_true", help="sac: every placement of selective checkpointing")
     args = ap.parse_args()
     # cuBLAS handles and workspaces exist before anything is measured
@@ -486,7 +506,7 @@ def main() -> None:
     del a
     {"sac": lambda: sac(Path(args.out), args.study), "kernels": lambda: kernels(Path(args.out)),
      "kernels-2": lambda: kernels_2(Path(args.out)), "profile": lambda: profile_plans(Path(args.out), args.plans),
-     "grid": lambda: grid(Path(args.out), args.deadline, args.checkpointing)}[args.what]()
+     "grid": lambda: grid(Path(args.out), args.deadline, args.checkpointing, args.start)}[args.what]()
 
 
 if __name__ == "__main__":

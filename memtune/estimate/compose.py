@@ -265,7 +265,9 @@ def _trace_key(spec: ModelSpec, plan: Plan, depth: int, backend: str) -> str:
 
 @functools.lru_cache(maxsize=4096)
 def cached_trace(spec: ModelSpec, plan: Plan, depth: int, backend: str) -> TraceResult:
-    """``trace_step`` results, cached in memory and on disk (``$MEMTUNE_CACHE``, default ``~/.cache/memtune``)."""
+    """``trace_step`` results of ``plan.recipe_plan``, cached in memory and on disk (``$MEMTUNE_CACHE``, default
+    ``~/.cache/memtune``)."""
+    plan = plan.recipe_plan
     path = cache_dir() / f"{_trace_key(spec, plan, depth, backend)}.json"
     if path.is_file():
         try:

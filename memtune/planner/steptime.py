@@ -15,7 +15,8 @@ measured on an H200 by ``bench/timing.py kernels`` and fitted by ``bench/step_ti
 * grouped matmuls (a mixture-of-experts' tokens times their experts' weights): their own ``gmm_e_max``, ``gmm_t0``;
 * every other kernel: ``bytes / (bandwidth x mem_efficiency) + kernel_s`` (``kernel_s x sqrt(n)`` for a foreach op
   over n tensors, which launches several kernels);
-* a k-bit matmul (bitsandbytes): its product and its dequantization, times ``kbit_factor``;
+* a k-bit matmul (bitsandbytes): its product and its dequantization, times ``kbit_factor`` (4-bit) or
+  ``kbit8_factor`` (LLM.int8, which also quantizes the activations and splits off their outliers);
 * bitsandbytes' 8-bit AdamW: ``elements / adam8bit_rate`` (scaled by bandwidth) and ``adam8bit_tensor_s`` of host
   work per tensor;
 * views, collectives (``memtune.planner.cost`` prices communication), checkpoint frames and recomputed regions:
@@ -24,8 +25,8 @@ measured on an H200 by ``bench/timing.py kernels`` and fitted by ``bench/step_ti
 Host time of an op (Python, autograd, the dispatcher and the launch): ``host_op_s`` per kernel, ``host_view_s`` per
 view, ``host_frame_s`` per checkpointed region, ``host_region_s`` per selectively recomputed region (an autograd
 node and its backward's re-entry into autograd), ``host_selective_s`` more per op that passes through selective
-checkpointing's modes, ``host_tensor_s`` per tensor of a foreach op and ``host_kbit_s`` per k-bit matmul
-(bitsandbytes' Python layers and their quantization state); fitted on whole steps.
+checkpointing's modes, ``host_tensor_s`` per tensor of a foreach op and ``host_kbit_s`` (``host_kbit8_s``) per
+4-bit (8-bit) matmul (bitsandbytes' Python layers and their quantization state); fitted on whole steps.
 
 The host issues the ops in order and the GPU runs each once it is issued and the previous one is done:
 ``host += h; gpu = max(gpu, host) + g`` - a step is host-bound where its kernels are short (a 1B model at a few
@@ -77,6 +78,8 @@ class Calibration:
     host_selective_s: float = 12e-6
     host_tensor_s: float = 2e-6
     host_kbit_s: float = 4e-5
+    kbit8_factor: float = 1.5
+    host_kbit8_s: float = 4e-5
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -159,8 +162,9 @@ def op_times(ops, spec: ModelSpec, plan: Plan, gpu: GpuSpec, cal: Calibration, *
             host[i] = cal.host_op_s
         elif kind == "kbit":
             mm = cal.mm_t0 + op.flops / (_peak_flops(gpu, plan, 2) * cal.mm_e_max) if op.flops else 0.0
-            gpu_s[i] = (mm + op.bytes / (bandwidth * cal.mem_efficiency)) * cal.kbit_factor + cal.kernel_s
-            host[i] = cal.host_kbit_s
+            int8 = plan.quantization == "8bit"
+            factor, host[i] = (cal.kbit8_factor, cal.host_kbit8_s) if int8 else (cal.kbit_factor, cal.host_kbit_s)
+            gpu_s[i] = (mm + op.bytes / (bandwidth * cal.mem_efficiency)) * factor + cal.kernel_s
         elif opt[i] and plan.optimizer == "adamw-8bit":
             # the stand-in's in-place update of one tensor (weight and gradient read, weight written)
             elements = op.bytes / (3 * op.itemsize)

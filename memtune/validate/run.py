@@ -154,13 +154,14 @@ def validate_plan(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, steps: int = 5, 
     # Under emulation, attention runs the kernel the emulated GPU would pick (e.g. no flash attention on a V100).
     backend = sdpa_backend(spec, plan, gpu) if emulate else None
     snapshot_path = out_dir / "snapshot.pickle" if snapshot else None
-    if plan.sharding == "none":
+    run = plan.recipe_plan  # what memtune's recipe runs for another stack's plan
+    if run.sharding == "none":
         from memtune.validate.probe import measure_plan
 
-        ranks = [measure_plan(spec, plan, steps=steps, memory_cap_bytes=cap, snapshot_path=snapshot_path,
+        ranks = [measure_plan(spec, run, steps=steps, memory_cap_bytes=cap, snapshot_path=snapshot_path,
                               sdpa_backend=backend, load_weights=not random_init)]
     else:
-        ranks = _torchrun(spec, plan, steps=steps, cap=cap, out_dir=out_dir, snapshot=snapshot, backend=backend,
+        ranks = _torchrun(spec, run, steps=steps, cap=cap, out_dir=out_dir, snapshot=snapshot, backend=backend,
                           weights_dir=None if random_init else spec.weights_dir)
     mode = ValidationMode.EMULATED if emulate else ValidationMode.GPU
     record = ValidationRecord(model=spec.name, gpu=gpu.name, mode=mode, plan=plan, estimate=est, ranks=ranks,
