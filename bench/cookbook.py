@@ -4,6 +4,7 @@ capped to an L4-24GB and to a V100-32GB (with the attention kernel each card wou
 same at llama-cookbook's default batch of 4, its default packing (4 x 4,096), and a LoRA.
 
     python bench/cookbook.py OUT.json        # on the GPU machine, llama-cookbook 0.0.5 and fire installed
+    python bench/cookbook.py --estimate MEASURED.json OUT.json   # memtune's side again, at this commit (CPU)
 
 Each run is a fresh process calling ``llama_cookbook.finetuning.main(**kwargs)`` (FSDP runs as rank 0 of a world of
 one) on a random-init model saved to a folder with a word-level tokenizer of the model's vocabulary, and the longest
@@ -117,9 +118,56 @@ def run_one(gpu_name: str, extra: dict, path: str) -> dict:
     return result
 
 
+def _commit() -> str:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                           cwd=ROOT).stdout.strip()
+    return head.strip() + ("-dirty" if dirty else "")
+
+
+def _estimate(row: dict, gpu_name: str, extra: dict) -> None:
+    """memtune's side of a run, through its command line: the plan, the estimate, the verdict and the agreement."""
+    command = ["memtune", "estimate", *memtune_options(extra), "--gpu", gpu_name, "--json"]
+    est = subprocess.run([sys.executable, "-m", "memtune", *command[1:]], capture_output=True, text=True, cwd=ROOT)
+    row["memtune_command"] = " ".join(command)
+    for key in ("memtune_plan", "estimated_peak_allocated_bytes", "memtune_verdict", "error_allocated",
+                "verdict_agrees", "memtune_error"):
+        row.pop(key, None)
+    if est.returncode == 0:
+        b = json.loads(est.stdout)
+        row.update(memtune_plan=b["plan"], estimated_peak_allocated_bytes=b["peak_allocated_bytes"],
+                   memtune_verdict=b["verdict"])
+    else:
+        row["memtune_error"] = est.stderr.strip()[-500:]
+    if row.get("measured_peak_allocated_bytes") and row.get("oom") is False and "estimated_peak_allocated_bytes" in row:
+        row["error_allocated"] = row["estimated_peak_allocated_bytes"] / row["measured_peak_allocated_bytes"] - 1
+    if "oom" in row and "memtune_verdict" in row:
+        row["verdict_agrees"] = row["oom"] == (row["memtune_verdict"] == "does not fit")
+
+
+def reestimate(measured: Path, out: Path) -> None:
+    """The runs of ``measured`` (the real tool's side, which memtune's code does not change) with memtune's
+    estimates of this commit."""
+    result = json.loads(measured.read_text())
+    result["estimated_at"] = _commit()
+    result["measured_by"] = result.pop("command", "python bench/cookbook.py OUT.json")
+    result["command"] = f"python bench/cookbook.py --estimate {measured.name} OUT.json"
+    for row in result["runs"]:
+        extra = {k: v for k, v in row["kwargs"].items() if k not in BASE or BASE[k] != v}
+        extra.pop("model_name", None)
+        _estimate(row, row["gpu"], extra)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("kwargs", "memtune_plan")}), flush=True)
+    agree = sum(bool(r.get("verdict_agrees")) for r in result["runs"])
+    result["verdicts_agree"] = f"{agree} of {len(result['runs'])}"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+
+
 def main() -> None:
     if sys.argv[1] == "--run":
         print("RESULT " + json.dumps(run_one(sys.argv[2], json.loads(sys.argv[3]), sys.argv[4])), flush=True)
+        return
+    if sys.argv[1] == "--estimate":
+        reestimate(Path(sys.argv[2]), Path(sys.argv[3]))
         return
     import torch
     import transformers
@@ -133,25 +181,12 @@ def main() -> None:
         started = time.time()
         real = subprocess.Popen([sys.executable, __file__, "--run", gpu_name, json.dumps(extra), path],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        command = ["memtune", "estimate", *memtune_options(extra), "--gpu", gpu_name, "--json"]
-        est = subprocess.run([sys.executable, "-m", "memtune", *command[1:]], capture_output=True, text=True,
-                             cwd=ROOT)
         stdout, stderr = real.communicate()
         lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
         row = json.loads(lines[-1][7:]) if lines else {
             "gpu": gpu_name, "kwargs": extra, "error": " | ".join((stderr or stdout).strip().splitlines()[-4:])[-800:]}
-        row["memtune_command"] = " ".join(command)
-        if est.returncode == 0:
-            b = json.loads(est.stdout)
-            row.update(memtune_plan=b["plan"], estimated_peak_allocated_bytes=b["peak_allocated_bytes"],
-                       memtune_verdict=b["verdict"])
-        else:
-            row["memtune_error"] = est.stderr.strip()[-500:]
+        _estimate(row, gpu_name, extra)
         row["wall_s"] = round(time.time() - started, 1)
-        if row.get("measured_peak_allocated_bytes") and row.get("oom") is False and "estimated_peak_allocated_bytes" in row:
-            row["error_allocated"] = row["estimated_peak_allocated_bytes"] / row["measured_peak_allocated_bytes"] - 1
-        if "oom" in row and "memtune_verdict" in row:
-            row["verdict_agrees"] = row["oom"] == (row["memtune_verdict"] == "does not fit")
         result["runs"].append(row)
         result["verdicts_agree"] = f"{sum(bool(r.get('verdict_agrees')) for r in result['runs'])} of {len(result['runs'])}"
         print(json.dumps({k: v for k, v in row.items() if k not in ("kwargs", "memtune_plan")}), flush=True)
