@@ -180,8 +180,7 @@ def plan_class(plan: Plan) -> str:
 
 
 def peak_flops(gpu: GpuSpec, plan: Plan) -> float:
-    key = {"fp32": "fp32", "bf16": "bf16", "amp-bf16": "bf16"}.get(plan.precision, "fp16")
-    return gpu.tflops[key] * 1e12
+    return gpu.peak_flops({"fp32": "fp32", "bf16": "bf16", "amp-bf16": "bf16"}.get(plan.precision, "fp16"))
 
 
 def utilization(spec: ModelSpec, plan: Plan, gpu: GpuSpec) -> float:

@@ -120,9 +120,7 @@ class StepTime:
 
 
 def _peak_flops(gpu: GpuSpec, plan: Plan, itemsize: int) -> float:
-    if itemsize >= 4:
-        return gpu.tflops["fp32"] * 1e12
-    return gpu.tflops["bf16" if "bf16" in plan.low_precision else "fp16"] * 1e12
+    return gpu.peak_flops("fp32" if itemsize >= 4 else "bf16" if "bf16" in plan.low_precision else "fp16")
 
 
 def op_times(ops, spec: ModelSpec, plan: Plan, gpu: GpuSpec, cal: Calibration, *, depth: int,

@@ -36,6 +36,11 @@ class GpuSpec:
     def __hash__(self) -> int:
         return hash(self.name)
 
+    def peak_flops(self, dtype: str) -> float:
+        """Dense peak FLOP/s for ``dtype`` (fp32, tf32, fp16, bf16). A card without bf16 units (a V100, where
+        llama-cookbook still loads bf16 weights) runs bf16 on its fp32 units: its fp32 peak stands in, unmeasured."""
+        return (self.tflops.get(dtype) or self.tflops["fp32"]) * 1e12
+
 
 @functools.lru_cache(maxsize=1)
 def known_gpus() -> tuple[GpuSpec, ...]:

@@ -76,3 +76,12 @@ def test_a_mixture_of_experts_costs_the_experts_a_token_runs(tiny_mixtral):
     assert tiny_mixtral.expert_params == 4 * 3 * 64 * 128 and tiny_mixtral.active_experts == 0.5
     attention = 64 * 64 + 2 * 64 * 32 + 64 * 64  # the router is a bare weight (4 x 64), not counted
     assert linear_params(tiny_mixtral) == 2 * (attention + 2 * 3 * 64 * 128) + 64 * 256
+
+
+def test_a_card_without_bf16_units_is_costed_at_its_fp32_peak_for_bf16():
+    """llama-cookbook loads bf16 weights on a V100 too; the planner must still cost such a plan."""
+    from memtune.specs import resolve_gpu
+
+    v100 = resolve_gpu("V100-32GB")
+    assert v100.peak_flops("bf16") == v100.peak_flops("fp32") == 15.7e12
+    assert v100.peak_flops("fp16") == 125e12
