@@ -15,8 +15,9 @@ measured on an H200 by ``bench/timing.py kernels`` and fitted by ``bench/step_ti
 * grouped matmuls (a mixture-of-experts' tokens times their experts' weights): their own ``gmm_e_max``, ``gmm_t0``;
 * every other kernel: ``bytes / (bandwidth x mem_efficiency) + kernel_s`` (``kernel_s x sqrt(n)`` for a foreach op
   over n tensors, which launches several kernels);
-* a k-bit matmul (bitsandbytes): its product and its dequantization, times ``kbit_factor`` (4-bit) or
-  ``kbit8_factor`` (LLM.int8, which also quantizes the activations and splits off their outliers);
+* a k-bit matmul (bitsandbytes): its product and its dequantization, times ``kbit_factor`` (4-bit); under LLM.int8
+  (which also quantizes the activations and splits off their outliers) the product times ``kbit8_factor`` and the
+  bytes times ``kbit8_bytes_factor``;
 * bitsandbytes' 8-bit AdamW: ``elements / adam8bit_rate`` (scaled by bandwidth) and ``adam8bit_tensor_s`` of host
   work per tensor;
 * views, collectives (``memtune.planner.cost`` prices communication), checkpoint frames and recomputed regions:
@@ -79,6 +80,7 @@ class Calibration:
     host_tensor_s: float = 2e-6
     host_kbit_s: float = 4e-5
     kbit8_factor: float = 1.5
+    kbit8_bytes_factor: float = 1.5
     host_kbit8_s: float = 4e-5
 
     def to_json(self) -> dict:
@@ -123,16 +125,34 @@ def _peak_flops(gpu: GpuSpec, plan: Plan, itemsize: int) -> float:
     return gpu.peak_flops("fp32" if itemsize >= 4 else "bf16" if "bf16" in plan.low_precision else "fp16")
 
 
-def op_times(ops, spec: ModelSpec, plan: Plan, gpu: GpuSpec, cal: Calibration, *, depth: int,
-             period: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(host seconds, GPU seconds, repeat, is-optimizer) per op: ``repeat`` counts the op once per layer it stands
-    for at the model's full depth."""
+_KINDS = ("view", "frame", "region", "comm", "mm", "gmm", "attn", "attn_bwd", "attn_masked", "attn_masked_bwd",
+          "kbit", "adam8", "other")
+_CODE = {k: i for i, k in enumerate(_KINDS)}
+
+
+@dataclass(frozen=True)
+class _OpTable:
+    """What ``op_times`` needs of each op, as arrays (the calibration is applied to them in one go)."""
+
+    code: np.ndarray
+    flops: np.ndarray
+    bytes: np.ndarray
+    itemsize: np.ndarray
+    tensors: np.ndarray
+    peak: np.ndarray
+    selective: np.ndarray
+    repeat: np.ndarray
+    opt: np.ndarray
+
+
+def _op_table(ops, spec: ModelSpec, plan: Plan, gpu: GpuSpec, depth: int, period: int) -> _OpTable:
     n = len(ops)
-    host, gpu_s, repeat, opt = np.zeros(n), np.zeros(n), np.ones(n), np.zeros(n, dtype=bool)
-    bandwidth = gpu.bandwidth_gbs * 1e9
+    code, repeat, opt = np.zeros(n, dtype=np.int64), np.ones(n), np.zeros(n, dtype=bool)
     extra_periods = (spec.num_layers - depth) / period
     inner = range(period, 2 * period)
     weights_scale = _optimizer_scale(spec, plan, depth)
+    peaks = {size: _peak_flops(gpu, plan, size) for size in {op.itemsize for op in ops} | {2}}
+    peak = np.zeros(n)
     for i, op in enumerate(ops):
         if op.phase == "optimizer_step":
             opt[i] = True
@@ -140,40 +160,58 @@ def op_times(ops, spec: ModelSpec, plan: Plan, gpu: GpuSpec, cal: Calibration, *
         elif op.layer in inner and extra_periods > 0:
             repeat[i] = 1 + extra_periods
         kind = op.kind
-        if kind == "view":
-            host[i] = cal.host_view_s
-        elif kind == "frame":
-            host[i] = cal.host_frame_s
-        elif kind == "region":
-            host[i] = cal.host_region_s
-        elif kind == "comm":
-            host[i] = cal.host_op_s
-        elif kind in ("mm", "gmm"):
-            t0, e_max = (cal.mm_t0, cal.mm_e_max) if kind == "mm" else (cal.gmm_t0, cal.gmm_e_max)
-            gpu_s[i] = max(t0 + op.flops / (_peak_flops(gpu, plan, op.itemsize) * e_max), op.bytes / bandwidth)
-            host[i] = cal.host_op_s
-        elif kind.startswith("attn"):  # attn, attn_bwd, attn_masked, attn_masked_bwd
-            t0, e_max, bwd = ((cal.masked_attn_t0, cal.masked_attn_e_max, cal.masked_attn_bwd_factor)
-                              if kind.startswith("attn_masked") else (cal.attn_t0, cal.attn_e_max, cal.attn_bwd_factor))
-            flops = op.flops * (bwd if kind.endswith("_bwd") else 1.0)
-            gpu_s[i] = t0 + flops / (_peak_flops(gpu, plan, op.itemsize) * e_max)
-            host[i] = cal.host_op_s
-        elif kind == "kbit":
-            mm = cal.mm_t0 + op.flops / (_peak_flops(gpu, plan, 2) * cal.mm_e_max) if op.flops else 0.0
-            int8 = plan.quantization == "8bit"
-            factor, host[i] = (cal.kbit8_factor, cal.host_kbit8_s) if int8 else (cal.kbit_factor, cal.host_kbit_s)
-            gpu_s[i] = (mm + op.bytes / (bandwidth * cal.mem_efficiency)) * factor + cal.kernel_s
-        elif opt[i] and plan.optimizer == "adamw-8bit":
-            # the stand-in's in-place update of one tensor (weight and gradient read, weight written)
-            elements = op.bytes / (3 * op.itemsize)
-            gpu_s[i] = elements / (cal.adam8bit_rate * bandwidth / (H200_BANDWIDTH_GBS * 1e9)) + cal.kernel_s
-            host[i] = cal.adam8bit_tensor_s
-        else:
-            gpu_s[i] = op.bytes / (bandwidth * cal.mem_efficiency) + cal.kernel_s * op.tensors ** 0.5
-            host[i] = cal.host_op_s + cal.host_tensor_s * (op.tensors - 1)
-        if op.selective:
-            host[i] += cal.host_selective_s
-    return host, gpu_s, repeat, opt
+        if kind not in _CODE or kind in ("adam8", "other"):
+            kind = "adam8" if opt[i] and plan.optimizer == "adamw-8bit" else "other"
+        code[i] = _CODE[kind]
+        peak[i] = peaks[2 if kind == "kbit" else op.itemsize]
+    return _OpTable(code=code, flops=np.array([op.flops for op in ops], dtype=float),
+                    bytes=np.array([op.bytes for op in ops], dtype=float),
+                    itemsize=np.array([op.itemsize for op in ops], dtype=float),
+                    tensors=np.array([op.tensors for op in ops], dtype=float), peak=peak,
+                    selective=np.array([bool(op.selective) for op in ops]), repeat=repeat, opt=opt)
+
+
+def op_times(ops, spec: ModelSpec, plan: Plan, gpu: GpuSpec, cal: Calibration, *, depth: int,
+             period: int, table: _OpTable | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(host seconds, GPU seconds, repeat, is-optimizer) per op: ``repeat`` counts the op once per layer it stands
+    for at the model's full depth. ``table``: ``_op_table`` of the same arguments, made once for many calibrations."""
+    t = table if table is not None else _op_table(ops, spec, plan, gpu, depth, period)
+    c = {k: t.code == i for k, i in _CODE.items()}
+    bandwidth = gpu.bandwidth_gbs * 1e9
+    host, gpu_s = np.zeros(len(t.code)), np.zeros(len(t.code))
+    host[c["view"]] = cal.host_view_s
+    host[c["frame"]] = cal.host_frame_s
+    host[c["region"]] = cal.host_region_s
+    host[c["comm"]] = cal.host_op_s
+    for kind, t0, e_max in (("mm", cal.mm_t0, cal.mm_e_max), ("gmm", cal.gmm_t0, cal.gmm_e_max)):
+        m = c[kind]
+        gpu_s[m] = np.maximum(t0 + t.flops[m] / (t.peak[m] * e_max), t.bytes[m] / bandwidth)
+        host[m] = cal.host_op_s
+    for kind, t0, e_max, factor in (
+            ("attn", cal.attn_t0, cal.attn_e_max, 1.0), ("attn_bwd", cal.attn_t0, cal.attn_e_max, cal.attn_bwd_factor),
+            ("attn_masked", cal.masked_attn_t0, cal.masked_attn_e_max, 1.0),
+            ("attn_masked_bwd", cal.masked_attn_t0, cal.masked_attn_e_max, cal.masked_attn_bwd_factor)):
+        m = c[kind]
+        gpu_s[m] = t0 + t.flops[m] * factor / (t.peak[m] * e_max)
+        host[m] = cal.host_op_s
+    m = c["kbit"]
+    mm = np.where(t.flops[m] > 0, cal.mm_t0 + t.flops[m] / (t.peak[m] * cal.mm_e_max), 0.0)
+    moved = t.bytes[m] / (bandwidth * cal.mem_efficiency)
+    if plan.quantization == "8bit":
+        gpu_s[m] = mm * cal.kbit8_factor + moved * cal.kbit8_bytes_factor + cal.kernel_s
+        host[m] = cal.host_kbit8_s
+    else:
+        gpu_s[m] = (mm + moved) * cal.kbit_factor + cal.kernel_s
+        host[m] = cal.host_kbit_s
+    m = c["adam8"]  # the stand-in's in-place update of one tensor (weight and gradient read, weight written)
+    elements = t.bytes[m] / (3 * t.itemsize[m])
+    gpu_s[m] = elements / (cal.adam8bit_rate * bandwidth / (H200_BANDWIDTH_GBS * 1e9)) + cal.kernel_s
+    host[m] = cal.adam8bit_tensor_s
+    m = c["other"]
+    gpu_s[m] = t.bytes[m] / (bandwidth * cal.mem_efficiency) + cal.kernel_s * t.tensors[m] ** 0.5
+    host[m] = cal.host_op_s + cal.host_tensor_s * (t.tensors[m] - 1)
+    host[t.selective] += cal.host_selective_s
+    return host, gpu_s, t.repeat, t.opt
 
 
 def _optimizer_scale(spec: ModelSpec, plan: Plan, depth: int) -> float:
@@ -202,11 +240,21 @@ def _run(host: np.ndarray, gpu: np.ndarray, start_host: float, start_gpu: float)
     return float(h[-1]), end
 
 
+_TABLES: dict = {}
+"""Op tables of the traces timed last (by trace; the trace is kept with its table so that its id stays its own)."""
+
+
 def step_time(spec: ModelSpec, plan: Plan, gpu: GpuSpec, trace, cal: Calibration | None = None) -> StepTime:
     """The step time of ``plan`` from its ``trace`` (a ``TraceResult`` with ops, at any depth)."""
     cal = cal or calibration(gpu.name)
-    ops = [op for op in trace.ops if op.micro_batch <= 0 or op.phase == "optimizer_step"]
-    host, gpu_s, repeat, opt = op_times(ops, spec, plan, gpu, cal, depth=trace.num_layers, period=trace.period)
+    key = (id(trace), spec.name, plan, gpu.name)
+    if key not in _TABLES or _TABLES[key][0] is not trace:
+        ops = [op for op in trace.ops if op.micro_batch <= 0 or op.phase == "optimizer_step"]
+        if len(_TABLES) >= 256:
+            _TABLES.pop(next(iter(_TABLES)))
+        _TABLES[key] = (trace, _op_table(ops, spec, plan, gpu, trace.num_layers, trace.period))
+    host, gpu_s, repeat, opt = op_times((), spec, plan, gpu, cal, depth=trace.num_layers, period=trace.period,
+                                        table=_TABLES[key][1])
     host, gpu_s = host * repeat, gpu_s * repeat
     mb_host, mb_gpu = host[~opt], gpu_s[~opt]
     clock_host, clock_gpu = _run(mb_host, mb_gpu, 0.0, 0.0)
