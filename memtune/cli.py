@@ -405,11 +405,12 @@ def _print_export(tool: str, model: str, plan_) -> None:
         print(json.dumps(llama_cookbook_kwargs(model, plan_), indent=2, default=lambda v: f"ShardingStrategy.{v.name}"))
     elif tool == "hf":
         print(json.dumps(hf_trainer_config(model, plan_), indent=2))
-    if tool in ("llama-cookbook", "hf") and plan_.allocator_env:
+    else:  # the command line carries the environment itself
+        print(shell(llama_cookbook_command(model, plan_)))
+        return
+    if plan_.allocator_env:
         env = " ".join(f"{k}={v}" for k, v in plan_.allocator_env.items())
         err_console.print(f"run it with {env} in the environment (the plan counts on it)", highlight=False)
-    else:
-        print(shell(llama_cookbook_command(model, plan_)))
 
 
 @app.command()
