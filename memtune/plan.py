@@ -99,7 +99,8 @@ class Plan:
             errors.append("hsdp replicates across nodes: use --nodes 2 or more, or --sharding fsdp")
         if self.quantization != "none" and self.peft == "none":
             errors.append(f"{self.quantization} base weights are frozen: add --peft lora (QLoRA) or use --quantization none")
-        if self.quantization != "none" and self.sharding != "none":
+        unsharded = self.stack == "llama-cookbook" and self.world_size == 1 and not self.offload  # recipe_plan
+        if self.quantization != "none" and self.sharding != "none" and not unsharded:
             errors.append(f"{self.quantization} quantized weights cannot be sharded with FSDP2 here: use --sharding none")
         if self.optimizer == "adamw-8bit" and self.sharding != "none":
             errors.append("8-bit AdamW (bitsandbytes) cannot step FSDP2's sharded parameters: use --sharding none "
@@ -256,8 +257,9 @@ def describe(plan: Plan) -> str:
 def llama_cookbook_rules(plan: Plan) -> list[str]:
     """Why llama-cookbook 0.0.5's ``finetuning.main`` cannot run ``plan`` as it stands (empty: it can).
 
-    Read from its code: weights load with ``from_pretrained(torch_dtype=bf16)`` (fp16 with ``use_fp16``) whatever
-    the FSDP precision flags, so no fp32 master weights exist; activation checkpointing wraps whole decoder layers,
+    Read from its code: weights load with ``from_pretrained(torch_dtype=bf16)`` whatever the FSDP precision flags, so
+    no fp32 master weights exist (``use_fp16`` loads fp16 weights and adds autocast and a gradient scaler, which
+    memtune does not estimate); activation checkpointing wraps whole decoder layers,
     inside the FSDP branch only (the one-GPU case runs FSDP over one GPU); 8-bit quantization is refused with FSDP;
     the optimizer is ``torch.optim.AdamW`` (foreach); attention is what transformers picks (SDPA); k-bit models are
     not passed through ``prepare_model_for_kbit_training``. FSDP1's CPU offload (``fsdp_cpu_offload``) moves only
@@ -266,9 +268,10 @@ def llama_cookbook_rules(plan: Plan) -> list[str]:
     if plan.checkpointing == "selective":
         errors.append("llama-cookbook checkpoints whole layers only: use --checkpointing full (less memory, more "
                       "recompute) or none, or run the plan with memtune launch")
-    if plan.precision not in ("bf16", "fp16"):
-        errors.append(f"llama-cookbook loads the weights in bf16 (fp16 with use_fp16) whatever its FSDP precision "
-                      f"flags, so {plan.precision} does not run there: use --precision bf16 or fp16")
+    if plan.precision != "bf16":
+        errors.append(f"llama-cookbook loads the weights in bf16 whatever its FSDP precision flags; its use_fp16 "
+                      f"(fp16 weights under autocast and a gradient scaler) is not what memtune estimates, so "
+                      f"{plan.precision} is not estimated there: use --precision bf16")
     if plan.quantization == "8bit" and (plan.sharding != "none" or plan.checkpointing == "full"):
         errors.append("llama-cookbook rejects 8-bit quantization with FSDP (and FSDP is how it checkpoints)")
     if plan.optimizer != "adamw":

@@ -48,7 +48,7 @@ def sdpa_backend(spec: ModelSpec, plan: Plan, gpu: GpuSpec) -> str:
     """The kernel PyTorch's SDPA dispatch picks on this GPU (``aten/src/ATen/native/transformers/cuda/sdp_utils``).
 
     Flash attention needs fp16/bf16, compute capability 8.0+ and head_dim <= 256. Memory-efficient attention takes
-    any dtype but not grouped-query attention (``enable_gqa``). Otherwise SDPA runs the math kernel, which
+    any dtype (bf16 from compute capability 8.0) but not grouped-query attention (``enable_gqa``). Otherwise SDPA runs the math kernel, which
     materializes the s x s attention matrix. k-bit plans with ``kbit_upcast`` run their activations in fp32 (peft's
     ``prepare_model_for_kbit_training`` upcasts the norms, and bitsandbytes' layers return their input's dtype), so
     attention sees fp32 queries - unless autocast (amp-*) casts them to the compute dtype: a QLoRA plan under amp-bf16
@@ -60,8 +60,8 @@ def sdpa_backend(spec: ModelSpec, plan: Plan, gpu: GpuSpec) -> str:
     low_precision = plan.precision != "fp32" and (not plan.fp32_residual or plan.is_amp)
     if low_precision and gpu.compute_capability >= (8, 0) and spec.head_dim <= 256:
         return "flash"
-    if spec.num_key_value_heads == spec.num_attention_heads:
-        return "efficient"
+    if spec.num_key_value_heads == spec.num_attention_heads and (gpu.bf16 or "bf16" not in plan.precision):
+        return "efficient"  # below compute capability 8.0 it takes no bf16 (llama-cookbook's bf16 on a V100)
     return "math"
 
 

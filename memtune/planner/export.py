@@ -30,8 +30,6 @@ def llama_cookbook_kwargs(model_name: str, plan: Plan) -> dict:
     kwargs: dict = {"model_name": model_name, "batch_size_training": plan.batch_size,
                     "gradient_accumulation_steps": plan.grad_accum, "batching_strategy": plan.batching,
                     "context_length": plan.seq_len, "enable_fsdp": fsdp}
-    if plan.precision == "fp16":
-        kwargs["use_fp16"] = True
     if fsdp:
         kwargs["fsdp_activation_checkpointing"] = plan.checkpointing == "full"
         if plan.sharding in _SHARDING:

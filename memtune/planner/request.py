@@ -48,7 +48,11 @@ class SearchRequest:
         if export is not None and export not in EXPORTERS:
             raise ConfigError(f"--export must be {', '.join(EXPORTERS)}, not {export!r}")
         if export is not None:  # the estimate of what that tool runs (the torchrun command runs llama-cookbook)
-            fixed["stack"] = "hf" if export == "hf" else "llama-cookbook"
+            stack = "hf" if export == "hf" else "llama-cookbook"
+            if fixed.get("stack", stack) != stack:
+                raise ConfigError(f"--export {export} estimates what {export} runs (--stack {stack}), not "
+                                  f"--stack {fixed['stack']}: drop one of them")
+            fixed["stack"] = stack
         if options.get("network_gbs", 25.0) <= 0:
             raise ConfigError("--network-gbs must be positive")
         if options.get("batching") not in (None, "padding", "packing"):

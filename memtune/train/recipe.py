@@ -218,8 +218,10 @@ def _lean_rms_norm(module: nn.Module) -> None:
     """``module`` (a Llama RMSNorm) through ``_RMSNorm`` while gradients are recorded."""
     forward = module.forward
 
-    def lean(x):
-        return _RMSNorm.apply(x, module.weight, module.variance_epsilon) if torch.is_grad_enabled() else forward(x)
+    def lean(hidden_states):
+        if not torch.is_grad_enabled():
+            return forward(hidden_states)
+        return _RMSNorm.apply(hidden_states, module.weight, module.variance_epsilon)
 
     module.forward = lean
 
@@ -259,10 +261,15 @@ def _silu_into_linear(mlp: nn.Module) -> bool:
 def _lean_gated_tail(mlp: nn.Module) -> None:
     """A gated MLP (SiLU, plain down projection) that keeps its gate and up projections' outputs only
     (``_SiluGatedDown``)."""
+    def tail(gate, up):
+        return mlp.down_proj(mlp.act_fn(gate) * up)
+
     def forward(x):
         gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-        if not torch.is_grad_enabled() or gate.dtype != mlp.down_proj.weight.dtype:
-            return mlp.down_proj(mlp.act_fn(gate) * up)
+        if not torch.is_grad_enabled():
+            return tail(gate, up)
+        if gate.dtype != mlp.down_proj.weight.dtype:  # not a product _SiluGatedDown computes: a region instead
+            return recompute(tail, (gate, up), list(mlp.down_proj.parameters()))
         return _SiluGatedDown.apply(gate, up, mlp.down_proj.weight)
 
     mlp.forward = forward

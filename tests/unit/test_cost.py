@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from memtune.plan import Plan
@@ -80,8 +82,20 @@ def test_a_mixture_of_experts_costs_the_experts_a_token_runs(tiny_mixtral):
 
 def test_a_card_without_bf16_units_is_costed_at_its_fp32_peak_for_bf16():
     """llama-cookbook loads bf16 weights on a V100 too; the planner must still cost such a plan."""
-    from memtune.specs import resolve_gpu
-
     v100 = resolve_gpu("V100-32GB")
     assert v100.peak_flops("bf16") == v100.peak_flops("fp32") == 15.7e12
     assert v100.peak_flops("fp16") == 125e12
+
+
+def test_bf16_attention_on_a_card_before_ampere_runs_the_math_kernel():
+    """The memory-efficient kernel takes bf16 only from compute capability 8.0: llama-cookbook's bf16 on a V100
+    materializes the attention matrix (a model without grouped-query attention; with it, math anyway)."""
+    from memtune.estimate.compose import sdpa_backend
+    from memtune.specs import resolve_model
+
+    spec = resolve_model("qwen2.5-0.5b")
+    mha = dataclasses.replace(spec, num_key_value_heads=spec.num_attention_heads)
+    v100, h200 = resolve_gpu("V100-32GB"), resolve_gpu("H200")
+    assert sdpa_backend(mha, Plan(stack="llama-cookbook"), v100) == "math"
+    assert sdpa_backend(mha, Plan(precision="fp16"), v100) == "efficient"
+    assert sdpa_backend(mha, Plan(), h200) == "flash"

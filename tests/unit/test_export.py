@@ -23,6 +23,7 @@ def test_default_path_without_fsdp_has_no_checkpointing():
 @pytest.mark.parametrize(("fields", "message"), [
     ({"quantization": "8bit", "peft": "lora", "checkpointing": "full"}, "rejects 8-bit quantization with FSDP"),
     ({"precision": "fp32"}, "loads the weights in bf16"),
+    ({"precision": "fp16", "peft": "lora"}, "use_fp16"),
     ({"precision": "amp-bf16", "sharding": "fsdp", "num_gpus": 2}, "loads the weights in bf16"),
     ({"optimizer": "sgd"}, "AdamW"),
     ({"checkpointing": "selective"}, "whole layers only"),
@@ -111,10 +112,10 @@ def test_hybrid_sharding_is_not_expressible_in_the_trainer():
         hf_trainer_config("m", Plan(sharding="hsdp", num_gpus=8, nodes=2))
 
 
-COOKBOOK_PLANS = [Plan(), Plan(checkpointing="full"), Plan(precision="fp16", peft="lora"),
+COOKBOOK_PLANS = [Plan(), Plan(checkpointing="full"), Plan(peft="lora", checkpointing="full", quantization="4bit"),
                   Plan(peft="lora", quantization="4bit"), Plan(peft="lora", quantization="8bit"),
                   Plan(sharding="fsdp", num_gpus=8, checkpointing="full"),
-                  Plan(sharding="fsdp-grad-op", num_gpus=2, precision="fp16"),
+                  Plan(sharding="fsdp-grad-op", num_gpus=2),
                   Plan(sharding="hsdp", num_gpus=8, nodes=2, peft="lora", lora_targets=("q_proj", "o_proj"))]
 
 

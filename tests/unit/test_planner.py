@@ -1,10 +1,14 @@
 """The planner's search: screen, fast trace, full-depth confirmation where the fast estimate is too close to call."""
 
+import dataclasses
+
 import pytest
 
 import memtune.planner as planner
 from memtune.estimate import estimate
 from memtune.planner import plan_candidates
+from memtune.errors import ConfigError, InvalidPlanError
+from memtune.plan import Plan
 from memtune.specs import resolve_gpu
 
 
@@ -63,3 +67,21 @@ def test_a_search_request_is_checked_in_one_place(tiny):
                            ({"precision": "fp8"}, InvalidPlanError), ({"lora_targets": "nope"}, InvalidPlanError)]:
         with pytest.raises(error):
             SearchRequest.from_options(tiny, seq_len=64, **options)
+
+
+def test_llama_cookbook_checkpoints_qlora_under_fsdp_over_one_gpu():
+    """Its checkpointing brings FSDP; over one GPU FSDP1 does not shard, so 4-bit weights may come along."""
+    from memtune.planner import with_fixed
+
+    plan = with_fixed(Plan(peft="lora", quantization="4bit", checkpointing="full"), {"stack": "llama-cookbook"})
+    assert (plan.sharding, plan.recipe_plan.sharding) == ("fsdp", "none")
+    with pytest.raises(InvalidPlanError, match="cannot be sharded"):
+        dataclasses.replace(plan, num_gpus=2)
+
+
+def test_an_export_and_another_stack_are_bad_input():
+    from memtune.planner.request import SearchRequest
+    from memtune.specs import resolve_model
+
+    with pytest.raises(ConfigError, match="drop one of them"):
+        SearchRequest.from_options(resolve_model("llama-guard-3-1b"), export="llama-cookbook", stack="hf")
