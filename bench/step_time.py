@@ -32,7 +32,8 @@ from memtune.errors import InvalidPlanError  # noqa: E402
 from memtune.estimate.compose import cached_trace, fast_depth, sdpa_backend  # noqa: E402
 from memtune.plan import Plan  # noqa: E402
 from memtune.planner.cost import step_cost  # noqa: E402
-from memtune.planner.steptime import Calibration, host_layer_key, host_per_layer, step_time  # noqa: E402
+from memtune.planner.steptime import (  # noqa: E402
+    Calibration, error_class, host_layer_key, host_per_layer, step_time)
 from memtune.specs.gpu import resolve_gpu  # noqa: E402
 from memtune.specs.model import resolve_model  # noqa: E402
 
@@ -217,6 +218,8 @@ def main() -> None:
         "fit": summary(fit_errs), "heldout": summary(held_errs),
         "heldout_both_folds": summary(crossfold),
         "constants_other_fold": other.to_json(),
+        "heldout_by_class": {cls: summary([e for e, (row, (spec, plan, g, tr)) in zip(held_errs, heldout)
+                                           if error_class(plan) == cls]) for cls in ("kbit", "other")},
         "heldout_closed_form": summary(closed),
         "architectures": sorted({r["model"] for r, _ in heldout}),
         "other_architectures": other_architectures(args.architectures, cal) if args.architectures.is_file() else None,
@@ -229,7 +232,8 @@ def main() -> None:
         path = ROOT / "profiles/calibration" / f"{GPU}.json"
         data = json.loads(path.read_text())
         data["step_time"] = {"measured_with": result["measured_with"], "fitted_by": result["command"],
-                             "heldout": result["heldout"], "constants": cal.to_json(),
+                             "heldout": result["heldout"], "heldout_by_class": result["heldout_by_class"],
+                             "constants": cal.to_json(),
                              "host_per_layer_s": result["host_per_layer_s"]}
         path.write_text(json.dumps(data, indent=2) + "\n")
     print(f"fit on {len(fitting)}: median {result['fit']['median_abs_err']:.1%} max {result['fit']['max_abs_err']:.1%}")

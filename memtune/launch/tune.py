@@ -157,12 +157,14 @@ def tune(*, model: str, gpu: str, run: RunConfig, output_dir: Path, num_gpus: in
     emulate = local is not None and not _same_gpu(local, gpu_spec)
     on_target = local is not None and not emulate
     if on_target:
-        error = steptime.measured_error(gpu_spec.name)
         least = max(candidates, MIN_MEASURED)
-        shortlist = measurement_shortlist(order, at_least=least, error=error)
+        errors = sorted({steptime.measured_error(gpu_spec.name, c.plan) for c in order})
+        shortlist = measurement_shortlist(order, at_least=least,
+                                          error=lambda plan: steptime.measured_error(gpu_spec.name, plan))
+        within = "-".join(f"{100 * e:.0f}" for e in dict.fromkeys((errors[0], errors[-1])))
         console.print(f"choosing by measurement on this {escape(local)}: {len(shortlist)} of {len(order)} plans that "
-                      f"fit - those within {100 * error:.0f} % (the time model's error) of the cheapest estimate, "
-                      f"at least {min(least, len(order))}")
+                      f"fit - those within {within} % (the time model's error) of the cheapest estimate, at least "
+                      f"{min(least, len(order))}")
     else:
         shortlist = order[:candidates]
         why = (f"this {escape(local)} is capped to stand in for the {escape(gpu_spec.name)}, so its speed is not the "
@@ -208,12 +210,16 @@ def tune(*, model: str, gpu: str, run: RunConfig, output_dir: Path, num_gpus: in
     return plan_file
 
 
-def measurement_shortlist(order: list[Candidate], *, at_least: int, error: float) -> list[Candidate]:
+def measurement_shortlist(order: list[Candidate], *, at_least: int, error) -> list[Candidate]:
     """The plans to measure, from ``order`` (the plans that fit, in the planner's order): every one whose estimated
-    GPU-seconds per token is within ``error`` of the cheapest - the time model cannot rank those - and then the next
-    in ``order`` until there are ``at_least`` (all of them, if fewer fit). Kept in ``order``'s order."""
-    cheapest = min(c.cost.gpu_seconds_per_token for c in order)
-    close = {id(c) for c in order if c.cost.gpu_seconds_per_token <= cheapest * (1 + error)}
+    GPU-seconds per token is within the time model's error of the cheapest's - the larger of the two plans' errors
+    (``error``: a fraction, or a function of the plan) - which the model cannot rank, and then the next in ``order``
+    until there are ``at_least`` (all of them, if fewer fit). Kept in ``order``'s order."""
+    error_of = error if callable(error) else (lambda plan: error)
+    cheapest = min(order, key=lambda c: c.cost.gpu_seconds_per_token)
+    least = cheapest.cost.gpu_seconds_per_token
+    close = {id(c) for c in order
+             if c.cost.gpu_seconds_per_token <= least * (1 + max(error_of(c.plan), error_of(cheapest.plan)))}
     extra = max(0, at_least - len(close))
     picked = []
     for c in order:

@@ -268,16 +268,25 @@ def step_time(spec: ModelSpec, plan: Plan, gpu: GpuSpec, trace, cal: Calibration
                     host_s=float(plan.grad_accum * mb_host.sum() + host[opt].sum()))
 
 
-def measured_error(gpu_name: str) -> float:
+def measured_error(gpu_name: str, plan: Plan | None = None) -> float:
     """The step-time model's largest error on held-out plans (``bench/results/step_time.json``), as calibrated for
-    ``gpu_name`` or the GPU whose constants stand in for it; 0.15 before any calibration."""
+    ``gpu_name`` or the GPU whose constants stand in for it: for ``plan``'s class (k-bit weights or not) where the
+    calibration has it, else over all plans; 0.15 before any calibration."""
     from memtune.profiles import calibrations
 
     for _, data in calibrations(gpu_name):
-        error = (data.get("step_time") or {}).get("heldout", {}).get("max_abs_err")
+        fitted = data.get("step_time") or {}
+        by_class = fitted.get("heldout_by_class") or {}
+        held = by_class.get(error_class(plan)) if plan is not None else None
+        error = (held or fitted.get("heldout") or {}).get("max_abs_err")
         if isinstance(error, int | float) and error > 0:
             return float(error)
     return 0.15
+
+
+def error_class(plan: Plan) -> str:
+    """The class whose held-out error stands for ``plan``'s: ``kbit`` (bitsandbytes weights) or ``other``."""
+    return "kbit" if plan.quantization != "none" else "other"
 
 
 def traced_cost(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, padding_efficiency: float = 1.0,

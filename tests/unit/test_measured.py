@@ -293,7 +293,7 @@ def tune_env(monkeypatch):
                         lambda *args, **kwargs: LengthStats(lengths=(20, 30, 40, 64), source="fake"))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
     # the time model's error on held-out plans sets which plans are measured; fixed here, not the calibration's
-    monkeypatch.setattr(memtune.planner.steptime, "measured_error", lambda gpu_name: 0.15)
+    monkeypatch.setattr(memtune.planner.steptime, "measured_error", lambda gpu_name, plan=None: 0.15)
 
     def tune(tmp_path, **options):
         console = Console(record=True, width=200)
@@ -339,7 +339,7 @@ def test_tune_measures_every_plan_within_the_stated_time_model_error(tune_env, t
     import memtune.planner.steptime
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(memtune.planner.steptime, "measured_error", lambda gpu: 0.2)
+    monkeypatch.setattr(memtune.planner.steptime, "measured_error", lambda gpu, plan=None: 0.2)
     tune_env.tune(tmp_path)
     assert tune_env.validated == [0, 1, 2, 3, 4]  # 1.04 ** 4 = 1.17 is within 20 %, 1.04 ** 5 = 1.22 is not
 
@@ -433,3 +433,19 @@ def test_tune_says_no_plan_fits_when_every_candidate_runs_out_of_memory(tune_env
     with pytest.raises(PlanDoesNotFitError, match="cheapest plans validated") as e:
         tune_env.tune(tmp_path)
     assert e.value.exit_code == 1
+
+
+def test_the_shortlist_widens_for_plans_whose_class_the_time_model_knows_less_well():
+    """k-bit plans carry the time model's larger held-out error: one 30 % dearer than the cheapest is measured,
+    a plain plan as far off is not."""
+    from memtune.launch.tune import measurement_shortlist
+
+    cheapest, plain, kbit = (Plan(seq_len=64), Plan(seq_len=64, checkpointing="full"),
+                             Plan(seq_len=64, peft="lora", quantization="4bit"))
+    order = [Candidate(label=n, plan=p, breakdown=None, reason="", cost=cost(t))
+             for n, p, t in (("cheapest", cheapest, 1300), ("plain", plain, 1000), ("kbit", kbit, 1000))]
+    errors = {"kbit": 0.5, "other": 0.15}
+    picked = measurement_shortlist(order, at_least=1,
+                                   error=lambda plan: errors["kbit" if plan.quantization != "none" else "other"])
+    assert [c.label for c in picked] == ["cheapest", "kbit"]
+    assert [c.label for c in measurement_shortlist(order, at_least=1, error=0.15)] == ["cheapest"]
