@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from memtune.estimate import estimate  # noqa: E402
+from provenance import commit  # noqa: E402
 from memtune.plan import Plan  # noqa: E402
 from memtune.specs import resolve_gpu, resolve_model  # noqa: E402
 
@@ -69,15 +70,6 @@ def main(paths: list[str]) -> None:
     print(summary(rows))
 
 
-def _commit() -> str:
-    import subprocess
-
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                           cwd=ROOT).stdout.strip()
-    return head.strip() + ("-dirty" if dirty else "")
-
-
 def _stats(errors: list[float]) -> str:
     abs_err = [abs(e) for e in errors]
     return (f"median |error| {100 * statistics.median(abs_err):.2f} %, max |error| {100 * max(abs_err):.2f} %, "
@@ -90,7 +82,7 @@ def summary(rows: list[dict]) -> str:
         f"{len(rows)} configurations, {len(archs)} architectures ({', '.join(archs)}), "
         f"{sum(r['num_gpus'] > 1 for r in rows)} of them FSDP2 on 2 GPUs; measured on {rows[0]['gpu_name']} "
         f"(torch {rows[0]['torch_version']}, transformers {rows[0]['transformers_version']}, peft {rows[0]['peft_version']}).",
-        f"Estimates of memtune at {_commit()}; when each row was measured: bench/results/README.md.",
+        f"Estimates of memtune at {commit(short=True)}; when each row was measured: bench/results/README.md.",
         "",
         f"- **memtune, peak allocated**: {_stats([r['allocated_error'] for r in rows])}",
         f"- **memtune, peak reserved**: {_stats([r['reserved_error'] for r in rows])}",

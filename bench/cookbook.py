@@ -32,6 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from provenance import commit  # noqa: E402
+
 MODEL = "llama-guard-3-1b"
 SEQ = 1139
 BASE = {"batch_size_training": 1, "batching_strategy": "padding", "context_length": 4096, "use_peft": False,
@@ -118,13 +120,6 @@ def run_one(gpu_name: str, extra: dict, path: str) -> dict:
     return result
 
 
-def _commit() -> str:
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                           cwd=ROOT).stdout.strip()
-    return head.strip() + ("-dirty" if dirty else "")
-
-
 def _estimate(row: dict, gpu_name: str, extra: dict) -> None:
     """memtune's side of a run, through its command line: the plan, the estimate, the verdict and the agreement."""
     command = ["memtune", "estimate", *memtune_options(extra), "--gpu", gpu_name, "--json"]
@@ -149,7 +144,7 @@ def reestimate(measured: Path, out: Path) -> None:
     """The runs of ``measured`` (the real tool's side, which memtune's code does not change) with memtune's
     estimates of this commit."""
     result = json.loads(measured.read_text())
-    result["estimated_at"] = _commit()
+    result["estimated_at"] = commit(short=True)
     result["measured_by"] = result.pop("command", "python bench/cookbook.py OUT.json")
     result["command"] = f"python bench/cookbook.py --estimate {measured.name} OUT.json"
     for row in result["runs"]:

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from provenance import commit  # noqa: E402
 
 WITHIN = 0.25
 MAX_WITHIN = 4
@@ -83,13 +84,6 @@ ARCHITECTURES_2 = [
 CASE_SETS = {"llama": CASES, "architectures": ARCHITECTURES, "architectures-2": ARCHITECTURES_2}
 
 
-def _commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                           cwd=Path(__file__).parent).stdout.strip()
-    return out.stdout.strip() + ("-dirty" if dirty else "")
-
-
 def plan_cases(out: Path, cases_name: str = "llama", only: str | None = None) -> None:
     from memtune.estimate import estimate
     from memtune.planner import plan_candidates
@@ -126,7 +120,7 @@ def plan_cases(out: Path, cases_name: str = "llama", only: str | None = None) ->
                       "chosen": chosen.plan.to_dict(), "plans": rows, "planning_s": round(time.time() - started, 1)})
         print(f"{name}: chosen {chosen.label}; {len(rows)} plans to measure ({time.time() - started:.0f} s)",
               flush=True)
-    out.write_text(json.dumps({"commit": _commit(), "within": WITHIN, "case_set": cases_name, "cases": cases},
+    out.write_text(json.dumps({"commit": commit(), "within": WITHIN, "case_set": cases_name, "cases": cases},
                               indent=1) + "\n")
 
 

@@ -131,12 +131,13 @@ def _plan_from_options(gpu, spec, *, num_gpus, nodes, precision, sharding, check
                        offload, expandable_segments, kbit_upcast=False, stack="memtune"):
     from memtune.plan import Plan
 
-    cookbook = stack == "llama-cookbook"  # bf16 weights on every card; checkpointing only under FSDP
-    if precision == "auto":
-        precision = "bf16" if gpu.bf16 or cookbook else "amp-fp16"
+    from memtune.plan import stack_sharding
+
+    if precision == "auto":  # llama-cookbook loads bf16 weights on every card
+        precision = "bf16" if gpu.bf16 or stack == "llama-cookbook" else "amp-fp16"
     if sharding == "auto":
-        alone = num_gpus * nodes == 1 and not offload and not (cookbook and checkpointing == "full")
-        sharding = "none" if alone else ("hsdp" if nodes > 1 else "fsdp")
+        alone = num_gpus * nodes == 1 and not offload
+        sharding = stack_sharding(stack, checkpointing, "none" if alone else ("hsdp" if nodes > 1 else "fsdp"))
     from memtune.specs.model import default_lora_targets, resolve_lora_targets
 
     targets = tuple(t.strip() for t in (lora_targets or "").split(",") if t.strip())
@@ -431,7 +432,6 @@ def check(
     gpu_spec = resolve_gpu(gpu or pf.gpu)
     spec = resolve_model(pf.model)
     plan_ = pf.plan.on_stack(stack) if stack else pf.plan
-    plan_.check_model(spec)
     with _working(f"estimating {pf.model} on {gpu_spec.name}"):
         b = settled_estimate(spec, plan_, gpu_spec)
     usable = b.usable_bytes

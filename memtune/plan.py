@@ -99,8 +99,7 @@ class Plan:
             errors.append("hsdp replicates across nodes: use --nodes 2 or more, or --sharding fsdp")
         if self.quantization != "none" and self.peft == "none":
             errors.append(f"{self.quantization} base weights are frozen: add --peft lora (QLoRA) or use --quantization none")
-        unsharded = self.stack == "llama-cookbook" and self.world_size == 1 and not self.offload  # recipe_plan
-        if self.quantization != "none" and self.sharding != "none" and not unsharded:
+        if self.quantization != "none" and self.sharding != "none" and not self.fsdp1_unsharded:
             errors.append(f"{self.quantization} quantized weights cannot be sharded with FSDP2 here: use --sharding none")
         if self.optimizer == "adamw-8bit" and self.sharding != "none":
             errors.append("8-bit AdamW (bitsandbytes) cannot step FSDP2's sharded parameters: use --sharding none "
@@ -128,10 +127,7 @@ class Plan:
         """This plan as ``stack`` runs it: llama-cookbook checkpoints only under FSDP, so there a one-GPU plan with
         checkpointing runs as FSDP over one GPU (as its export says). Raises InvalidPlanError where that stack
         cannot run the plan."""
-        sharding = self.sharding
-        if stack == "llama-cookbook" and self.checkpointing == "full" and sharding == "none":
-            sharding = "fsdp"
-        return dataclasses.replace(self, stack=stack, sharding=sharding)
+        return dataclasses.replace(self, stack=stack, sharding=stack_sharding(stack, self.checkpointing, self.sharding))
 
     @property
     def recipe_plan(self) -> Plan:
@@ -140,9 +136,12 @@ class Plan:
         unsharded step (the process group's memory stays the plan's). On the H200 that matched llama-cookbook's
         one-GPU FSDP runs within 0.3 % where FSDP2 over one GPU over-estimated them by 6 %
         (``bench/results/cookbook.json``)."""
-        if self.stack == "llama-cookbook" and self.sharding != "none" and self.world_size == 1 and not self.offload:
-            return dataclasses.replace(self, sharding="none", stack="memtune")
-        return self
+        return dataclasses.replace(self, sharding="none", stack="memtune") if self.fsdp1_unsharded else self
+
+    @property
+    def fsdp1_unsharded(self) -> bool:
+        """FSDP that does not shard: llama-cookbook's FSDP1 over one GPU (NO_SHARD; ``recipe_plan``)."""
+        return self.stack == "llama-cookbook" and self.sharding != "none" and self.world_size == 1 and not self.offload
 
     @property
     def world_size(self) -> int:
@@ -252,6 +251,12 @@ def describe(plan: Plan) -> str:
             + (", expandable segments" if plan.expandable_segments else "")
             + (f", packed to {plan.seq_len}" if plan.batching == "packing" else "")
             + (f" ({plan.batch_size} x {plan.grad_accum})" if plan.grad_accum > 1 else ""))
+
+
+def stack_sharding(stack: str, checkpointing: str, sharding: str) -> str:
+    """The sharding ``stack`` runs a plan with: llama-cookbook checkpoints only under FSDP, so a plan with
+    checkpointing and no sharding runs there as FSDP (over one GPU too); any other stays as it is."""
+    return "fsdp" if stack == "llama-cookbook" and checkpointing == "full" and sharding == "none" else sharding
 
 
 def llama_cookbook_rules(plan: Plan) -> list[str]:

@@ -158,10 +158,9 @@ def tune(*, model: str, gpu: str, run: RunConfig, output_dir: Path, num_gpus: in
     on_target = local is not None and not emulate
     if on_target:
         least = max(candidates, MIN_MEASURED)
-        errors = sorted({steptime.measured_error(gpu_spec.name, c.plan) for c in order})
-        shortlist = measurement_shortlist(order, at_least=least,
-                                          error=lambda plan: steptime.measured_error(gpu_spec.name, plan))
-        within = "-".join(f"{100 * e:.0f}" for e in dict.fromkeys((errors[0], errors[-1])))
+        errors = {c.plan: steptime.measured_error(gpu_spec.name, c.plan) for c in order}
+        shortlist = measurement_shortlist(order, at_least=least, error=errors.__getitem__)
+        within = "-".join(f"{100 * e:.0f}" for e in sorted(set(errors.values())))
         console.print(f"choosing by measurement on this {escape(local)}: {len(shortlist)} of {len(order)} plans that "
                       f"fit - those within {within} % (the time model's error) of the cheapest estimate, at least "
                       f"{min(least, len(order))}")

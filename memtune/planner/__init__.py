@@ -19,7 +19,7 @@ from memtune.errors import InvalidPlanError
 from memtune.estimate import MemoryBreakdown, estimate
 from memtune.estimate.categories import Verdict
 from memtune.estimate.screen import screen, screen_band
-from memtune.plan import Plan, describe
+from memtune.plan import Plan, describe, stack_sharding
 from memtune.planner import measured, steptime
 from memtune.planner.cost import NETWORK_GBS, CostEstimate, step_cost
 from memtune.records import SCHEMA_VERSION
@@ -189,10 +189,11 @@ def with_fixed(kind: Plan, fixed: dict, **fields) -> Plan:
     fields = {**fields, **fixed}
     if fields.get("offload") and kind.sharding == "none" and "sharding" not in fields:
         fields["sharding"] = "fsdp"
-    if fields.get("stack", kind.stack) == "llama-cookbook":
+    stack = fields.get("stack", kind.stack)
+    if stack == "llama-cookbook":
         fields.setdefault("precision", "bf16")
-        if fields.get("checkpointing", kind.checkpointing) == "full" and kind.sharding == "none":
-            fields.setdefault("sharding", "fsdp")
+    if "sharding" not in fields:
+        fields["sharding"] = stack_sharding(stack, fields.get("checkpointing", kind.checkpointing), kind.sharding)
     return dataclasses.replace(kind, **fields)
 
 

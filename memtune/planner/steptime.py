@@ -125,9 +125,11 @@ def _peak_flops(gpu: GpuSpec, plan: Plan, itemsize: int) -> float:
     return gpu.peak_flops("fp32" if itemsize >= 4 else "bf16" if "bf16" in plan.low_precision else "fp16")
 
 
-_KINDS = ("view", "frame", "region", "comm", "mm", "gmm", "attn", "attn_bwd", "attn_masked", "attn_masked_bwd",
-          "kbit", "adam8", "other")
-_CODE = {k: i for i, k in enumerate(_KINDS)}
+_TIMED_KINDS = ("view", "frame", "region", "comm", "mm", "gmm", "attn", "attn_bwd", "attn_masked", "attn_masked_bwd",
+                "kbit")
+"""The trace's op kinds (``OpRecord.kind``) with a time of their own; every other op is 8-bit AdamW's update of a
+tensor (in the optimizer step of an adamw-8bit plan) or an ``other`` kernel, timed by its bytes."""
+_CODE = {k: i for i, k in enumerate((*_TIMED_KINDS, "adam8", "other"))}
 
 
 @dataclass(frozen=True)
@@ -160,7 +162,7 @@ def _op_table(ops, spec: ModelSpec, plan: Plan, gpu: GpuSpec, depth: int, period
         elif op.layer in inner and extra_periods > 0:
             repeat[i] = 1 + extra_periods
         kind = op.kind
-        if kind not in _CODE or kind in ("adam8", "other"):
+        if kind not in _TIMED_KINDS:
             kind = "adam8" if opt[i] and plan.optimizer == "adamw-8bit" else "other"
         code[i] = _CODE[kind]
         peak[i] = peaks[2 if kind == "kbit" else op.itemsize]
@@ -241,14 +243,15 @@ def _run(host: np.ndarray, gpu: np.ndarray, start_host: float, start_gpu: float)
 
 
 _TABLES: dict = {}
-"""Op tables of the traces timed last (by trace; the trace is kept with its table so that its id stays its own)."""
+"""Op tables of the traces timed last (by trace; the trace is kept with its table, so that no other trace can
+take its id while the entry lasts)."""
 
 
 def step_time(spec: ModelSpec, plan: Plan, gpu: GpuSpec, trace, cal: Calibration | None = None) -> StepTime:
     """The step time of ``plan`` from its ``trace`` (a ``TraceResult`` with ops, at any depth)."""
     cal = cal or calibration(gpu.name)
     key = (id(trace), spec.name, plan, gpu.name)
-    if key not in _TABLES or _TABLES[key][0] is not trace:
+    if key not in _TABLES:
         ops = [op for op in trace.ops if op.micro_batch <= 0 or op.phase == "optimizer_step"]
         if len(_TABLES) >= 256:
             _TABLES.pop(next(iter(_TABLES)))

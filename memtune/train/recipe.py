@@ -154,8 +154,7 @@ def checkpoint_layer(layer: nn.Module, checkpointing: str, *, autocast: bool = F
         if "Norm" in type(child).__name__:
             (_lean_rms_norm if is_llama_rms_norm(child) else _recompute_whole)(child)
     if is_gated_mlp(children[mlp]):
-        lean = not autocast and _silu_into_linear(children[mlp])
-        (_lean_gated_tail if lean else _recompute_gated_tail)(children[mlp])
+        _recompute_gated_tail(children[mlp], lean=not autocast and _silu_into_linear(children[mlp]))
     else:
         setattr(layer, mlp, checkpoint_wrapper(children[mlp], context_fn=selective_checkpoint_context))
     return layer
@@ -258,23 +257,6 @@ def _silu_into_linear(mlp: nn.Module) -> bool:
     return silu and type(down) is nn.Linear and down.bias is None
 
 
-def _lean_gated_tail(mlp: nn.Module) -> None:
-    """A gated MLP (SiLU, plain down projection) that keeps its gate and up projections' outputs only
-    (``_SiluGatedDown``)."""
-    def tail(gate, up):
-        return mlp.down_proj(mlp.act_fn(gate) * up)
-
-    def forward(x):
-        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-        if not torch.is_grad_enabled():
-            return tail(gate, up)
-        if gate.dtype != mlp.down_proj.weight.dtype:  # not a product _SiluGatedDown computes: a region instead
-            return recompute(tail, (gate, up), list(mlp.down_proj.parameters()))
-        return _SiluGatedDown.apply(gate, up, mlp.down_proj.weight)
-
-    mlp.forward = forward
-
-
 class _Recompute(torch.autograd.Function):
     """``fn(*inputs)`` run without keeping anything but ``inputs``; backward runs it again and differentiates.
 
@@ -334,12 +316,16 @@ _GATED_FORWARD = ("down_proj=self.down_proj(self.act_fn(self.gate_proj(x))*self.
 def is_gated_mlp(mlp: nn.Module) -> bool:
     """Whether ``mlp.forward`` is exactly ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` (the form of Llama,
     Mistral, Qwen, Gemma and most transformers models), so that ``_recompute_gated_tail`` computes the same."""
-    return all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")) \
-        and _source_body(type(mlp))[1] in _GATED_FORWARD and "def forward(self, x)" in _source_body(type(mlp))[0]
+    if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        return False
+    head, body = _source_body(type(mlp))
+    return body in _GATED_FORWARD and "def forward(self, x)" in head
 
 
-def _recompute_gated_tail(mlp: nn.Module) -> None:
-    """A gated MLP that keeps its gate and up projections' outputs and recomputes ``down(act(gate) * up)``."""
+def _recompute_gated_tail(mlp: nn.Module, *, lean: bool = False) -> None:
+    """A gated MLP that keeps its gate and up projections' outputs only: with ``lean`` (SiLU into a plain down
+    projection, ``_silu_into_linear``) through ``_SiluGatedDown``, otherwise - or on a dtype that function does not
+    compute - through a ``recompute`` region that runs ``down(act(gate) * up)`` again."""
     def tail(gate, up):
         return mlp.down_proj(mlp.act_fn(gate) * up)
 
@@ -347,10 +333,13 @@ def _recompute_gated_tail(mlp: nn.Module) -> None:
         gate, up = mlp.gate_proj(x), mlp.up_proj(x)
         if not torch.is_grad_enabled():
             return tail(gate, up)
+        if lean and gate.dtype == mlp.down_proj.weight.dtype:
+            return _SiluGatedDown.apply(gate, up, mlp.down_proj.weight)
         return recompute(tail, (gate, up), list(mlp.down_proj.parameters()) + list(mlp.act_fn.parameters()))
 
     mlp.forward = forward
-    setattr(mlp, RECOMPUTED, True)
+    if not lean:
+        setattr(mlp, RECOMPUTED, True)
 
 
 def _saved_ops() -> frozenset:
