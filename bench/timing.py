@@ -4,6 +4,7 @@
                                                         # placements of selective checkpointing, profiled)
     python bench/timing.py kernels OUT.json             # matmul, attention, element-wise and launch micro-benchmarks
     python bench/timing.py kernels-2 OUT.json           # attention with an explicit mask, grouped (experts') matmuls
+    python bench/timing.py kernels-kbit OUT.json        # bitsandbytes' LLM.int8 and NF4 linear layers, profiled
     python bench/timing.py profile OUT.json --plans P.json   # each case's chosen plan in a regret plans file,
                                                         # profiled: GPU time per aten op and per kernel
     python bench/timing.py grid OUT.jsonl [--deadline S] [--checkpointing selective] [--start I]   # whole steps
@@ -367,6 +368,16 @@ GRID = [
     _p(L3, q="8bit", ac="selective", b=4), _p(Q05, q="8bit", b=8, s=1024), _p(L8, q="8bit", b=2),
     _p(M7, q="8bit", ac="full", b=4), _p(L1B, q="8bit", ac="selective", b=8, s=1024),
     _p(L1, q="4bit", b=1, s=1024), _p(Q05, q="4bit", b=2, s=512),
+    # more k-bit plans, measured before the step-time model's k-bit kernels were revised
+    _p(L8, q="8bit", ac="full", b=4), _p(L8, q="8bit", ac="selective", b=2, s=4096), _p(Q7, q="8bit", b=2),
+    _p(M7, q="8bit", ac="selective", b=2), _p(L3, q="8bit", ac="full", b=8, s=1024),
+    _p(L1, q="8bit", ac="selective", opt="adamw-fused", b=8, s=1024), _p(Q05, q="8bit", ac="full", b=16, s=1024),
+    _p(L1B, q="8bit", opt="adamw-8bit", b=2, s=4096), _p(Q7, q="8bit", ac="full", opt="adamw-fused", b=4, s=1024),
+    _p(L1, q="8bit", b=1, s=512), _p(M7, q="8bit", b=1, s=4096), _p(L3, q="8bit", ac="selective", b=1, s=2048),
+    _p(L1, q="4bit", ac="selective", b=4), _p(L1B, q="4bit", ac="selective", b=2, s=1024),
+    _p(Q05, q="4bit", ac="selective", b=4, s=512), _p(L3, q="4bit", ac="selective", opt="adamw-fused", b=2, s=1024),
+    _p(Q7, q="4bit", ac="full", b=4), _p(L8, q="4bit", b=1, s=1024), _p(M7, q="4bit", ac="selective", b=8),
+    _p(L1B, q="4bit", b=16, s=1024), _p(Q05, q="4bit", ac="full", b=32, s=512), _p(L8, q="4bit", ac="selective", b=1),
 ]
 
 
@@ -475,6 +486,81 @@ def kernels_2(out: Path) -> None:
     out.write_text(json.dumps(rows, indent=1) + "\n")
 
 
+KBIT_SHAPES = {
+    # (out_features, in_features): Llama-Guard-3-1B's q/o, k/v, gate/up, down; Llama-3.1-8B's; Qwen2.5-0.5B's k/v
+    "llama-guard-3-1b": ((2048, 2048), (512, 2048), (8192, 2048), (2048, 8192)),
+    "llama-3.1-8b": ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)),
+    "qwen2.5-0.5b": ((128, 896), (4864, 896)),
+}
+
+
+def kernels_kbit(out: Path) -> None:
+    """bitsandbytes' k-bit linear layers as a (Q)LoRA fine-tune runs them (frozen weight, bf16 input whose gradient
+    is needed): forward and forward + backward by CUDA events (back to back, host gaps included), the kernels one
+    forward and backward launch with their GPU time (profiled), and the host time of a call at 16 rows (where the
+    GPU's share is negligible); a bf16 ``nn.Linear`` beside them."""
+    import bitsandbytes as bnb
+    from torch.profiler import ProfilerActivity, profile
+
+    dev, bf16 = "cuda", torch.bfloat16
+    rows, started = [], time.time()
+
+    def layer_of(kind, n, k):
+        linear = torch.nn.Linear(k, n, bias=False, dtype=bf16)
+        if kind == "bf16":
+            return linear.to(dev).requires_grad_(False)
+        if kind == "8bit":
+            layer = bnb.nn.Linear8bitLt(k, n, bias=False, has_fp16_weights=False, threshold=6.0, device="meta")
+            layer.weight = bnb.nn.Int8Params(linear.weight.data, requires_grad=False, has_fp16_weights=False).to(dev)
+            return layer
+        layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=bf16, compress_statistics=True, quant_type="nf4",
+                                  device="meta")
+        layer.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4",
+                                         compress_statistics=True).to(dev)
+        return layer
+
+    for model, shapes in KBIT_SHAPES.items():
+        for n, k in shapes:
+            for kind in ("bf16", "8bit", "4bit"):
+                layer = layer_of(kind, n, k)
+                for m in (16, 1024, 4096, 16384):
+                    x = torch.randn(m, k, device=dev, dtype=bf16, requires_grad=True)
+                    g = torch.randn(m, n, device=dev, dtype=bf16)
+                    both = lambda: torch.autograd.grad(layer(x), x, g)  # noqa: E731
+                    row = {"model": model, "kind": kind, "m": m, "n": n, "k": k, "flops": 2.0 * m * n * k}
+                    if m == 16:
+                        for name, fn in (("fwd", lambda: layer(x)), ("both", both)):
+                            fn()
+                            torch.cuda.synchronize()
+                            t = time.perf_counter()
+                            for _ in range(50):
+                                fn()
+                            row[f"host_{name}_s"] = (time.perf_counter() - t) / 50
+                            torch.cuda.synchronize()
+                    row["fwd_s"] = _time(lambda: layer(x))
+                    row["both_s"] = _time(both)
+                    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                        for _ in range(2):
+                            both()
+                        torch.cuda.synchronize()
+                    kernels = {}
+                    for e in prof.key_averages():
+                        if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
+                            us = getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
+                            kernels[e.key[:100]] = [e.count / 2, us / 2]
+                    syncs = sum(e.count for e in prof.key_averages() if e.key in (
+                        "cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::item", "aten::_local_scalar_dense"))
+                    row.update(kernels=kernels, kernel_s=sum(v[1] for v in kernels.values()) / 1e6,
+                               host_syncs=syncs / 2)
+                    rows.append(row)
+                    del x, g
+                del layer
+                torch.cuda.empty_cache()
+        print(f"{model}: {len(rows)} rows in {time.time() - started:.0f} s", flush=True)
+    out.write_text(json.dumps({"versions": versions(), "command": "python bench/timing.py kernels-kbit OUT.json",
+                               "rows": rows}, indent=1) + "\n")
+
+
 def profile_plans(out: Path, plans_file: Path) -> None:
     """One profiled step of the chosen plan of each case on the GPU itself (``bench/regret.py plan``): the aten ops
     and kernels that take the GPU's time, to set beside the trace's op by op."""
@@ -491,7 +577,7 @@ def profile_plans(out: Path, plans_file: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=("sac", "kernels", "kernels-2", "grid", "profile"))
+    ap.add_argument("what", choices=("sac", "kernels", "kernels-2", "kernels-kbit", "grid", "profile"))
     ap.add_argument("--plans", type=Path, help="profile: a bench/regret.py plans file")
     ap.add_argument("out")
     ap.add_argument("--deadline", type=float, default=1e9, help="grid: start no plan after this many seconds")
@@ -505,7 +591,8 @@ def main() -> None:
     (a @ a).sum().backward()
     del a
     {"sac": lambda: sac(Path(args.out), args.study), "kernels": lambda: kernels(Path(args.out)),
-     "kernels-2": lambda: kernels_2(Path(args.out)), "profile": lambda: profile_plans(Path(args.out), args.plans),
+     "kernels-2": lambda: kernels_2(Path(args.out)), "kernels-kbit": lambda: kernels_kbit(Path(args.out)),
+     "profile": lambda: profile_plans(Path(args.out), args.plans),
      "grid": lambda: grid(Path(args.out), args.deadline, args.checkpointing, args.start)}[args.what]()
 
 

@@ -245,8 +245,11 @@ class _SiluGatedDown(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             h = a * up
             dw = dy.reshape(-1, dy.shape[-1]).t() @ h.reshape(-1, h.shape[-1])
+            del h  # freed before the products below: one intermediate-sized tensor less at the backward's peak
         dh = dy @ weight
-        return torch.ops.aten.silu_backward(dh * up, gate), dh * a, dw
+        d_up = dh * a
+        del a
+        return torch.ops.aten.silu_backward(dh * up, gate), d_up, dw
 
 
 def _silu_into_linear(mlp: nn.Module) -> bool:
