@@ -83,6 +83,8 @@ def knobs() -> list[dict]:
         _cfg("llama-guard-3-1b", precision="bf16", peft="lora", checkpointing="selective", batch_size=4,
              seq_len=2048),
         _cfg("llama-3.2-3b", precision="bf16", checkpointing="selective", batch_size=1, seq_len=4096),
+        _cfg("llama-3.1-8b", precision="bf16", peft="lora", quantization="4bit", checkpointing="selective",
+             batch_size=4, seq_len=2048),
         _cfg("llama-guard-3-1b", precision="bf16", checkpointing="full", expandable_segments=True, batch_size=1,
              seq_len=4096),
         _cfg("qwen2.5-0.5b", precision="bf16", expandable_segments=True, batch_size=2, seq_len=4096),

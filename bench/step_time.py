@@ -2,13 +2,18 @@
 
     python bench/step_time.py [--grid bench/results/timing/grid.jsonl] [--kernels bench/results/timing/kernels.json]
                               [--out bench/results/step_time.json] [--write-calibration]
+    python bench/step_time.py --predict     # estimate the out-of-sample plans before they are measured
 
 1. The GPU efficiencies from the micro-benchmarks (``bench/timing.py kernels``): matmuls and fused attention
    (``t = t0 + F / (peak x e_max)``), and the bandwidth share of element-wise kernels.
-2. The host constants, the k-bit factor, the 8-bit AdamW rate, the matmul and bandwidth shares from whole steps
+   The int8 product and the memory-bound kernels of bitsandbytes' k-bit layers from ``bench/timing.py kernels-kbit``.
+2. The host constants, the 8-bit AdamW rate, the matmul and bandwidth shares from whole steps
    (``bench/timing.py grid``): fitted on the plans of even index, reported on those of odd index (held out), each
    against the trace of its plan; then the other way round (``heldout_both_folds``: every plan held out once).
 3. The closed-form cost model (``memtune.planner.cost.step_cost``) on the same held-out plans, for comparison.
+
+4. The out-of-sample check: plans estimated (``--predict``, with the shipped calibration) before they were measured
+   (``bench/timing.py grid bench/results/timing/oos.jsonl --set oos``) and never fitted on.
 
 ``--write-calibration`` stores the constants in ``profiles/calibration/H200-141GB.json`` (``step_time``), which the
 planner reads.
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import statistics
@@ -33,15 +39,18 @@ from memtune.estimate.compose import cached_trace, fast_depth, sdpa_backend  # n
 from memtune.plan import Plan  # noqa: E402
 from memtune.planner.cost import step_cost  # noqa: E402
 from memtune.planner.steptime import (  # noqa: E402
-    Calibration, error_class, host_layer_key, host_per_layer, step_time)
+    _BANDWIDTH_KINDS, Calibration, error_class, host_layer_key, host_per_layer, step_time)
 from memtune.specs.gpu import resolve_gpu  # noqa: E402
 from memtune.specs.model import resolve_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 GPU = "H200-141GB"
-STEP_FITTED = ("host_op_s", "host_view_s", "host_frame_s", "host_region_s", "host_selective_s", "host_tensor_s",
-               "host_kbit_s", "host_kbit8_s", "kbit_factor", "kbit8_factor", "kbit8_bytes_factor", "mem_efficiency", "mm_e_max",
-               "adam8bit_rate", "adam8bit_tensor_s")
+STEP_FITTED = ("host_op_s", "host_view_s", "host_frame_s", "host_selective_s", "host_tensor_s", "mem_efficiency",
+               "mm_e_max", "adam8bit_rate", "adam8bit_tensor_s")
+KBIT_FITTED = ("host_kbit_s", "host_kbit8_s", "sync_s", "host_region_s")
+"""Fitted on the k-bit plans alone, once the others are fixed by the other plans: bitsandbytes' host work and
+LLM.int8's syncs, and the recomputed regions (selective checkpointing's MLP tail where the down projection is a
+k-bit layer)."""
 
 
 def fit_kernels(kernels: dict, gpu, kernels_2: dict | None = None) -> dict:
@@ -80,9 +89,77 @@ def fit_kernels(kernels: dict, gpu, kernels_2: dict | None = None) -> dict:
     return out
 
 
-SUPERSEDED = {"grid-3.jsonl": "selective"}
-"""Rows a grid measured before the recipe changed under them, by checkpointing: selective checkpointing changed at
-ce21e84 (``grid-selective.jsonl`` measured its plans again)."""
+def _kbit_class(kernel: str) -> str | None:
+    """The step-time model's kind of a kernel profiled by ``bench/timing.py kernels-kbit``."""
+    if "gemm_s8" in kernel:
+        return "mm8"
+    for prefix, kind in (("void kInt8VectorQuant", "q8"), ("void kdequant_mm", "dq8"),
+                         ("void kDequantizeBlockwise", "nf4")):
+        if kernel.startswith(prefix):
+            return kind
+    if "direct_copy_kernel" in kernel and "unrolled" in kernel or "BinaryFunctor<fl" in kernel:  # names are cut at 100 characters
+        return "cast"
+    return None
+
+
+def fit_kbit_kernels(kernels_kbit: dict, gpu) -> tuple[dict, dict]:
+    """The int8 product's efficiency and the bandwidth shares of bitsandbytes' kernels and of PyTorch's
+    non-vectorized casts, from the profiled k-bit layers: each kernel class's measured time per forward and backward
+    against what ``memtune.train.quant`` says those kernels do (FLOPs, bytes). Returns the constants and, per class,
+    the median and largest |error| of the fitted times over the layers measured."""
+    from memtune.train.quant import llm_int8_kernels, nf4_kernels
+
+    bandwidth = gpu.bandwidth_gbs * 1e9
+    points = {"mm8": [], **{kind: [] for kind in _BANDWIDTH_KINDS}}
+    for r in kernels_kbit["rows"]:
+        if r["kind"] == "bf16" or r["m"] < 1024:
+            continue
+        model = llm_int8_kernels if r["kind"] == "8bit" else nf4_kernels
+        notes = [n for phase in ("forward", "backward") for n in model(r["m"], r["n"], r["k"], 2, phase)]
+        measured = {}
+        for kernel, (_, us) in r["kernels"].items():  # calls and GPU microseconds per forward and backward
+            cls = _kbit_class(kernel)
+            if cls is not None:
+                measured[cls] = measured.get(cls, 0.0) + us / 1e6
+        for cls, t in measured.items():
+            work = sum(n[1] if cls == "mm8" else n[2] for n in notes if n[0] == cls)
+            if work and t > 20e-6:
+                points[cls].append((work, t, sum(n[0] == cls for n in notes)))
+
+    def loss(predict, pts):
+        return sum(math.log(t / predict(w, n)) ** 2 for w, t, n in pts)
+
+    out, quality = {}, {}
+    peak = gpu.peak_flops("int8")
+    best = min((loss(lambda w, n: t0 + w / (peak * e), points["mm8"]), e, t0)
+               for e in np.linspace(0.2, 1.0, 81) for t0 in np.geomspace(1e-6, 2e-4, 41))
+    out["mm8_e_max"], out["mm8_t0"] = float(best[1]), float(best[2])
+    predict = {"mm8": lambda w, n: out["mm8_t0"] + w / (peak * out["mm8_e_max"])}
+    for cls, name in _BANDWIDTH_KINDS.items():
+        e = min(np.linspace(0.05, 1.0, 191),
+                key=lambda e: loss(lambda w, n: w / (bandwidth * e) + n * Calibration().kernel_s, points[cls]))
+        out[name] = float(e)
+        predict[cls] = functools.partial(
+            lambda w, n, e: w / (bandwidth * e) + n * Calibration().kernel_s, e=float(e))
+    for cls, pts in points.items():
+        errs = [abs(predict[cls](w, n) / t - 1) for w, t, n in pts]
+        quality[cls] = {"n": len(errs), "median_abs_err": statistics.median(errs), "max_abs_err": max(errs)}
+    return out, quality
+
+
+def _selective(plan: dict) -> bool:
+    return plan.get("checkpointing") == "selective"
+
+
+def _qlora_selective(plan: dict) -> bool:
+    return _selective(plan) and plan.get("quantization") == "4bit"
+
+
+SUPERSEDED = {"grid-3.jsonl": _selective, "grid-selective.jsonl": _qlora_selective,
+              "grid-kbit-2.jsonl": _qlora_selective}
+"""Rows a grid measured before the recipe changed under them: selective checkpointing changed at ce21e84
+(``grid-selective.jsonl`` measured its plans again), and its MLP tail before a frozen NF4 down projection after
+9015420 (``grid-qlora-selective.jsonl``)."""
 
 
 def load_rows(paths: list[Path]) -> list[dict]:
@@ -91,7 +168,7 @@ def load_rows(paths: list[Path]) -> list[dict]:
     for path in paths:
         for line in path.read_text().splitlines():
             r = json.loads(line)
-            if SUPERSEDED.get(path.name) == r["plan"].get("checkpointing"):
+            if path.name in SUPERSEDED and SUPERSEDED[path.name](r["plan"]):
                 continue
             if r.get("step_time_s") and not r.get("error"):
                 rows[r["key"]] = r
@@ -114,7 +191,15 @@ def errors(cases, cal: Calibration) -> list[float]:
 
 
 def fit_steps(cases, start: Calibration) -> Calibration:
-    """Coordinate descent in log space on the squared log errors of the fitting plans."""
+    """Coordinate descent in log space on the squared log errors of the fitting plans: ``STEP_FITTED`` on the plans
+    without k-bit weights, then ``KBIT_FITTED`` on those with (so that the k-bit plans, whose host work the model
+    knows least, do not bend the constants every plan shares)."""
+    plain = [c for c in cases if error_class(c[1][1]) != "kbit"]
+    kbit = [c for c in cases if error_class(c[1][1]) == "kbit"]
+    return _descend(kbit, _descend(plain, start, STEP_FITTED), KBIT_FITTED)
+
+
+def _descend(cases, start: Calibration, names) -> Calibration:
     def loss(c):
         return sum(math.log1p(e) ** 2 for e in errors(cases, c))
 
@@ -122,7 +207,7 @@ def fit_steps(cases, start: Calibration) -> Calibration:
     step = 1.0
     while step > 0.02:
         improved = False
-        for name in STEP_FITTED:
+        for name in names:
             for factor in (math.exp(step), math.exp(-step)):
                 trial = dataclasses.replace(cal, **{name: getattr(cal, name) * factor})
                 value = loss(trial)
@@ -176,19 +261,65 @@ def summary(errs: list[float]) -> dict:
     return {"median_abs_err": statistics.median(a), "max_abs_err": max(a), "n": len(a)}
 
 
+OOS_PREDICTED = ROOT / "bench/results/timing/oos-predicted.json"
+OOS_MEASURED = ROOT / "bench/results/timing/oos.jsonl"
+
+
+def predict_out_of_sample() -> None:
+    """Estimate the step time of ``bench/timing.py``'s ``OUT_OF_SAMPLE`` plans with the shipped calibration, before
+    they are measured (``bench/timing.py grid OUT --set oos``): the predictions are what this commit said."""
+    from provenance import commit
+    from timing import OUT_OF_SAMPLE
+
+    if OOS_MEASURED.exists():
+        sys.exit(f"{OOS_MEASURED} exists: these plans were measured, their predictions are already fixed")
+    gpu, rows = resolve_gpu(GPU), []
+    for i, (model, plan) in enumerate(OUT_OF_SAMPLE):
+        spec = resolve_model(model)
+        trace = cached_trace(spec, plan, fast_depth(spec), sdpa_backend(spec, plan, gpu))
+        rows.append({"index": i, "model": model, "plan": plan.to_dict(),
+                     "estimated": step_time(spec, plan, gpu, trace).to_json()})
+    OOS_PREDICTED.write_text(json.dumps({"commit": commit(), "gpu": GPU, "rows": rows}, indent=1) + "\n")
+    print(f"{len(rows)} predictions in {OOS_PREDICTED.relative_to(ROOT)}")
+
+
+def out_of_sample() -> dict | None:
+    """The predictions of ``predict_out_of_sample`` against the measured steps, where both exist."""
+    if not (OOS_PREDICTED.exists() and OOS_MEASURED.exists()):
+        return None
+    predicted = json.loads(OOS_PREDICTED.read_text())
+    measured = {r["index"]: r for r in map(json.loads, OOS_MEASURED.read_text().splitlines())
+                if r.get("step_time_s") and not r.get("error")}
+    rows = [{"index": p["index"], "model": p["model"], "plan": p["plan"],
+             "measured_step_s": measured[p["index"]]["step_time_s"], "estimated_step_s": p["estimated"]["step_s"],
+             "error": p["estimated"]["step_s"] / measured[p["index"]]["step_time_s"] - 1}
+            for p in predicted["rows"] if p["index"] in measured]
+    by_class = {cls: summary([r["error"] for r in rows if error_class(Plan.from_dict(r["plan"])) == cls])
+                for cls in ("kbit", "other")}
+    return {"predicted_at": predicted["commit"], **summary([r["error"] for r in rows]), "by_class": by_class,
+            "rows": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--grid", nargs="+", type=Path, default=sorted((ROOT / "bench/results/timing").glob("grid*.jsonl")))
     ap.add_argument("--kernels", type=Path, default=ROOT / "bench/results/timing/kernels.json")
     ap.add_argument("--kernels-2", type=Path, default=ROOT / "bench/results/timing/kernels-2.json")
+    ap.add_argument("--kernels-kbit", type=Path, default=ROOT / "bench/results/timing/kernels-kbit.json")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/step_time.json")
     ap.add_argument("--write-calibration", action="store_true")
     ap.add_argument("--architectures", type=Path, default=ROOT / "bench/results/architectures.json",
                     help="steps of models outside the grid (bench/regret.py measure), checked against the fit")
+    ap.add_argument("--predict", action="store_true",
+                    help="only estimate the out-of-sample plans (bench/timing.py OUT_OF_SAMPLE), before measuring them")
     args = ap.parse_args()
+    if args.predict:
+        return predict_out_of_sample()
     gpu = resolve_gpu(GPU)
     kernel_fit = fit_kernels(json.loads(args.kernels.read_text()), gpu,
                              json.loads(args.kernels_2.read_text()) if args.kernels_2.is_file() else None)
+    kbit_fit, kbit_quality = fit_kbit_kernels(json.loads(args.kernels_kbit.read_text()), gpu)
+    kernel_fit.update(kbit_fit)
     rows = load_rows(args.grid)
     cases, untraceable = [], []
     for r in rows:
@@ -213,14 +344,15 @@ def main() -> None:
                        "closed_form_step_s": step_cost(spec, plan, g).step_time_s})
     result = {
         "gpu": GPU, "command": "python bench/step_time.py --write-calibration",
-        "measured_with": "python bench/timing.py kernels / grid on one H200 (bench/results/timing/)",
-        "constants": cal.to_json(), "kernel_fit": kernel_fit,
+        "measured_with": "python bench/timing.py kernels / kernels-2 / kernels-kbit / grid on one H200 (bench/results/timing/)",
+        "constants": cal.to_json(), "kernel_fit": kernel_fit, "kbit_kernel_fit": kbit_quality,
         "fit": summary(fit_errs), "heldout": summary(held_errs),
         "heldout_both_folds": summary(crossfold),
         "constants_other_fold": other.to_json(),
         "heldout_by_class": {cls: summary([e for e, (row, (spec, plan, g, tr)) in zip(held_errs, heldout)
                                            if error_class(plan) == cls]) for cls in ("kbit", "other")},
         "heldout_closed_form": summary(closed),
+        "out_of_sample": out_of_sample(),
         "architectures": sorted({r["model"] for r, _ in heldout}),
         "other_architectures": other_architectures(args.architectures, cal) if args.architectures.is_file() else None,
         "not_traced_here": untraceable,

@@ -7,7 +7,9 @@
     python bench/timing.py kernels-kbit OUT.json        # bitsandbytes' LLM.int8 and NF4 linear layers, profiled
     python bench/timing.py profile OUT.json --plans P.json   # each case's chosen plan in a regret plans file,
                                                         # profiled: GPU time per aten op and per kernel
-    python bench/timing.py grid OUT.jsonl [--deadline S] [--checkpointing selective] [--start I]   # whole steps
+    python bench/timing.py grid OUT.jsonl [--deadline S] [--checkpointing selective] [--start I] [--set oos]
+                                          [--match '"4bit"']
+                                                        # whole steps
 
 Every step is measured by ``memtune.validate.probe.measure_plan`` (the code ``memtune validate`` runs): one warm-up
 step, then timed steps with no synchronization inside them; ``host_enqueue_s`` is how long the host took to issue a
@@ -381,7 +383,20 @@ GRID = [
 ]
 
 
-def grid(out: Path, deadline: float, checkpointing: str | None, start: int = 0) -> None:
+OUT_OF_SAMPLE = [
+    # estimated (bench/step_time.py --predict) before they were measured, and never fitted on
+    _p(L8, q="8bit", ac="selective", b=4), _p(Q7, q="8bit", ac="selective", b=1, s=4096), _p(L3, q="8bit", b=4, s=1024),
+    _p(L1B, q="8bit", ac="full", b=4), _p(M7, q="8bit", opt="adamw-fused", b=2), _p(Q05, q="8bit", ac="selective", b=4),
+    _p(L8, q="4bit", ac="full", b=2, s=4096), _p(L3, q="4bit", b=8, s=1024), _p(Q7, q="4bit", ac="selective", b=8, s=1024),
+    _p(L1B, q="4bit", ac="full", b=2), _p(M7, q="4bit", opt="adamw-8bit", b=4, s=1024), _p(L1, q="4bit", ac="selective", s=4096),
+    _p(L8, ac="selective", opt="adamw-fused", b=4), _p(L3, "lora", b=2, s=4096), _p(Q05, ac="full", opt="adamw-8bit", b=8),
+    _p(M7, "lora", ac="selective", b=4), _p(L1B, opt="adamw-fused", b=4, s=1024), _p(Q7, "lora", ac="full", b=2, s=4096),
+]
+GRIDS = {"grid": GRID, "oos": OUT_OF_SAMPLE}
+
+
+def grid(out: Path, deadline: float, checkpointing: str | None, start: int = 0, plans: list = GRID,
+         match: str = "") -> None:
     started = time.time()
     done = set()
     if out.exists():
@@ -392,10 +407,10 @@ def grid(out: Path, deadline: float, checkpointing: str | None, start: int = 0) 
     except ImportError:
         has_bnb = False
     meta = versions()
-    for i, (model, plan) in enumerate(GRID):
-        if (checkpointing and plan.checkpointing != checkpointing) or i < start:
-            continue
+    for i, (model, plan) in enumerate(plans):
         key = f"{model} {json.dumps(plan.to_dict(), sort_keys=True)}"
+        if (checkpointing and plan.checkpointing != checkpointing) or i < start or match not in key:
+            continue
         if key in done:
             continue
         if time.time() - started > deadline:
@@ -584,6 +599,9 @@ def main() -> None:
     ap.add_argument("--checkpointing", choices=("none", "selective", "full"), default=None,
                     help="grid: only the plans with this checkpointing")
     ap.add_argument("--start", type=int, default=0, help="grid: only the plans from this index on")
+    ap.add_argument("--match", default="", help='grid: only the plans whose key holds this text (\'"4bit"\')')
+    ap.add_argument("--set", choices=sorted(GRIDS), default="grid",
+                    help="grid: the plans to measure (oos: the out-of-sample check of the step-time model)")
     ap.add_argument("--study", action="store_true", help="sac: every placement of selective checkpointing")
     args = ap.parse_args()
     # cuBLAS handles and workspaces exist before anything is measured
@@ -593,7 +611,8 @@ def main() -> None:
     {"sac": lambda: sac(Path(args.out), args.study), "kernels": lambda: kernels(Path(args.out)),
      "kernels-2": lambda: kernels_2(Path(args.out)), "kernels-kbit": lambda: kernels_kbit(Path(args.out)),
      "profile": lambda: profile_plans(Path(args.out), args.plans),
-     "grid": lambda: grid(Path(args.out), args.deadline, args.checkpointing, args.start)}[args.what]()
+     "grid": lambda: grid(Path(args.out), args.deadline, args.checkpointing, args.start, GRIDS[args.set],
+                          args.match)}[args.what]()
 
 
 if __name__ == "__main__":

@@ -15,23 +15,30 @@ measured on an H200 by ``bench/timing.py kernels`` and fitted by ``bench/step_ti
 * grouped matmuls (a mixture-of-experts' tokens times their experts' weights): their own ``gmm_e_max``, ``gmm_t0``;
 * every other kernel: ``bytes / (bandwidth x mem_efficiency) + kernel_s`` (``kernel_s x sqrt(n)`` for a foreach op
   over n tensors, which launches several kernels);
-* a k-bit matmul (bitsandbytes): its product and its dequantization, times ``kbit_factor`` (4-bit); under LLM.int8
-  (which also quantizes the activations and splits off their outliers) the product times ``kbit8_factor`` and the
-  bytes times ``kbit8_bytes_factor``;
+* a k-bit layer (bitsandbytes) is the kernels it launches (``memtune.train.quant``): NF4's dequantization and a
+  bf16 product; LLM.int8's outlier check, quantization, int8 product (``t = mm8_t0 + flops / (int8 peak x
+  mm8_e_max)``), dequantization and casts, and in backward the weight's dequantization and a bf16 product;
+  bitsandbytes' memory-bound kernels (NF4's dequantization, LLM.int8's quantization and its product's
+  dequantization) and PyTorch's non-vectorized casts (int8 or fp16 into bf16, a bf16 tensor scaled in place by an
+  fp32 one) each run at their own share of the bandwidth (``nf4_efficiency``, ``q8_efficiency``,
+  ``dq8_efficiency``, ``cast_efficiency``), measured by ``bench/timing.py kernels-kbit``;
 * bitsandbytes' 8-bit AdamW: ``elements / adam8bit_rate`` (scaled by bandwidth) and ``adam8bit_tensor_s`` of host
   work per tensor;
-* views, collectives (``memtune.planner.cost`` prices communication), checkpoint frames and recomputed regions:
-  no GPU time.
+* views, collectives (``memtune.planner.cost`` prices communication), checkpoint frames, recomputed regions,
+  bitsandbytes' Python layers and syncs: no GPU time.
 
 Host time of an op (Python, autograd, the dispatcher and the launch): ``host_op_s`` per kernel, ``host_view_s`` per
 view, ``host_frame_s`` per checkpointed region, ``host_region_s`` per selectively recomputed region (an autograd
 node and its backward's re-entry into autograd), ``host_selective_s`` more per op that passes through selective
-checkpointing's modes, ``host_tensor_s`` per tensor of a foreach op and ``host_kbit_s`` (``host_kbit8_s``) per
-4-bit (8-bit) matmul (bitsandbytes' Python layers and their quantization state); fitted on whole steps.
+checkpointing's modes, ``host_tensor_s`` per tensor of a foreach op, ``host_kbit_s`` (``host_kbit8_s``) per
+call into a 4-bit (8-bit) layer's forward or backward (bitsandbytes' Python layers and their quantization state)
+and ``sync_s`` per sync; fitted on whole steps.
 
 The host issues the ops in order and the GPU runs each once it is issued and the previous one is done:
 ``host += h; gpu = max(gpu, host) + g`` - a step is host-bound where its kernels are short (a 1B model at a few
-thousand tokens per micro-batch on an H200 is) and GPU-bound where they are long. A step is ``grad_accum``
+thousand tokens per micro-batch on an H200 is) and GPU-bound where they are long. At a sync the host waits for the
+GPU (``host = max(host, gpu)``), after which the GPU waits for the host's next launch: LLM.int8 syncs once per
+layer call, which makes it pay the host's time in every step however long its kernels. A step is ``grad_accum``
 micro-batches and the optimizer step, the last kernel's end. Layers the fast trace leaves out are counted by
 repeating an inner period of layers; optimizer ops over all weights grow with the weights they cover.
 """
@@ -69,7 +76,12 @@ class Calibration:
     gmm_t0: float = 1.5e-5
     mem_efficiency: float = 0.85
     kernel_s: float = 2.5e-6
-    kbit_factor: float = 1.0
+    mm8_e_max: float = 0.6
+    mm8_t0: float = 2e-5
+    nf4_efficiency: float = 0.4
+    q8_efficiency: float = 0.25
+    dq8_efficiency: float = 0.6
+    cast_efficiency: float = 0.25
     adam8bit_rate: float = 33e9
     adam8bit_tensor_s: float = 1e-4
     host_op_s: float = 15e-6
@@ -79,9 +91,8 @@ class Calibration:
     host_selective_s: float = 12e-6
     host_tensor_s: float = 2e-6
     host_kbit_s: float = 4e-5
-    kbit8_factor: float = 1.5
-    kbit8_bytes_factor: float = 1.5
     host_kbit8_s: float = 4e-5
+    sync_s: float = 1e-5
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -125,8 +136,12 @@ def _peak_flops(gpu: GpuSpec, plan: Plan, itemsize: int) -> float:
     return gpu.peak_flops("fp32" if itemsize >= 4 else "bf16" if "bf16" in plan.low_precision else "fp16")
 
 
+_BANDWIDTH_KINDS = {"nf4": "nf4_efficiency", "q8": "q8_efficiency", "dq8": "dq8_efficiency",
+                    "cast": "cast_efficiency"}
+"""Memory-bound kernels of the k-bit stand-ins (``memtune.train.quant``) with a measured bandwidth share of their
+own, by trace kind."""
 _TIMED_KINDS = ("view", "frame", "region", "comm", "mm", "gmm", "attn", "attn_bwd", "attn_masked", "attn_masked_bwd",
-                "kbit")
+                "kbit", "mm8", "sync", *_BANDWIDTH_KINDS)
 """The trace's op kinds (``OpRecord.kind``) with a time of their own; every other op is 8-bit AdamW's update of a
 tensor (in the optimizer step of an adamw-8bit plan) or an ``other`` kernel, timed by its bytes."""
 _CODE = {k: i for i, k in enumerate((*_TIMED_KINDS, "adam8", "other"))}
@@ -154,6 +169,7 @@ def _op_table(ops, spec: ModelSpec, plan: Plan, gpu: GpuSpec, depth: int, period
     inner = range(period, 2 * period)
     weights_scale = _optimizer_scale(spec, plan, depth)
     peaks = {size: _peak_flops(gpu, plan, size) for size in {op.itemsize for op in ops} | {2}}
+    peaks["mm8"] = gpu.peak_flops("int8")
     peak = np.zeros(n)
     for i, op in enumerate(ops):
         if op.phase == "optimizer_step":
@@ -165,7 +181,7 @@ def _op_table(ops, spec: ModelSpec, plan: Plan, gpu: GpuSpec, depth: int, period
         if kind not in _TIMED_KINDS:
             kind = "adam8" if opt[i] and plan.optimizer == "adamw-8bit" else "other"
         code[i] = _CODE[kind]
-        peak[i] = peaks[2 if kind == "kbit" else op.itemsize]
+        peak[i] = peaks["mm8" if kind == "mm8" else op.itemsize]
     return _OpTable(code=code, flops=np.array([op.flops for op in ops], dtype=float),
                     bytes=np.array([op.bytes for op in ops], dtype=float),
                     itemsize=np.array([op.itemsize for op in ops], dtype=float),
@@ -196,15 +212,15 @@ def op_times(ops, spec: ModelSpec, plan: Plan, gpu: GpuSpec, cal: Calibration, *
         m = c[kind]
         gpu_s[m] = t0 + t.flops[m] * factor / (t.peak[m] * e_max)
         host[m] = cal.host_op_s
-    m = c["kbit"]
-    mm = np.where(t.flops[m] > 0, cal.mm_t0 + t.flops[m] / (t.peak[m] * cal.mm_e_max), 0.0)
-    moved = t.bytes[m] / (bandwidth * cal.mem_efficiency)
-    if plan.quantization == "8bit":
-        gpu_s[m] = mm * cal.kbit8_factor + moved * cal.kbit8_bytes_factor + cal.kernel_s
-        host[m] = cal.host_kbit8_s
-    else:
-        gpu_s[m] = (mm + moved) * cal.kbit_factor + cal.kernel_s
-        host[m] = cal.host_kbit_s
+    host[c["kbit"]] = cal.host_kbit8_s if plan.quantization == "8bit" else cal.host_kbit_s
+    host[c["sync"]] = cal.sync_s
+    for kind, efficiency in _BANDWIDTH_KINDS.items():
+        m = c[kind]
+        gpu_s[m] = t.bytes[m] / (bandwidth * getattr(cal, efficiency)) + cal.kernel_s
+        host[m] = cal.host_op_s
+    m = c["mm8"]
+    gpu_s[m] = np.maximum(cal.mm8_t0 + t.flops[m] / (t.peak[m] * cal.mm8_e_max), t.bytes[m] / bandwidth)
+    host[m] = cal.host_op_s
     m = c["adam8"]  # the stand-in's in-place update of one tensor (weight and gradient read, weight written)
     elements = t.bytes[m] / (3 * t.itemsize[m])
     gpu_s[m] = elements / (cal.adam8bit_rate * bandwidth / (H200_BANDWIDTH_GBS * 1e9)) + cal.kernel_s
@@ -242,6 +258,25 @@ def _run(host: np.ndarray, gpu: np.ndarray, start_host: float, start_gpu: float)
     return float(h[-1]), end
 
 
+def _run_synced(host: np.ndarray, gpu: np.ndarray, repeat: np.ndarray, sync: np.ndarray, start_host: float,
+                start_gpu: float) -> tuple[float, float]:
+    """``_run`` over ops (times per op, ``repeat`` the layers each stands for) some of which are syncs, at which the
+    host waits for the GPU. A stretch of ops that ends in a sync starts with both clocks equal and the GPU idle, so
+    its length does not depend on what came before it: such a stretch in a layer the trace repeats counts once per
+    layer it stands for (the repeat of its sync)."""
+    cuts = np.flatnonzero(sync)
+    if len(cuts) == 0:
+        return _run(host * repeat, gpu * repeat, start_host, start_gpu)
+    first = cuts[0]
+    h, g = _run(host[:first] * repeat[:first], gpu[:first] * repeat[:first], start_host, start_gpu)
+    clock = max(h, g) + host[first] * repeat[first]
+    for a, b in zip(cuts[:-1] + 1, cuts[1:]):
+        h, g = _run(host[a:b], gpu[a:b], 0.0, 0.0)
+        clock += (max(h, g) + host[b]) * repeat[b]
+    last = cuts[-1] + 1
+    return _run(host[last:] * repeat[last:], gpu[last:] * repeat[last:], clock, clock)
+
+
 _TABLES: dict = {}
 """Op tables of the traces timed last (by trace; the trace is kept with its table, so that no other trace can
 take its id while the entry lasts)."""
@@ -256,19 +291,21 @@ def step_time(spec: ModelSpec, plan: Plan, gpu: GpuSpec, trace, cal: Calibration
         if len(_TABLES) >= 256:
             _TABLES.pop(next(iter(_TABLES)))
         _TABLES[key] = (trace, _op_table(ops, spec, plan, gpu, trace.num_layers, trace.period))
+    table = _TABLES[key][1]
     host, gpu_s, repeat, opt = op_times((), spec, plan, gpu, cal, depth=trace.num_layers, period=trace.period,
-                                        table=_TABLES[key][1])
-    host, gpu_s = host * repeat, gpu_s * repeat
-    mb_host, mb_gpu = host[~opt], gpu_s[~opt]
-    clock_host, clock_gpu = _run(mb_host, mb_gpu, 0.0, 0.0)
+                                        table=table)
+    mb = ~opt
+    micro_batch = (host[mb], gpu_s[mb], repeat[mb], table.code[mb] == _CODE["sync"])
+    clock_host, clock_gpu = _run_synced(*micro_batch, 0.0, 0.0)
     first_end = clock_gpu
     for _ in range(plan.grad_accum - 1):
-        clock_host, clock_gpu = _run(mb_host, mb_gpu, clock_host, clock_gpu)
+        clock_host, clock_gpu = _run_synced(*micro_batch, clock_host, clock_gpu)
     micro_end = clock_gpu
+    host, gpu_s = host * repeat, gpu_s * repeat
     clock_host, clock_gpu = _run(host[opt], gpu_s[opt], clock_host, clock_gpu)
     return StepTime(step_s=clock_gpu, micro_batch_s=first_end, optimizer_s=clock_gpu - micro_end,
-                    gpu_s=float(plan.grad_accum * mb_gpu.sum() + gpu_s[opt].sum()),
-                    host_s=float(plan.grad_accum * mb_host.sum() + host[opt].sum()))
+                    gpu_s=float(plan.grad_accum * gpu_s[mb].sum() + gpu_s[opt].sum()),
+                    host_s=float(plan.grad_accum * host[mb].sum() + host[opt].sum()))
 
 
 def measured_error(gpu_name: str, plan: Plan | None = None) -> float:

@@ -9,8 +9,9 @@ memory-equivalent stand-ins that allocate what bitsandbytes allocates (bitsandby
   quantization). ``Linear4bit`` casts its input to the compute dtype and its output back to the input's dtype;
   forward (inside the ``gemm_4bit`` op, not an aten matmul) and backward each dequantize the weight into a
   temporary; nothing but the packed weight is saved.
-* LLM.int8: 1 B/param + one fp32 scale per output row. Forward quantizes an fp16 copy of the input to int8 and
-  returns the input's dtype; the input is saved for backward, which dequantizes the weight in that dtype.
+* LLM.int8: 1 B/param + one fp32 scale per output row. Forward checks an fp16 copy of the input for outliers
+  (its magnitude and a boolean mask), quantizes it to int8, multiplies into int32, dequantizes to fp16 and casts
+  to the input's dtype; the input is saved for backward, which dequantizes the weight in that dtype.
 * AdamW8bit: two uint8 states per parameter plus one fp32 absmax per 256-value block, for tensors of at least
   4096 elements (smaller ones keep fp32 states); the update is one fused kernel without temporaries.
 """
@@ -36,7 +37,7 @@ _note: Callable[..., None] | None = None
 @contextlib.contextmanager
 def kernel_notes(sink: Callable[..., None]):
     """Tell ``sink(kind, flops, nbytes, itemsize)`` about the kernels the stand-ins stand for (the trace's step
-    time): a k-bit matmul's dequantization and product, which the stand-in only allocates for."""
+    time): a k-bit matmul's dequantization, quantization and product, which the stand-in only allocates for."""
     global _note
     previous, _note = _note, sink
     try:
@@ -45,51 +46,90 @@ def kernel_notes(sink: Callable[..., None]):
         _note = previous
 
 
-def _dequantize_bytes(out_features: int, in_features: int, bits: int, dtype: torch.dtype) -> int:
-    """Bytes a dequantization moves: the packed weight read, the weight written in ``dtype`` and read back."""
-    numel = out_features * in_features
-    return numel * bits // 8 + 2 * numel * dtype.itemsize
+def nf4_kernels(m: int, n: int, k: int, size: int, phase: str) -> tuple[tuple[str, float, int, int], ...]:
+    """The kernels of an NF4 layer's forward (``phase``) or backward over ``m`` rows, ``n`` x ``k`` weight, compute
+    dtype of ``size`` bytes, as (kind, FLOPs, bytes, itemsize): the double-quantized statistics restored (one
+    uint8 and one fp32 absmax per 64 weights: ``kDequantizeBlockwise`` and the offset's add), the weight dequantized
+    into a temporary (``kDequantizeBlockwise``: 0.5 B read and ``size`` written per weight), and, in forward, the
+    product (cuBLAS). The backward's product is an aten matmul the trace sees."""
+    blocks = math.ceil(n * k / NF4_BLOCK)
+    dequantize = (("kbit", 0.0, 0, size), ("nf4", 0.0, 5 * blocks, 4), ("mem", 0.0, 12 * blocks, 4),
+                  ("nf4", 0.0, n * k // 2 + n * k * size, size))
+    if phase == "forward":
+        return (*dequantize, ("mm", 2.0 * m * n * k, (m * k + n * k + m * n) * size, size))
+    return dequantize
+
+
+def llm_int8_kernels(m: int, n: int, k: int, size: int, phase: str) -> tuple[tuple[str, float, int, int], ...]:
+    """The kernels of an LLM.int8 layer's forward (``phase``) or backward over ``m`` rows of ``size``-byte input,
+    ``n`` x ``k`` int8 weight, as (kind, FLOPs, bytes, itemsize) (bitsandbytes' ``int8_vectorwise_quant`` and
+    ``int8_scaled_mm``, threshold 6). Forward: the input cast to fp16, its magnitude, the outlier mask and its
+    ``any`` (read by Python: the host waits), the int8 quantization (``kInt8VectorQuant``), the int8 product into
+    int32 (CUTLASS), its dequantization to fp16 (``kdequant_mm_int32_fp16``) and the cast to the input's dtype.
+    Backward: the weight copied to the input's dtype and scaled per row in place (PyTorch's non-vectorized
+    element-wise path, as the cast of the output is), then an aten matmul the trace sees."""
+    if phase == "forward":
+        return (("kbit", 0.0, 0, size), ("mem", 0.0, m * k * (size + 2), 2), ("mem", 0.0, 4 * m * k, 2),
+                ("mem", 0.0, 3 * m * k, 2), ("mem", 0.0, m * k, 1), ("sync", 0.0, 0, 1),
+                ("q8", 0.0, 3 * m * k + 4 * m, 2), ("mm8", 2.0 * m * n * k, m * k + n * k + 4 * m * n, 1),
+                ("dq8", 0.0, 6 * m * n, 4), ("cast", 0.0, m * n * (2 + size), 2))
+    return (("kbit", 0.0, 0, size), ("cast", 0.0, n * k * (1 + size), size), ("cast", 0.0, 2 * n * k * size, size))
 
 
 class _KbitMatmul(torch.autograd.Function):
-    """The allocations of bitsandbytes' ``MatMul4Bit`` (via ``Linear4bit``) and ``MatMul8bitLt``."""
+    """The allocations of bitsandbytes' ``MatMul4Bit`` (via ``Linear4bit``) and ``MatMul8bitLt``; the kernels they
+    launch (``nf4_kernels``, ``llm_int8_kernels``) are told to the trace (``kernel_notes``)."""
 
     @staticmethod
     def forward(ctx, x, packed, out_features, in_features, bits, compute_dtype):
         ctx.shape, ctx.bits, ctx.compute_dtype, ctx.input_dtype = (out_features, in_features), bits, compute_dtype, x.dtype
         rows = x.shape[:-1]
+        m = x.numel() // in_features
         if bits == 4:
             # Linear4bit casts the input to the compute dtype; bitsandbytes' gemm_4bit op makes the output and,
-            # inside, dequantizes the weight into a temporary; the result is cast back to the input's dtype.
-            # Nothing is saved but the packed weight, and no aten matmul runs: selective checkpointing (which
-            # saves matmul outputs) recomputes it (op by op on an H200, bench/results/op_memory/).
+            # inside, dequantizes the weight into a temporary and multiplies (cuBLAS, past a few hundred rows);
+            # the result is cast back to the input's dtype. Nothing is saved but the packed weight, and no aten
+            # matmul is dispatched: selective checkpointing (which saves matmul outputs) recomputes it (op by op
+            # on an H200, bench/results/op_memory/).
             x = x.to(compute_dtype)
-            if _note is not None:
-                _note("kbit", 2.0 * x.numel() * out_features,
-                      _dequantize_bytes(out_features, in_features, bits, compute_dtype), compute_dtype.itemsize)
+            _notes(nf4_kernels(m, out_features, in_features, compute_dtype.itemsize, "forward"))
             out = torch.empty((*rows, out_features), dtype=compute_dtype, device=x.device)
             weight = torch.empty(ctx.shape, dtype=compute_dtype, device=x.device)
             del weight
             return out.to(ctx.input_dtype)
-        # LLM.int8: the input is quantized from an fp16 copy (int8 values, one scale per row), multiplied into the
-        # output in the input's dtype; the input itself is saved for backward.
+        # LLM.int8: the input's fp16 copy, its magnitude and outlier mask; the int8 input and its row scales; the
+        # int32 product, its fp16 dequantization and the output in the input's dtype. The input is saved.
         ctx.save_for_backward(x)
-        half = x.to(torch.float16)
+        _notes(llm_int8_kernels(m, out_features, in_features, x.element_size(), "forward"))
+        half = torch.empty(x.shape, dtype=torch.float16, device=x.device)
+        magnitude = torch.empty_like(half)
+        outliers = torch.empty(x.shape, dtype=torch.bool, device=x.device)
+        del magnitude
         quantized = torch.empty(x.shape, dtype=torch.int8, device=x.device)
         scales = torch.empty(rows, dtype=torch.float32, device=x.device)
-        del half, quantized, scales
-        if _note is not None:
-            _note("kbit", 2.0 * x.numel() * out_features, x.numel() * 3 + out_features * in_features,
-                  torch.int8.itemsize)
-        return torch.empty((*rows, out_features), dtype=x.dtype, device=x.device)
+        del half, outliers
+        product = torch.empty((*rows, out_features), dtype=torch.int32, device=x.device)
+        dequantized = torch.empty((*rows, out_features), dtype=torch.float16, device=x.device)
+        out = torch.empty((*rows, out_features), dtype=x.dtype, device=x.device)
+        del product, dequantized, quantized, scales
+        return out
 
     @staticmethod
     def backward(ctx, grad):
+        out_features, in_features = ctx.shape
         dtype = ctx.compute_dtype if ctx.bits == 4 else ctx.input_dtype
-        if _note is not None:  # the product itself runs as an aten matmul below
-            _note("kbit", 0.0, _dequantize_bytes(*ctx.shape, ctx.bits, dtype), dtype.itemsize)
+        m = grad.numel() // out_features
+        kernels = nf4_kernels if ctx.bits == 4 else llm_int8_kernels
+        _notes(kernels(m, out_features, in_features, dtype.itemsize, "backward"))
         weight = torch.empty(ctx.shape, dtype=dtype, device=grad.device)
         return (grad.to(dtype) @ weight).to(ctx.input_dtype), None, None, None, None, None
+
+
+def _notes(kernels) -> None:
+    """Tell the trace (``kernel_notes``) about kernels the stand-in does not run: (kind, FLOPs, bytes, itemsize)."""
+    if _note is not None:
+        for kernel in kernels:
+            _note(*kernel)
 
 
 class EmulatedKbitLinear(nn.Linear):

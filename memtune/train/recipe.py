@@ -131,8 +131,9 @@ def checkpoint_layer(layer: nn.Module, checkpointing: str, *, autocast: bool = F
     * a gated MLP of the transformers form ``down(act(gate(x)) * up(x))`` keeps ``gate(x)`` and ``up(x)``, not the
       activation's output or the product: with SiLU, a plain ``nn.Linear`` down projection and no autocast
       (``autocast``: the plan's precision is amp-* without FSDP) through ``_SiluGatedDown``, which recomputes the
-      product in backward for the down projection's weight gradient; otherwise through a ``recompute`` region that
-      runs ``down(act(gate) * up)`` again (its matmul included);
+      product in backward for the down projection's weight gradient; with SiLU into a frozen NF4 down projection
+      (QLoRA not targeting it) through ``_SiluGated``, which recomputes the activation only; otherwise through a
+      ``recompute`` region that runs ``down(act(gate) * up)`` again (its matmul included);
     * any other feed-forward block keeps its matmul outputs and recomputes the rest through the op-level modes of
       ``selective_checkpoint_context``; a layer without a feed-forward block under one of ``MLP_NAMES`` gets that
       policy over the whole layer.
@@ -252,6 +253,39 @@ class _SiluGatedDown(torch.autograd.Function):
         return torch.ops.aten.silu_backward(dh * up, gate), d_up, dw
 
 
+class _SiluGated(torch.autograd.Function):
+    """``silu(gate) * up`` keeping only ``gate`` and ``up``: the backward recomputes ``a = silu(gate)``, then
+    ``d(up) = dh a`` and ``d(gate) = silu'(gate) dh up``. Before a down projection whose own backward keeps nothing
+    of its input (a frozen NF4 layer: bitsandbytes' ``MatMul4Bit`` keeps only the packed weight), the MLP's tail
+    keeps nothing intermediate-sized but the two projections' outputs, and the down projection does not run again
+    in backward as in a ``recompute`` region."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, dh):
+        gate, up = ctx.saved_tensors
+        a = F.silu(gate)
+        d_up = dh * a
+        del a
+        return torch.ops.aten.silu_backward(dh * up, gate), d_up
+
+
+def _silu_into_frozen_nf4(mlp: nn.Module) -> bool:
+    """The gated MLP's activation is SiLU and its down projection a frozen NF4 layer (bitsandbytes' ``Linear4bit``
+    or its stand-in, not wrapped by LoRA), whose backward keeps nothing of its input: what ``_SiluGated`` is for."""
+    from memtune.train.quant import EmulatedKbitLinear
+
+    act, down = mlp.act_fn, mlp.down_proj
+    silu = isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+    nf4 = (isinstance(down, EmulatedKbitLinear) and down.bits == 4) or (
+        type(down).__name__ == "Linear4bit" and type(down).__module__.startswith("bitsandbytes"))
+    return silu and nf4 and not any(p.requires_grad for p in down.parameters())
+
+
 def _silu_into_linear(mlp: nn.Module) -> bool:
     """The gated MLP's activation is SiLU and its down projection a plain bias-free ``nn.Linear`` (not a LoRA or
     k-bit layer): what ``_SiluGatedDown`` computes."""
@@ -327,8 +361,12 @@ def is_gated_mlp(mlp: nn.Module) -> bool:
 
 def _recompute_gated_tail(mlp: nn.Module, *, lean: bool = False) -> None:
     """A gated MLP that keeps its gate and up projections' outputs only: with ``lean`` (SiLU into a plain down
-    projection, ``_silu_into_linear``) through ``_SiluGatedDown``, otherwise - or on a dtype that function does not
-    compute - through a ``recompute`` region that runs ``down(act(gate) * up)`` again."""
+    projection, ``_silu_into_linear``) through ``_SiluGatedDown``; with SiLU into a frozen NF4 down projection
+    (``_silu_into_frozen_nf4``) through ``_SiluGated`` and the down projection's own backward; otherwise - or on a
+    dtype ``_SiluGatedDown`` does not compute - through a ``recompute`` region that runs ``down(act(gate) * up)``
+    again."""
+    product = _silu_into_frozen_nf4(mlp)
+
     def tail(gate, up):
         return mlp.down_proj(mlp.act_fn(gate) * up)
 
@@ -338,10 +376,12 @@ def _recompute_gated_tail(mlp: nn.Module, *, lean: bool = False) -> None:
             return tail(gate, up)
         if lean and gate.dtype == mlp.down_proj.weight.dtype:
             return _SiluGatedDown.apply(gate, up, mlp.down_proj.weight)
+        if product:
+            return mlp.down_proj(_SiluGated.apply(gate, up))
         return recompute(tail, (gate, up), list(mlp.down_proj.parameters()) + list(mlp.act_fn.parameters()))
 
     mlp.forward = forward
-    if not lean:
+    if not (lean or product):
         setattr(mlp, RECOMPUTED, True)
 
 

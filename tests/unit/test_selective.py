@@ -53,3 +53,26 @@ def test_the_closed_form_functions_keep_only_their_inputs():
         recipe._RMSNorm.apply(x, norm_w, 1e-5)
         recipe._SiluGatedDown.apply(gate, up, down_w)
     assert [tuple(t.shape) for t in saved] == [(2, 8, 64), (64,), (2, 8, 1), (2, 8, 256), (2, 8, 256), (64, 256)]
+
+
+def test_the_gated_product_gives_autograds_gradients_and_keeps_only_gate_and_up():
+    gate, up = (torch.randn(2, 8, 32, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    dh = torch.randn(2, 8, 32, dtype=torch.float64)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = recipe._SiluGated.apply(gate, up)
+    assert [t is gate or t is up for t in saved] == [True, True]
+    got = torch.autograd.grad(out, (gate, up), dh)
+    want = torch.autograd.grad(torch.nn.functional.silu(gate) * up, (gate, up), dh)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize(("targets", "recomputed"), [(("q_proj", "v_proj"), False), (("down_proj",), True)])
+def test_qlora_recomputes_the_mlp_tail_only_where_lora_trains_the_down_projection(targets, recomputed):
+    # a frozen NF4 down projection keeps nothing of its input: the tail keeps gate and up and runs it once
+    spec = spec_from_config("tiny-llama", json.dumps(TINY_LLAMA, sort_keys=True))
+    plan = Plan(peft="lora", quantization="4bit", lora_targets=targets, checkpointing="selective")
+    model = recipe.build_model(spec, plan, device="meta")
+    mlp = model.base_model.model.model.layers[0].mlp
+    assert getattr(mlp, recipe.RECOMPUTED, False) == recomputed

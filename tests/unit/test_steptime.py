@@ -23,6 +23,34 @@ def test_issue_model_is_host_bound_for_short_kernels_and_gpu_bound_for_long_ones
     assert steptime._run(host[:1], np.full(1, 1e-3), 20e-3, 0.0)[1] == pytest.approx(22e-3)
 
 
+def test_a_sync_makes_the_host_wait_and_exposes_its_next_launches():
+    # GPU-bound ops (1 ms host, 5 ms GPU each): without syncs the host runs ahead and only the first launch shows.
+    host, gpu, ones = np.array([1e-3, 0.0, 1e-3]), np.array([5e-3, 0.0, 5e-3]), np.ones(3)
+    no_sync = np.zeros(3, dtype=bool)
+    assert steptime._run_synced(host, gpu, ones, no_sync, 0.0, 0.0) == steptime._run(host, gpu, 0.0, 0.0)
+    # A sync between them: the host waits for the first kernel, then the GPU waits for the second launch.
+    sync = np.array([False, True, False])
+    assert steptime._run_synced(host, gpu, ones, sync, 0.0, 0.0)[1] == pytest.approx(1e-3 + 5e-3 + 1e-3 + 5e-3)
+    # A stretch that ends in a sync counts once per layer it stands for; the rest is scaled as without syncs.
+    host4, gpu4 = np.array([1e-3, 0.0, 1e-3, 0.0]), np.array([5e-3, 0.0, 5e-3, 0.0])
+    sync4, repeat = np.array([False, True, False, True]), np.array([1.0, 1.0, 3.0, 3.0])
+    assert steptime._run_synced(host4, gpu4, repeat, sync4, 0.0, 0.0)[1] == pytest.approx(6e-3 + 3 * 6e-3)
+
+
+def test_llm_int8_layers_sync_and_multiply_in_int8_where_nf4_layers_do_neither(tiny):
+    def kinds(quantization):
+        trace = _trace(tiny, Plan(seq_len=64, peft="lora", quantization=quantization))
+        return [op.kind for op in trace.ops if op.micro_batch == 0 and op.phase == "forward"], trace.num_layers
+
+    int8, layers = kinds("8bit")
+    nf4, _ = kinds("4bit")
+    # seven quantized projections per layer: each LLM.int8 forward checks for outliers (a sync) and runs an int8
+    # product; an NF4 forward dequantizes and runs a bf16 product
+    assert int8.count("sync") == int8.count("mm8") == int8.count("kbit") == 7 * layers
+    assert nf4.count("sync") == nf4.count("mm8") == 0 and nf4.count("kbit") == 7 * layers
+    assert nf4.count("mm") >= 7 * layers
+
+
 def _trace(spec, plan, depth=None):
     gpu = resolve_gpu("H200-141GB")
     return trace_step(spec, plan, depth or fast_depth(spec), sdpa_backend=sdpa_backend(spec, plan, gpu),
