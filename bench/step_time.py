@@ -97,7 +97,8 @@ def _kbit_class(kernel: str) -> str | None:
                          ("void kDequantizeBlockwise", "nf4")):
         if kernel.startswith(prefix):
             return kind
-    if "direct_copy_kernel" in kernel and "unrolled" in kernel or "BinaryFunctor<fl" in kernel:  # names are cut at 100 characters
+    # (kernel names are cut at 100 characters)
+    if "direct_copy_kernel" in kernel and "unrolled" in kernel or "BinaryFunctor<fl" in kernel:
         return "cast"
     return None
 
@@ -344,7 +345,8 @@ def main() -> None:
                        "closed_form_step_s": step_cost(spec, plan, g).step_time_s})
     result = {
         "gpu": GPU, "command": "python bench/step_time.py --write-calibration",
-        "measured_with": "python bench/timing.py kernels / kernels-2 / kernels-kbit / grid on one H200 (bench/results/timing/)",
+        "measured_with": "python bench/timing.py kernels / kernels-2 / kernels-kbit / grid on one H200 "
+                         "(bench/results/timing/)",
         "constants": cal.to_json(), "kernel_fit": kernel_fit, "kbit_kernel_fit": kbit_quality,
         "fit": summary(fit_errs), "heldout": summary(held_errs),
         "heldout_both_folds": summary(crossfold),

@@ -385,12 +385,14 @@ GRID = [
 
 OUT_OF_SAMPLE = [
     # estimated (bench/step_time.py --predict) before they were measured, and never fitted on
-    _p(L8, q="8bit", ac="selective", b=4), _p(Q7, q="8bit", ac="selective", b=1, s=4096), _p(L3, q="8bit", b=4, s=1024),
-    _p(L1B, q="8bit", ac="full", b=4), _p(M7, q="8bit", opt="adamw-fused", b=2), _p(Q05, q="8bit", ac="selective", b=4),
-    _p(L8, q="4bit", ac="full", b=2, s=4096), _p(L3, q="4bit", b=8, s=1024), _p(Q7, q="4bit", ac="selective", b=8, s=1024),
-    _p(L1B, q="4bit", ac="full", b=2), _p(M7, q="4bit", opt="adamw-8bit", b=4, s=1024), _p(L1, q="4bit", ac="selective", s=4096),
-    _p(L8, ac="selective", opt="adamw-fused", b=4), _p(L3, "lora", b=2, s=4096), _p(Q05, ac="full", opt="adamw-8bit", b=8),
-    _p(M7, "lora", ac="selective", b=4), _p(L1B, opt="adamw-fused", b=4, s=1024), _p(Q7, "lora", ac="full", b=2, s=4096),
+    _p(L8, q="8bit", ac="selective", b=4), _p(Q7, q="8bit", ac="selective", b=1, s=4096),
+    _p(L3, q="8bit", b=4, s=1024), _p(L1B, q="8bit", ac="full", b=4), _p(M7, q="8bit", opt="adamw-fused", b=2),
+    _p(Q05, q="8bit", ac="selective", b=4), _p(L8, q="4bit", ac="full", b=2, s=4096), _p(L3, q="4bit", b=8, s=1024),
+    _p(Q7, q="4bit", ac="selective", b=8, s=1024), _p(L1B, q="4bit", ac="full", b=2),
+    _p(M7, q="4bit", opt="adamw-8bit", b=4, s=1024), _p(L1, q="4bit", ac="selective", s=4096),
+    _p(L8, ac="selective", opt="adamw-fused", b=4), _p(L3, "lora", b=2, s=4096),
+    _p(Q05, ac="full", opt="adamw-8bit", b=8), _p(M7, "lora", ac="selective", b=4),
+    _p(L1B, opt="adamw-fused", b=4, s=1024), _p(Q7, "lora", ac="full", b=2, s=4096),
 ]
 GRIDS = {"grid": GRID, "oos": OUT_OF_SAMPLE}
 
