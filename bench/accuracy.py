@@ -36,6 +36,7 @@ def baselines(spec, plan: Plan) -> dict[str, int]:
 
 
 def main(paths: list[str]) -> None:
+    stamp = commit(short=True)  # before this script rewrites its own outputs
     gpu_cache = {}
     rows = []
     for line in (ln for p in paths for ln in Path(p).read_text().splitlines() if ln.strip()):
@@ -66,8 +67,8 @@ def main(paths: list[str]) -> None:
         )
         rows.append(row)
     (OUT / "accuracy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (OUT / "accuracy.md").write_text(summary(rows))
-    print(summary(rows))
+    (OUT / "accuracy.md").write_text(summary(rows, stamp))
+    print(summary(rows, stamp))
 
 
 def _stats(errors: list[float]) -> str:
@@ -76,13 +77,13 @@ def _stats(errors: list[float]) -> str:
             f"worst under-estimate {100 * min(0.0, min(errors)):.2f} %")
 
 
-def summary(rows: list[dict]) -> str:
+def summary(rows: list[dict], stamp: str) -> str:
     archs = sorted({resolve_model(r["model"]).model_type for r in rows})
     lines = [
         f"{len(rows)} configurations, {len(archs)} architectures ({', '.join(archs)}), "
         f"{sum(r['num_gpus'] > 1 for r in rows)} of them FSDP2 on 2 GPUs; measured on {rows[0]['gpu_name']} "
         f"(torch {rows[0]['torch_version']}, transformers {rows[0]['transformers_version']}, peft {rows[0]['peft_version']}).",
-        f"Estimates of memtune at {commit(short=True)}; when each row was measured: bench/results/README.md.",
+        f"Estimates of memtune at {stamp}; when each row was measured: bench/results/README.md.",
         "",
         f"- **memtune, peak allocated**: {_stats([r['allocated_error'] for r in rows])}",
         f"- **memtune, peak reserved**: {_stats([r['reserved_error'] for r in rows])}",

@@ -515,7 +515,8 @@ def kernels_kbit(out: Path) -> None:
     """bitsandbytes' k-bit linear layers as a (Q)LoRA fine-tune runs them (frozen weight, bf16 input whose gradient
     is needed): forward and forward + backward by CUDA events (back to back, host gaps included), the kernels one
     forward and backward launch with their GPU time (profiled), and the host time of a call at 16 rows (where the
-    GPU's share is negligible); a bf16 ``nn.Linear`` beside them."""
+    product is short; LLM.int8's syncs still wait for the weight's dequantization, which does not depend on the
+    rows); a bf16 ``nn.Linear`` beside them."""
     import bitsandbytes as bnb
     from torch.profiler import ProfilerActivity, profile
 
@@ -560,11 +561,12 @@ def kernels_kbit(out: Path) -> None:
                         for _ in range(2):
                             both()
                         torch.cuda.synchronize()
-                    kernels = {}
+                    kernels = {}  # per forward and backward: calls and GPU microseconds, by name cut at 100
                     for e in prof.key_averages():
                         if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
                             us = getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
-                            kernels[e.key[:100]] = [e.count / 2, us / 2]
+                            calls, total = kernels.get(e.key[:100], (0.0, 0.0))
+                            kernels[e.key[:100]] = [calls + e.count / 2, total + us / 2]
                     syncs = sum(e.count for e in prof.key_averages() if e.key in (
                         "cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::item", "aten::_local_scalar_dense"))
                     row.update(kernels=kernels, kernel_s=sum(v[1] for v in kernels.values()) / 1e6,

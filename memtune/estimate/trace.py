@@ -200,9 +200,6 @@ class _Tracker(TorchDispatchMode):
             self.transient(workspace)
         if self.recording:
             self.ops.append(self._op_record(func, args, kwargs, outs, comm, new_storage=len(self.records) > made))
-            if _op_info(func)[0] in _HOST_READS and self.phase != Phase.OPTIMIZER_STEP:
-                self.ops.append(OpRecord(self.micro_batch, self.phase, self.layer, "sync", 0.0, 0, 1, 1,
-                                         recipe.in_selective_region()))
         return out
 
     def _op_record(self, func, args, kwargs, outs, comm: bool, new_storage: bool) -> OpRecord:
@@ -236,9 +233,10 @@ class _Tracker(TorchDispatchMode):
 
     def note(self, kind: str, flops: float, nbytes: int, itemsize: int = 2) -> None:
         """A kernel a stand-in stands for (``memtune.train.quant``): its FLOPs and bytes, for the step time."""
-        if self.recording:
+        if self.recording:  # a note without a kernel (bitsandbytes' Python layer, a sync) is no dispatched op
+            selective = recipe.in_selective_region() and kind not in ("kbit", "sync")
             self.ops.append(OpRecord(self.micro_batch, self.phase, self.layer, kind, flops, nbytes, itemsize, 1,
-                                     recipe.in_selective_region()))
+                                     selective))
 
     # --- result ------------------------------------------------------------------------------------------
     def result(self, num_layers: int, period: int = 1) -> TraceResult:
@@ -276,9 +274,6 @@ _NO_KERNEL = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "ne
 _ATTENTION = frozenset({"_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
                         "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"})
 _ATTENTION_BACKWARD = frozenset({f"{n}_backward" for n in _ATTENTION})
-_HOST_READS = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2"})
-"""Ops whose result's size or value the host reads back (``.item()``, ``nonzero``): the host waits for the GPU.
-Not in the optimizer step, where they read the step counts PyTorch's optimizers keep on the CPU."""
 
 
 @functools.cache

@@ -29,9 +29,9 @@ class OpRecord(NamedTuple):
     kernel:
     element-wise, reductions, copies, foreach and fused optimizer ops), ``view`` (no kernel: views, metadata),
     ``comm`` (collectives), ``frame`` (a checkpointed region is entered: no kernel, host work), ``region`` (a
-    selectively recomputed region, ``recipe.recompute``, is entered: no kernel, host work), ``sync`` (the host waits
-    for the GPU: an op whose result the host reads, ``.item()``, ``nonzero``) and from the k-bit stand-ins
-    (``memtune.train.quant``): ``kbit`` (a call into bitsandbytes' Python layer: host work), ``mm8`` (an int8
+    selectively recomputed region, ``recipe.recompute``, is entered: no kernel, host work) and from the k-bit
+    stand-ins (``memtune.train.quant``): ``sync`` (the host waits for the GPU: bitsandbytes reads a result back),
+    ``kbit`` (a call into bitsandbytes' Python layer: host work), ``mm8`` (an int8
     matmul), ``nf4`` / ``q8`` / ``dq8`` (bitsandbytes' NF4 dequantization, int8 quantization, int32 product's
     dequantization) and ``cast`` (PyTorch's non-vectorized casts)."""
     flops: float

@@ -37,7 +37,7 @@ and ``sync_s`` per sync; fitted on whole steps.
 The host issues the ops in order and the GPU runs each once it is issued and the previous one is done:
 ``host += h; gpu = max(gpu, host) + g`` - a step is host-bound where its kernels are short (a 1B model at a few
 thousand tokens per micro-batch on an H200 is) and GPU-bound where they are long. At a sync the host waits for the
-GPU (``host = max(host, gpu)``), after which the GPU waits for the host's next launch: LLM.int8 syncs once per
+GPU (``host = max(host, gpu)``), after which the GPU waits for the host's next launch: LLM.int8 syncs twice per
 layer call, which makes it pay the host's time in every step however long its kernels. A step is ``grad_accum``
 micro-batches and the optimizer step, the last kernel's end. Layers the fast trace leaves out are counted by
 repeating an inner period of layers; optimizer ops over all weights grow with the weights they cover.
@@ -263,7 +263,9 @@ def _run_synced(host: np.ndarray, gpu: np.ndarray, repeat: np.ndarray, sync: np.
     """``_run`` over ops (times per op, ``repeat`` the layers each stands for) some of which are syncs, at which the
     host waits for the GPU. A stretch of ops that ends in a sync starts with both clocks equal and the GPU idle, so
     its length does not depend on what came before it: such a stretch in a layer the trace repeats counts once per
-    layer it stands for (the repeat of its sync)."""
+    layer it stands for (the repeat of its sync). A stretch that crosses from one layer into the next is counted at
+    the repeat of the later layer; over the periodic layers of a trace (``fast_depth``: repeat-1 layers after the
+    repeated ones) the tails cancel and the total is that of the layers written out."""
     cuts = np.flatnonzero(sync)
     if len(cuts) == 0:
         return _run(host * repeat, gpu * repeat, start_host, start_gpu)

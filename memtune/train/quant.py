@@ -51,29 +51,38 @@ def nf4_kernels(m: int, n: int, k: int, size: int, phase: str) -> tuple[tuple[st
     dtype of ``size`` bytes, as (kind, FLOPs, bytes, itemsize): the double-quantized statistics restored (one
     uint8 and one fp32 absmax per 64 weights: ``kDequantizeBlockwise`` and the offset's add), the weight dequantized
     into a temporary (``kDequantizeBlockwise``: 0.5 B read and ``size`` written per weight), and, in forward, the
-    product (cuBLAS). The backward's product is an aten matmul the trace sees."""
+    product (cuBLAS). The backward's product is an aten matmul the trace sees. This is bitsandbytes' path past a
+    few hundred rows on the H200 (``gemm_4bit``'s fallback); below, its fused kernel replaces dequantization and
+    product."""
     blocks = math.ceil(n * k / NF4_BLOCK)
-    dequantize = (("kbit", 0.0, 0, size), ("nf4", 0.0, 5 * blocks, 4), ("mem", 0.0, 12 * blocks, 4),
+    dequantize = (("kbit", 0.0, 0, size), ("nf4", 0.0, 5 * blocks, 4), ("mem", 0.0, 8 * blocks, 4),
                   ("nf4", 0.0, n * k // 2 + n * k * size, size))
     if phase == "forward":
         return (*dequantize, ("mm", 2.0 * m * n * k, (m * k + n * k + m * n) * size, size))
     return dequantize
 
 
-def llm_int8_kernels(m: int, n: int, k: int, size: int, phase: str) -> tuple[tuple[str, float, int, int], ...]:
-    """The kernels of an LLM.int8 layer's forward (``phase``) or backward over ``m`` rows of ``size``-byte input,
+def llm_int8_kernels(m: int, n: int, k: int, dtype: torch.dtype, phase: str) -> tuple[tuple[str, float, int, int], ...]:
+    """The kernels of an LLM.int8 layer's forward (``phase``) or backward over ``m`` rows of ``dtype`` input,
     ``n`` x ``k`` int8 weight, as (kind, FLOPs, bytes, itemsize) (bitsandbytes' ``int8_vectorwise_quant`` and
-    ``int8_scaled_mm``, threshold 6). Forward: the input cast to fp16, its magnitude, the outlier mask and its
-    ``any`` (read by Python: the host waits), the int8 quantization (``kInt8VectorQuant``), the int8 product into
-    int32 (CUTLASS), its dequantization to fp16 (``kdequant_mm_int32_fp16``) and the cast to the input's dtype.
-    Backward: the weight copied to the input's dtype and scaled per row in place (PyTorch's non-vectorized
-    element-wise path, as the cast of the output is), then an aten matmul the trace sees."""
+    ``int8_scaled_mm``, threshold 6). Forward: the input cast to fp16 (unless it is fp16), its magnitude, the
+    outlier mask and its ``any`` (read by Python: the host waits), the int8 quantization (``kInt8VectorQuant``),
+    the outlier columns zeroed (an empty index, but the scalar 0 is copied from the host: it waits again), the int8
+    product into int32 (CUTLASS), its dequantization to fp16 (``kdequant_mm_int32_fp16``) and the cast to the
+    input's dtype. Backward: the weight copied to the input's dtype and scaled per row in place (PyTorch's
+    non-vectorized element-wise path, as the casts are), then an aten matmul the trace sees. Inputs with outliers
+    (|x| >= 6: rare at random init, common in large pretrained models) take more: their columns are gathered and
+    multiplied apart, and the host waits a third time."""
+    size = dtype.itemsize
+    cast = dtype != torch.float16
     if phase == "forward":
-        return (("kbit", 0.0, 0, size), ("mem", 0.0, m * k * (size + 2), 2), ("mem", 0.0, 4 * m * k, 2),
-                ("mem", 0.0, 3 * m * k, 2), ("mem", 0.0, m * k, 1), ("sync", 0.0, 0, 1),
-                ("q8", 0.0, 3 * m * k + 4 * m, 2), ("mm8", 2.0 * m * n * k, m * k + n * k + 4 * m * n, 1),
-                ("dq8", 0.0, 6 * m * n, 4), ("cast", 0.0, m * n * (2 + size), 2))
-    return (("kbit", 0.0, 0, size), ("cast", 0.0, n * k * (1 + size), size), ("cast", 0.0, 2 * n * k * size, size))
+        return (("kbit", 0.0, 0, size), *((("cast", 0.0, m * k * (size + 2), 2),) if cast else ()),
+                ("mem", 0.0, 4 * m * k, 2), ("mem", 0.0, 3 * m * k, 2), ("mem", 0.0, m * k, 1), ("sync", 0.0, 0, 1),
+                ("q8", 0.0, 3 * m * k + 4 * m, 2), ("sync", 0.0, 0, 1),
+                ("mm8", 2.0 * m * n * k, m * k + n * k + 4 * m * n, 1), ("dq8", 0.0, 6 * m * n, 4),
+                *((("cast", 0.0, m * n * (2 + size), 2),) if cast else ()))
+    return (("kbit", 0.0, 0, size), ("cast", 0.0, n * k * (1 + size), size), ("mem", 0.0, 8 * n, 4),
+            ("cast", 0.0, 2 * n * k * size, size))
 
 
 class _KbitMatmul(torch.autograd.Function):
@@ -85,32 +94,34 @@ class _KbitMatmul(torch.autograd.Function):
         ctx.shape, ctx.bits, ctx.compute_dtype, ctx.input_dtype = (out_features, in_features), bits, compute_dtype, x.dtype
         rows = x.shape[:-1]
         m = x.numel() // in_features
+        blocks = math.ceil(out_features * in_features / NF4_BLOCK)
         if bits == 4:
-            # Linear4bit casts the input to the compute dtype; bitsandbytes' gemm_4bit op makes the output and,
-            # inside, dequantizes the weight into a temporary and multiplies (cuBLAS, past a few hundred rows);
-            # the result is cast back to the input's dtype. Nothing is saved but the packed weight, and no aten
-            # matmul is dispatched: selective checkpointing (which saves matmul outputs) recomputes it (op by op
-            # on an H200, bench/results/op_memory/).
+            # Linear4bit casts the input to the compute dtype; bitsandbytes' gemm_4bit op restores the fp32
+            # statistics (two temporaries), dequantizes the weight into a temporary and multiplies (cuBLAS, past a
+            # few hundred rows); the result is cast back to the input's dtype. Nothing is saved but the packed
+            # weight, and no aten matmul is dispatched: selective checkpointing (which saves matmul outputs)
+            # recomputes it (op by op on an H200, bench/results/op_memory/).
             x = x.to(compute_dtype)
             _notes(nf4_kernels(m, out_features, in_features, compute_dtype.itemsize, "forward"))
-            out = torch.empty((*rows, out_features), dtype=compute_dtype, device=x.device)
+            absmax = [torch.empty(blocks, dtype=torch.float32, device=x.device) for _ in range(2)]
             weight = torch.empty(ctx.shape, dtype=compute_dtype, device=x.device)
-            del weight
+            out = torch.empty((*rows, out_features), dtype=compute_dtype, device=x.device)
+            del absmax, weight
             return out.to(ctx.input_dtype)
-        # LLM.int8: the input's fp16 copy, its magnitude and outlier mask; the int8 input and its row scales; the
-        # int32 product, its fp16 dequantization and the output in the input's dtype. The input is saved.
+        # LLM.int8: the input's fp16 copy; the int8 input and its row scales, the input's magnitude and outlier
+        # mask; the int32 product, its fp16 dequantization and the output in the input's dtype (no copies where
+        # the input is fp16). The input is saved.
         ctx.save_for_backward(x)
-        _notes(llm_int8_kernels(m, out_features, in_features, x.element_size(), "forward"))
-        half = torch.empty(x.shape, dtype=torch.float16, device=x.device)
+        _notes(llm_int8_kernels(m, out_features, in_features, x.dtype, "forward"))
+        half = torch.empty(x.shape, dtype=torch.float16, device=x.device) if x.dtype != torch.float16 else x
+        scales = torch.empty(rows, dtype=torch.float32, device=x.device)
+        quantized = torch.empty(x.shape, dtype=torch.int8, device=x.device)
         magnitude = torch.empty_like(half)
         outliers = torch.empty(x.shape, dtype=torch.bool, device=x.device)
-        del magnitude
-        quantized = torch.empty(x.shape, dtype=torch.int8, device=x.device)
-        scales = torch.empty(rows, dtype=torch.float32, device=x.device)
-        del half, outliers
+        del magnitude, outliers, half
         product = torch.empty((*rows, out_features), dtype=torch.int32, device=x.device)
         dequantized = torch.empty((*rows, out_features), dtype=torch.float16, device=x.device)
-        out = torch.empty((*rows, out_features), dtype=x.dtype, device=x.device)
+        out = dequantized if x.dtype == torch.float16 else torch.empty_like(dequantized, dtype=x.dtype)
         del product, dequantized, quantized, scales
         return out
 
@@ -119,9 +130,16 @@ class _KbitMatmul(torch.autograd.Function):
         out_features, in_features = ctx.shape
         dtype = ctx.compute_dtype if ctx.bits == 4 else ctx.input_dtype
         m = grad.numel() // out_features
-        kernels = nf4_kernels if ctx.bits == 4 else llm_int8_kernels
-        _notes(kernels(m, out_features, in_features, dtype.itemsize, "backward"))
-        weight = torch.empty(ctx.shape, dtype=dtype, device=grad.device)
+        if ctx.bits == 4:  # dequantize_4bit: the fp32 statistics restored (in place), then the weight
+            _notes(nf4_kernels(m, out_features, in_features, dtype.itemsize, "backward"))
+            statistics = torch.empty(math.ceil(out_features * in_features / NF4_BLOCK), dtype=torch.float32,
+                                     device=grad.device)
+            weight = torch.empty(ctx.shape, dtype=dtype, device=grad.device)
+        else:  # the int8 weight copied to the input's dtype, then scaled in place by the per-row scales / 127
+            _notes(llm_int8_kernels(m, out_features, in_features, dtype, "backward"))
+            weight = torch.empty(ctx.shape, dtype=dtype, device=grad.device)
+            statistics = torch.empty(out_features, dtype=torch.float32, device=grad.device)
+        del statistics
         return (grad.to(dtype) @ weight).to(ctx.input_dtype), None, None, None, None, None
 
 

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import inspect
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -281,8 +282,9 @@ def _silu_into_frozen_nf4(mlp: nn.Module) -> bool:
 
     act, down = mlp.act_fn, mlp.down_proj
     silu = isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+    bnb = sys.modules.get("bitsandbytes")  # loaded where the model has bitsandbytes layers
     nf4 = (isinstance(down, EmulatedKbitLinear) and down.bits == 4) or (
-        type(down).__name__ == "Linear4bit" and type(down).__module__.startswith("bitsandbytes"))
+        bnb is not None and isinstance(down, bnb.nn.Linear4bit))
     return silu and nf4 and not any(p.requires_grad for p in down.parameters())
 
 

@@ -44,9 +44,9 @@ def test_llm_int8_layers_sync_and_multiply_in_int8_where_nf4_layers_do_neither(t
 
     int8, layers = kinds("8bit")
     nf4, _ = kinds("4bit")
-    # seven quantized projections per layer: each LLM.int8 forward checks for outliers (a sync) and runs an int8
-    # product; an NF4 forward dequantizes and runs a bf16 product
-    assert int8.count("sync") == int8.count("mm8") == int8.count("kbit") == 7 * layers
+    # seven quantized projections per layer: each LLM.int8 forward checks for outliers and zeroes their columns
+    # (two syncs) and runs an int8 product; an NF4 forward dequantizes and runs a bf16 product
+    assert int8.count("sync") == 2 * int8.count("mm8") == 2 * int8.count("kbit") == 14 * layers
     assert nf4.count("sync") == nf4.count("mm8") == 0 and nf4.count("kbit") == 7 * layers
     assert nf4.count("mm") >= 7 * layers
 
