@@ -49,21 +49,17 @@ def repeats(out: Path) -> None:
 
 
 def host(out: Path) -> None:
+    from timing import warmed_up
     from torch.profiler import ProfilerActivity, profile
 
-    rows, device = [], torch.device("cuda")
+    rows = []
     spec = resolve_model("llama-guard-3-1b")
     for quantization in ("4bit", "none"):
         for checkpointing in ("none", "selective"):
             plan = Plan(peft="lora", quantization=quantization, checkpointing=checkpointing, batch_size=2,
                         seq_len=1024)
             m = measure_plan(spec, plan, steps=5)
-            model = recipe.build_model(spec, plan, device=device)
-            optimizer = recipe.build_optimizer(model, plan)
-            batch = recipe.make_batch(spec, plan, device)
-            for _ in range(3):
-                recipe.train_step(model, optimizer, batch, plan)
-            torch.cuda.synchronize()
+            model, optimizer, batch = warmed_up(spec, plan, steps=3)
             start = time.perf_counter()
             for _ in range(3):
                 recipe.train_step(model, optimizer, batch, plan)

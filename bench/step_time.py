@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import math
 import statistics
@@ -142,13 +141,14 @@ def fit_kbit_kernels(kernels_kbit: dict, gpu) -> tuple[dict, dict]:
     best = min((loss(lambda w, n: t0 + w / (peak * e), points["mm8"]), e, t0)
                for e in np.linspace(0.2, 1.0, 81) for t0 in np.geomspace(1e-6, 2e-4, 41))
     out["mm8_e_max"], out["mm8_t0"] = float(best[1]), float(best[2])
+    def at_share(e):
+        """Time of kernels moving ``w`` bytes in ``n`` launches at a share ``e`` of the bandwidth."""
+        return lambda w, n: w / (bandwidth * e) + n * Calibration().kernel_s
+
     predict = {"mm8": lambda w, n: out["mm8_t0"] + w / (peak * out["mm8_e_max"])}
     for cls, name in _BANDWIDTH_KINDS.items():
-        e = min(np.linspace(0.05, 1.0, 191),
-                key=lambda e: loss(lambda w, n: w / (bandwidth * e) + n * Calibration().kernel_s, points[cls]))
-        out[name] = float(e)
-        predict[cls] = functools.partial(
-            lambda w, n, e: w / (bandwidth * e) + n * Calibration().kernel_s, e=float(e))
+        out[name] = float(min(np.linspace(0.05, 1.0, 191), key=lambda e: loss(at_share(e), points[cls])))
+        predict[cls] = at_share(out[name])
     for cls, pts in points.items():
         errs = [abs(predict[cls](w, n) / t - 1) for w, t, n in pts]
         quality[cls] = {"n": len(errs), "median_abs_err": statistics.median(errs), "max_abs_err": max(errs)}

@@ -114,18 +114,24 @@ SAC_VARIANTS = {
 SAC_CASES = [("llama-guard-3-1b", 2, 1152), ("llama-guard-3-1b", 2, 2048), ("llama-3.1-8b", 2, 2048)]
 
 
+def warmed_up(spec, plan, steps: int = 2):
+    """The model, optimizer and batch of ``plan`` on the GPU after ``steps`` training steps, the GPU idle."""
+    device = torch.device("cuda")
+    model = recipe.build_model(spec, plan, device=device)
+    optimizer = recipe.build_optimizer(model, plan)
+    batch = recipe.make_batch(spec, plan, device)
+    for _ in range(steps):
+        recipe.train_step(model, optimizer, batch, plan)
+    torch.cuda.synchronize()
+    return model, optimizer, batch
+
+
 def _profile(spec, plan) -> dict:
     """One profiled step (after two warm-up steps): host and GPU time, op and kernel counts, the top entries (by
     host time, by kernel time, and the aten ops by the GPU time of the kernels they launch)."""
     from torch.profiler import ProfilerActivity, profile
 
-    device = torch.device("cuda")
-    model = recipe.build_model(spec, plan, device=device)
-    optimizer = recipe.build_optimizer(model, plan)
-    batch = recipe.make_batch(spec, plan, device)
-    for _ in range(2):
-        recipe.train_step(model, optimizer, batch, plan)
-    torch.cuda.synchronize()
+    model, optimizer, batch = warmed_up(spec, plan)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
         recipe.train_step(model, optimizer, batch, plan)

@@ -46,6 +46,11 @@ def kernel_notes(sink: Callable[..., None]):
         _note = previous
 
 
+def _nf4_blocks(numel: int) -> int:
+    """NF4's quantization blocks over ``numel`` weights: one uint8 absmax each (an fp32 one once restored)."""
+    return math.ceil(numel / NF4_BLOCK)
+
+
 def nf4_kernels(m: int, n: int, k: int, size: int, phase: str) -> tuple[tuple[str, float, int, int], ...]:
     """The kernels of an NF4 layer's forward (``phase``) or backward over ``m`` rows, ``n`` x ``k`` weight, compute
     dtype of ``size`` bytes, as (kind, FLOPs, bytes, itemsize): the double-quantized statistics restored (one
@@ -54,7 +59,7 @@ def nf4_kernels(m: int, n: int, k: int, size: int, phase: str) -> tuple[tuple[st
     product (cuBLAS). The backward's product is an aten matmul the trace sees. This is bitsandbytes' path past a
     few hundred rows on the H200 (``gemm_4bit``'s fallback); below, its fused kernel replaces dequantization and
     product."""
-    blocks = math.ceil(n * k / NF4_BLOCK)
+    blocks = _nf4_blocks(n * k)
     dequantize = (("kbit", 0.0, 0, size), ("nf4", 0.0, 5 * blocks, 4), ("mem", 0.0, 8 * blocks, 4),
                   ("nf4", 0.0, n * k // 2 + n * k * size, size))
     if phase == "forward":
@@ -94,7 +99,6 @@ class _KbitMatmul(torch.autograd.Function):
         ctx.shape, ctx.bits, ctx.compute_dtype, ctx.input_dtype = (out_features, in_features), bits, compute_dtype, x.dtype
         rows = x.shape[:-1]
         m = x.numel() // in_features
-        blocks = math.ceil(out_features * in_features / NF4_BLOCK)
         if bits == 4:
             # Linear4bit casts the input to the compute dtype; bitsandbytes' gemm_4bit op restores the fp32
             # statistics (two temporaries), dequantizes the weight into a temporary and multiplies (cuBLAS, past a
@@ -103,7 +107,8 @@ class _KbitMatmul(torch.autograd.Function):
             # recomputes it (op by op on an H200, bench/results/op_memory/).
             x = x.to(compute_dtype)
             _notes(nf4_kernels(m, out_features, in_features, compute_dtype.itemsize, "forward"))
-            absmax = [torch.empty(blocks, dtype=torch.float32, device=x.device) for _ in range(2)]
+            absmax = [torch.empty(_nf4_blocks(out_features * in_features), dtype=torch.float32, device=x.device)
+                      for _ in range(2)]
             weight = torch.empty(ctx.shape, dtype=compute_dtype, device=x.device)
             out = torch.empty((*rows, out_features), dtype=compute_dtype, device=x.device)
             del absmax, weight
@@ -132,8 +137,7 @@ class _KbitMatmul(torch.autograd.Function):
         m = grad.numel() // out_features
         if ctx.bits == 4:  # dequantize_4bit: the fp32 statistics restored (in place), then the weight
             _notes(nf4_kernels(m, out_features, in_features, dtype.itemsize, "backward"))
-            statistics = torch.empty(math.ceil(out_features * in_features / NF4_BLOCK), dtype=torch.float32,
-                                     device=grad.device)
+            statistics = torch.empty(_nf4_blocks(out_features * in_features), dtype=torch.float32, device=grad.device)
             weight = torch.empty(ctx.shape, dtype=dtype, device=grad.device)
         else:  # the int8 weight copied to the input's dtype, then scaled in place by the per-row scales / 127
             _notes(llm_int8_kernels(m, out_features, in_features, dtype, "backward"))
@@ -162,7 +166,7 @@ class EmulatedKbitLinear(nn.Linear):
         self.weight = nn.Parameter(torch.empty((numel * bits // 8, 1), dtype=torch.uint8, device=device),
                                    requires_grad=False)
         if bits == 4:
-            blocks = math.ceil(numel / NF4_BLOCK)
+            blocks = _nf4_blocks(numel)
             self.register_buffer("absmax", torch.empty(blocks, dtype=torch.uint8, device=device))
             self.register_buffer("absmax2", torch.empty(math.ceil(blocks / NF4_DOUBLE_QUANT_BLOCK),
                                                         dtype=torch.float32, device=device))
