@@ -1,19 +1,20 @@
 """Calibrate the step-time model on the H200 and report it on held-out plans (on the CPU, from measured data).
 
-    python bench/step_time.py [--grid bench/results/timing/grid.jsonl] [--kernels bench/results/timing/kernels.json]
-                              [--out bench/results/step_time.json] [--write-calibration]
-    python bench/step_time.py --predict     # estimate the out-of-sample plans before they are measured
+    python bench/step_time.py [--grid bench/results/timing/grid-median.jsonl] [--out bench/results/step_time.json]
+                              [--write-calibration]
+    python bench/step_time.py --predict oos-2   # estimate an out-of-sample set before it is measured
 
 1. The GPU efficiencies from the micro-benchmarks (``bench/timing.py kernels``): matmuls and fused attention
    (``t = t0 + F / (peak x e_max)``), and the bandwidth share of element-wise kernels.
    The int8 product and the memory-bound kernels of bitsandbytes' k-bit layers from ``bench/timing.py kernels-kbit``.
 2. The host constants, the 8-bit AdamW rate, the matmul and bandwidth shares from whole steps
-   (``bench/timing.py grid``): fitted on the plans of even index, reported on those of odd index (held out), each
+   (``bench/timing.py grid``, the median step of each plan): fitted on the plans of even index, reported on those of odd index (held out), each
    against the trace of its plan; then the other way round (``heldout_both_folds``: every plan held out once).
 3. The closed-form cost model (``memtune.planner.cost.step_cost``) on the same held-out plans, for comparison.
 
-4. The out-of-sample check: plans estimated (``--predict``, with the shipped calibration) before they were measured
-   (``bench/timing.py grid bench/results/timing/oos.jsonl --set oos``) and never fitted on.
+4. The out-of-sample checks: plans estimated (``--predict SET``, with the shipped calibration) before they were
+   measured (``bench/timing.py grid bench/results/timing/SET.jsonl --set SET``) and never fitted on.
+5. The noise floor: the grid's plans measured again in another call (``reproducibility``).
 
 ``--write-calibration`` stores the constants in ``profiles/calibration/H200-141GB.json`` (``step_time``), which the
 planner reads.
@@ -47,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GPU = "H200-141GB"
 STEP_FITTED = ("host_op_s", "host_view_s", "host_frame_s", "host_selective_s", "host_tensor_s", "mem_efficiency",
                "mm_e_max", "adam8bit_rate", "adam8bit_tensor_s")
-KBIT_FITTED = ("host_kbit_s", "host_kbit8_s", "sync_s", "host_region_s")
+KBIT_FITTED = ("host_kbit_s", "host_kbit8_s", "host_kbit_bwd_s", "sync_s", "host_region_s")
 """Fitted on the k-bit plans alone, once the others are fixed by the other plans: bitsandbytes' host work and
 LLM.int8's syncs, and the recomputed regions (selective checkpointing's MLP tail where the down projection is a
 k-bit layer)."""
@@ -155,19 +156,12 @@ def fit_kbit_kernels(kernels_kbit: dict, gpu) -> tuple[dict, dict]:
     return out, quality
 
 
-def _selective(plan: dict) -> bool:
-    return plan.get("checkpointing") == "selective"
-
-
-def _qlora_selective(plan: dict) -> bool:
-    return _selective(plan) and plan.get("quantization") == "4bit"
-
-
-SUPERSEDED = {"grid-3.jsonl": _selective, "grid-selective.jsonl": _qlora_selective,
-              "grid-kbit-2.jsonl": _qlora_selective}
-"""Rows a grid measured before the recipe changed under them: selective checkpointing changed at ce21e84
-(``grid-selective.jsonl`` measured its plans again), and its MLP tail before a frozen NF4 down projection at
-a31ea60 (``grid-qlora-selective.jsonl``)."""
+GRID = ROOT / "bench/results/timing/grid-median.jsonl"
+"""The grid as measured by the probe that times the median step with Python's collector kept out of the steps
+(``memtune.validate.probe``); the older ``grid*.jsonl`` files hold the mean of the steps, collector running."""
+REPEAT = ROOT / "bench/results/timing/grid-median-repeat.jsonl"
+"""An earlier measurement of the grid's plans 0-87 in the same lease (the first call; the grid is the second and
+third): how far a plan's measured step moves from one call to the next."""
 
 
 def load_rows(paths: list[Path]) -> list[dict]:
@@ -176,11 +170,20 @@ def load_rows(paths: list[Path]) -> list[dict]:
     for path in paths:
         for line in path.read_text().splitlines():
             r = json.loads(line)
-            if path.name in SUPERSEDED and SUPERSEDED[path.name](r["plan"]):
-                continue
             if r.get("step_time_s") and not r.get("error"):
                 rows[r["key"]] = r
     return sorted(rows.values(), key=lambda r: r["index"])
+
+
+def reproducibility(grid: list[dict], repeat: Path) -> dict | None:
+    """|repeat / grid - 1| of the plans measured twice: the noise floor of a measured step (host-bound steps move
+    with the host's load)."""
+    if not repeat.is_file():
+        return None
+    measured = {r["key"]: r["step_time_s"] for r in grid}
+    diffs = [r["step_time_s"] / measured[r["key"]] - 1 for r in load_rows([repeat]) if r["key"] in measured]
+    return {"source": str(repeat.relative_to(ROOT)), **summary(diffs),
+            "repeat_slower": sum(d > 0.05 for d in diffs), "repeat_faster": sum(d < -0.05 for d in diffs)}
 
 
 def traced(row: dict):
@@ -199,7 +202,8 @@ def errors(cases, cal: Calibration) -> list[float]:
 
 
 def fit_steps(cases, start: Calibration) -> Calibration:
-    """Coordinate descent in log space on the squared log errors of the fitting plans: ``STEP_FITTED`` on the plans
+    """Coordinate descent in log space on the squared log errors of the fitting plans (and ``PRIOR_WEIGHT``'s
+    prior): ``STEP_FITTED`` on the plans
     without k-bit weights, then ``KBIT_FITTED`` on those with (so that the k-bit plans, whose host work the model
     knows least, do not bend the constants every plan shares)."""
     plain = [c for c in cases if error_class(c[1][1]) != "kbit"]
@@ -207,9 +211,19 @@ def fit_steps(cases, start: Calibration) -> Calibration:
     return _descend(kbit, _descend(plain, start, STEP_FITTED), KBIT_FITTED)
 
 
+PRIOR_WEIGHT = 0.003
+"""A weak prior: each fitted constant pays ``PRIOR_WEIGHT x log(value / default)**2`` (``Calibration``'s defaults),
+as much as a 5 % error on one plan for a factor of 2.5. Constants the measured steps cannot tell apart (a k-bit
+layer's host work in forward and in backward, LLM.int8's syncs and its Python layer) then stay near physical values
+instead of one of them drifting to zero."""
+
+
 def _descend(cases, start: Calibration, names) -> Calibration:
+    prior = Calibration()
+
     def loss(c):
-        return sum(math.log1p(e) ** 2 for e in errors(cases, c))
+        return sum(math.log1p(e) ** 2 for e in errors(cases, c)) + PRIOR_WEIGHT * sum(
+            math.log(getattr(c, n) / getattr(prior, n)) ** 2 for n in names)
 
     cal, best = start, loss(start)
     step = 1.0
@@ -269,34 +283,42 @@ def summary(errs: list[float]) -> dict:
     return {"median_abs_err": statistics.median(a), "max_abs_err": max(a), "n": len(a)}
 
 
-OOS_PREDICTED = ROOT / "bench/results/timing/oos-predicted.json"
-OOS_MEASURED = ROOT / "bench/results/timing/oos.jsonl"
+OOS = {"oos": "the first set, predicted with the calibration fitted on the older grid files",
+       "oos-2": "the second set, predicted with the calibration fitted on grid-median.jsonl"}
+"""The out-of-sample sets of ``bench/timing.py`` (``--set``): ``timing/<set>-predicted.json`` holds what a commit
+estimated before the plans were measured into ``timing/<set>.jsonl``."""
 
 
-def predict_out_of_sample() -> None:
-    """Estimate the step time of ``bench/timing.py``'s ``OUT_OF_SAMPLE`` plans with the shipped calibration, before
-    they are measured (``bench/timing.py grid OUT --set oos``): the predictions are what this commit said."""
+def _oos_paths(name: str) -> tuple[Path, Path]:
+    return ROOT / f"bench/results/timing/{name}-predicted.json", ROOT / f"bench/results/timing/{name}.jsonl"
+
+
+def predict_out_of_sample(name: str) -> None:
+    """Estimate the step time of an out-of-sample set of ``bench/timing.py`` with the shipped calibration, before
+    the plans are measured (``bench/timing.py grid OUT --set NAME``): the predictions are what this commit said."""
     from provenance import commit
-    from timing import OUT_OF_SAMPLE
+    from timing import GRIDS
 
-    if OOS_MEASURED.exists():
-        sys.exit(f"{OOS_MEASURED} exists: these plans were measured, their predictions are already fixed")
+    predicted, measured = _oos_paths(name)
+    if measured.exists():
+        sys.exit(f"{measured} exists: these plans were measured, their predictions are already fixed")
     gpu, rows = resolve_gpu(GPU), []
-    for i, (model, plan) in enumerate(OUT_OF_SAMPLE):
+    for i, (model, plan) in enumerate(GRIDS[name]):
         spec = resolve_model(model)
         trace = cached_trace(spec, plan, fast_depth(spec), sdpa_backend(spec, plan, gpu))
         rows.append({"index": i, "model": model, "plan": plan.to_dict(),
                      "estimated": step_time(spec, plan, gpu, trace).to_json()})
-    OOS_PREDICTED.write_text(json.dumps({"commit": commit(), "gpu": GPU, "rows": rows}, indent=1) + "\n")
-    print(f"{len(rows)} predictions in {OOS_PREDICTED.relative_to(ROOT)}")
+    predicted.write_text(json.dumps({"commit": commit(), "gpu": GPU, "rows": rows}, indent=1) + "\n")
+    print(f"{len(rows)} predictions in {predicted.relative_to(ROOT)}")
 
 
-def out_of_sample() -> dict | None:
+def out_of_sample(name: str) -> dict | None:
     """The predictions of ``predict_out_of_sample`` against the measured steps, where both exist."""
-    if not (OOS_PREDICTED.exists() and OOS_MEASURED.exists()):
+    predicted_path, measured_path = _oos_paths(name)
+    if not (predicted_path.exists() and measured_path.exists()):
         return None
-    predicted = json.loads(OOS_PREDICTED.read_text())
-    measured = {r["index"]: r for r in map(json.loads, OOS_MEASURED.read_text().splitlines())
+    predicted = json.loads(predicted_path.read_text())
+    measured = {r["index"]: r for r in map(json.loads, measured_path.read_text().splitlines())
                 if r.get("step_time_s") and not r.get("error")}
     rows = [{"index": p["index"], "model": p["model"], "plan": p["plan"],
              "measured_step_s": measured[p["index"]]["step_time_s"], "estimated_step_s": p["estimated"]["step_s"],
@@ -304,7 +326,7 @@ def out_of_sample() -> dict | None:
             for p in predicted["rows"] if p["index"] in measured]
     by_class = {cls: summary([r["error"] for r in rows if error_class(Plan.from_dict(r["plan"])) == cls])
                 for cls in ("kbit", "other")}
-    return {"predicted_at": predicted["commit"],
+    return {"set": OOS[name], "predicted_at": predicted["commit"],
             "note": "the predictions of that commit, before these plans were measured; the constants in this file "
                     "were fitted later, on the grid only",
             **summary([r["error"] for r in rows]), "by_class": by_class, "rows": rows}
@@ -312,7 +334,7 @@ def out_of_sample() -> dict | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--grid", nargs="+", type=Path, default=sorted((ROOT / "bench/results/timing").glob("grid*.jsonl")))
+    ap.add_argument("--grid", nargs="+", type=Path, default=[GRID])
     ap.add_argument("--kernels", type=Path, default=ROOT / "bench/results/timing/kernels.json")
     ap.add_argument("--kernels-2", type=Path, default=ROOT / "bench/results/timing/kernels-2.json")
     ap.add_argument("--kernels-kbit", type=Path, default=ROOT / "bench/results/timing/kernels-kbit.json")
@@ -320,11 +342,11 @@ def main() -> None:
     ap.add_argument("--write-calibration", action="store_true")
     ap.add_argument("--architectures", type=Path, default=ROOT / "bench/results/architectures.json",
                     help="steps of models outside the grid (bench/regret.py measure), checked against the fit")
-    ap.add_argument("--predict", action="store_true",
-                    help="only estimate the out-of-sample plans (bench/timing.py OUT_OF_SAMPLE), before measuring them")
+    ap.add_argument("--predict", choices=sorted(OOS),
+                    help="only estimate an out-of-sample set of bench/timing.py, before measuring it")
     args = ap.parse_args()
     if args.predict:
-        return predict_out_of_sample()
+        return predict_out_of_sample(args.predict)
     gpu = resolve_gpu(GPU)
     kernel_fit = fit_kernels(json.loads(args.kernels.read_text()), gpu,
                              json.loads(args.kernels_2.read_text()) if args.kernels_2.is_file() else None)
@@ -363,7 +385,8 @@ def main() -> None:
         "heldout_by_class": {cls: summary([e for e, (row, (spec, plan, g, tr)) in zip(held_errs, heldout)
                                            if error_class(plan) == cls]) for cls in ("kbit", "other")},
         "heldout_closed_form": summary(closed),
-        "out_of_sample": out_of_sample(),
+        "out_of_sample": {name: out_of_sample(name) for name in OOS},
+        "reproducibility": reproducibility(rows, REPEAT),
         "architectures": sorted({r["model"] for r, _ in heldout}),
         "other_architectures": other_architectures(args.architectures, cal) if args.architectures.is_file() else None,
         "not_traced_here": untraceable,

@@ -400,7 +400,16 @@ OUT_OF_SAMPLE = [
     _p(Q05, ac="full", opt="adamw-8bit", b=8), _p(M7, "lora", ac="selective", b=4),
     _p(L1B, opt="adamw-fused", b=4, s=1024), _p(Q7, "lora", ac="full", b=2, s=4096),
 ]
-GRIDS = {"grid": GRID, "oos": OUT_OF_SAMPLE}
+OUT_OF_SAMPLE_2 = [
+    # the second set, estimated with the calibration fitted on grid-median.jsonl before they were measured
+    _p(L1, q="4bit", ac="full", b=4, s=1024), _p(Q05, q="4bit", ac="selective", b=2), _p(L1B, q="4bit", b=4),
+    _p(L3, q="4bit", ac="full", b=4), _p(M7, q="4bit", b=1), _p(L8, q="4bit", ac="selective", opt="adamw-fused", b=2),
+    _p(L1, q="8bit", ac="selective", b=2), _p(Q7, q="8bit", ac="full", b=2), _p(L3, q="8bit", b=1, s=4096),
+    _p(Q05, q="8bit", ac="full", opt="adamw-fused", b=4), _p(L1B, "lora", opt="adamw-8bit", b=4),
+    _p(Q05, opt="adamw-fused", b=8, s=1024), _p(L3, ac="full", opt="adamw-8bit", b=4), _p(M7, "lora", s=4096),
+    _p(Q7, ac="selective", opt="sgd", b=2), _p(L8, "lora", ac="full", opt="adamw-fused", b=2, s=4096),
+]
+GRIDS = {"grid": GRID, "oos": OUT_OF_SAMPLE, "oos-2": OUT_OF_SAMPLE_2}
 
 
 def grid(out: Path, deadline: float, checkpointing: str | None, start: int = 0, plans: list = GRID,
@@ -408,7 +417,7 @@ def grid(out: Path, deadline: float, checkpointing: str | None, start: int = 0, 
     started = time.time()
     done = set()
     if out.exists():
-        done = {line.split('"key": ')[1].split('"')[1] for line in out.read_text().splitlines() if '"key": ' in line}
+        done = {json.loads(line)["key"] for line in out.read_text().splitlines() if line.strip()}
     try:
         import bitsandbytes  # noqa: F401
         has_bnb = True
@@ -430,8 +439,9 @@ def grid(out: Path, deadline: float, checkpointing: str | None, start: int = 0, 
         t0 = time.time()
         m = measure_plan(spec, plan, steps=3 if spec.num_params > 5e9 else 5)
         row = {"key": key, "index": i, "model": model, "plan": plan.to_dict(), "gpu": meta["gpu_name"],
-               **{k: m.get(k) for k in ("step_time_s", "host_enqueue_s", "phase_times_s", "tokens_per_s",
-                                        "measured_peak_allocated_bytes", "num_alloc_retries", "error")},
+               **{k: m.get(k) for k in ("step_time_s", "step_times_s", "mean_step_time_s", "host_enqueue_s",
+                                        "phase_times_s", "tokens_per_s", "measured_peak_allocated_bytes",
+                                        "num_alloc_retries", "error")},
                "wall_s": round(time.time() - t0, 1), "versions": meta}
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")

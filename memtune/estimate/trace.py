@@ -203,7 +203,7 @@ class _Tracker(TorchDispatchMode):
         return out
 
     def _op_record(self, func, args, kwargs, outs, comm: bool, new_storage: bool) -> OpRecord:
-        name, kind, foreach, mutable = _op_info(func)
+        name, kind, foreach, mutable, written = _op_info(func)
         selective = recipe.in_selective_region()
         if comm:
             return OpRecord(self.micro_batch, self.phase, self.layer, "comm", 0.0, 0, 4, 1, selective)
@@ -225,8 +225,10 @@ class _Tracker(TorchDispatchMode):
             nbytes = sum(t.numel() * t.element_size() for t in inputs[:3]) * 2
             return OpRecord(self.micro_batch, self.phase, self.layer, kind, flops, nbytes, itemsize, 1, selective)
         flops = _matmul_flops(name, args, outs) if kind in ("mm", "gmm") else 0.0
-        nbytes = sum(t.numel() * t.element_size() for t in inputs) + sum(
-            t.numel() * t.element_size() for t in outs if isinstance(t, torch.Tensor))
+        writes = [t for t in outs if isinstance(t, torch.Tensor)]
+        if not writes:  # an in-place op that returns nothing (foreach, fused optimizers) writes its mutated inputs
+            writes = _tensors([args[i] for i in written if i < len(args)])
+        nbytes = sum(t.numel() * t.element_size() for t in inputs) + sum(t.numel() * t.element_size() for t in writes)
         tensors = len(args[0]) if foreach and args and isinstance(args[0], (list, tuple)) else 1
         return OpRecord(self.micro_batch, self.phase, self.layer, kind or "mem", flops, nbytes, itemsize, tensors,
                         selective)
@@ -234,7 +236,7 @@ class _Tracker(TorchDispatchMode):
     def note(self, kind: str, flops: float, nbytes: int, itemsize: int = 2) -> None:
         """A kernel a stand-in stands for (``memtune.train.quant``): its FLOPs and bytes, for the step time."""
         if self.recording:  # a note without a kernel (bitsandbytes' Python layer, a sync) is no dispatched op
-            selective = recipe.in_selective_region() and kind not in ("kbit", "sync")
+            selective = recipe.in_selective_region() and kind not in ("kbit", "kbit_bwd", "sync")
             self.ops.append(OpRecord(self.micro_batch, self.phase, self.layer, kind, flops, nbytes, itemsize, 1,
                                      selective))
 
@@ -277,13 +279,16 @@ _ATTENTION_BACKWARD = frozenset({f"{n}_backward" for n in _ATTENTION})
 
 
 @functools.cache
-def _op_info(func) -> tuple[str, str | None, bool, bool]:
-    """(name, kind where the op alone decides it, foreach, mutates an input) of an ATen op, once per op."""
+def _op_info(func) -> tuple[str, str | None, bool, bool, tuple[int, ...]]:
+    """(name, kind where the op alone decides it, foreach, mutates an input, positions of the arguments it writes)
+    of an ATen op, once per op."""
     name = func.__name__.split(".")[0]
     kind = ("mm" if name in _MATMULS else "gmm" if name == "_grouped_mm" else "attn" if name in _ATTENTION
             else "attn_bwd" if name in _ATTENTION_BACKWARD
             else "no kernel" if func.is_view or name in _NO_KERNEL else None)
-    return name, kind, name.startswith(("_foreach_", "_fused_")), func._schema.is_mutable
+    written = tuple(i for i, a in enumerate(func._schema.arguments)
+                    if a.alias_info is not None and a.alias_info.is_write)
+    return name, kind, name.startswith(("_foreach_", "_fused_")), func._schema.is_mutable, written
 
 
 def _tensors(args) -> list[torch.Tensor]:

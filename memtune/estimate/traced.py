@@ -31,7 +31,8 @@ class OpRecord(NamedTuple):
     ``comm`` (collectives), ``frame`` (a checkpointed region is entered: no kernel, host work), ``region`` (a
     selectively recomputed region, ``recipe.recompute``, is entered: no kernel, host work) and from the k-bit
     stand-ins (``memtune.train.quant``): ``sync`` (the host waits for the GPU: bitsandbytes reads a result back),
-    ``kbit`` (a call into bitsandbytes' Python layer: host work), ``mm8`` (an int8
+    ``kbit`` / ``kbit_bwd`` (a call into a bitsandbytes layer's forward - the module and its autograd function - or
+    into the function's backward: host work), ``mm8`` (an int8
     matmul), ``nf4`` / ``q8`` / ``dq8`` (bitsandbytes' NF4 dequantization, int8 quantization, int32 product's
     dequantization) and ``cast`` (PyTorch's non-vectorized casts)."""
     flops: float

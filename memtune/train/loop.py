@@ -200,58 +200,60 @@ class Trainer:
         last = {"time": time.perf_counter(), "step": c["step"], "tokens": c["tokens"]}
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        try:
-            while c["step"] < self.total_steps:
-                step = c["step"] + 1
-                start_rng = ckpt.rng_state() if self.world_size == 1 else None
-                batches = [next(loader) for _ in range(self.plan.grad_accum)]  # an epoch is whole steps
-                tokens = sum(int(b.pop("lengths").sum()) for b in batches)
-                targets = sum(train_data.count_targets(b) for b in batches)
-                stop = self.stop_requested or (self.main and (self.output_dir / STOP_FILE).exists())
-                totals = self._sum([targets, tokens, float(stop)])
-                if totals[2] > 0:
-                    saved = self.save(step - 1)
-                    self.print(f"stopped: checkpoint of step {step - 1} saved; run the same command to resume")
-                    return Outcome(status="interrupted", at_step=step - 1, saved_step=saved)
-                batches = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in batches]
-                num_targets = torch.tensor(max(totals[0], 1.0) / self.world_size, device=self.device)
-                lr = self.optimizer.param_groups[0]["lr"]
-                try:
-                    result = recipe.train_step_on_batches(
-                        self.model, self.optimizer, batches, self.plan, num_targets=num_targets, scaler=self.scaler,
-                        max_grad_norm=self.run.clip_norm, on_phase=lambda phase: self._on_phase(phase, step))
-                except torch.OutOfMemoryError as e:
-                    del batches
-                    return self._out_of_memory(e, step, start_rng)
-                self.scheduler.step()
-                c["step"] = step
-                c["micro_in_epoch"] += self.plan.grad_accum
-                c["samples_in_epoch"] += self.plan.batch_size * self.plan.grad_accum * self.world_size
-                c["tokens"] += int(totals[1])
-                if c["micro_in_epoch"] >= self.steps_per_epoch * self.plan.grad_accum:
-                    c["epoch"] += 1
-                    c["micro_in_epoch"] = c["samples_in_epoch"] = 0
-                    loader = self._loader()
-                if step % self.run.log_every == 0 or step == self.total_steps:
-                    row = self._log_row(step, lr, result, last)
-                    last = {"time": time.perf_counter(), "step": step, "tokens": c["tokens"]}
-                    if self.main:
-                        metrics.write(json.dumps(row) + "\n")
-                        metrics.flush()
-                        self._show(progress, row)
-                elif progress is not None:
-                    progress.update(progress.task_ids[0], completed=step)
-                if self.data.eval is not None and self.run.eval_every and step % self.run.eval_every == 0 \
-                        and step < self.total_steps:
-                    self._eval_row(step, metrics)
-                if self.run.checkpoint_every and step % self.run.checkpoint_every == 0 and step < self.total_steps:
-                    self.save(step)
-                self._after_step(step)
-        finally:
-            if progress is not None:
-                progress.stop()
-            if metrics is not None:
-                metrics.close()
+        with recipe.collection_between_steps() as collect:
+            try:
+                while c["step"] < self.total_steps:
+                    step = c["step"] + 1
+                    start_rng = ckpt.rng_state() if self.world_size == 1 else None
+                    batches = [next(loader) for _ in range(self.plan.grad_accum)]  # an epoch is whole steps
+                    tokens = sum(int(b.pop("lengths").sum()) for b in batches)
+                    targets = sum(train_data.count_targets(b) for b in batches)
+                    stop = self.stop_requested or (self.main and (self.output_dir / STOP_FILE).exists())
+                    totals = self._sum([targets, tokens, float(stop)])
+                    if totals[2] > 0:
+                        saved = self.save(step - 1)
+                        self.print(f"stopped: checkpoint of step {step - 1} saved; run the same command to resume")
+                        return Outcome(status="interrupted", at_step=step - 1, saved_step=saved)
+                    batches = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in batches]
+                    num_targets = torch.tensor(max(totals[0], 1.0) / self.world_size, device=self.device)
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    try:
+                        result = recipe.train_step_on_batches(
+                            self.model, self.optimizer, batches, self.plan, num_targets=num_targets, scaler=self.scaler,
+                            max_grad_norm=self.run.clip_norm, on_phase=lambda phase: self._on_phase(phase, step))
+                    except torch.OutOfMemoryError as e:
+                        del batches
+                        return self._out_of_memory(e, step, start_rng)
+                    self.scheduler.step()
+                    c["step"] = step
+                    c["micro_in_epoch"] += self.plan.grad_accum
+                    c["samples_in_epoch"] += self.plan.batch_size * self.plan.grad_accum * self.world_size
+                    c["tokens"] += int(totals[1])
+                    if c["micro_in_epoch"] >= self.steps_per_epoch * self.plan.grad_accum:
+                        c["epoch"] += 1
+                        c["micro_in_epoch"] = c["samples_in_epoch"] = 0
+                        loader = self._loader()
+                    if step % self.run.log_every == 0 or step == self.total_steps:
+                        row = self._log_row(step, lr, result, last)
+                        last = {"time": time.perf_counter(), "step": step, "tokens": c["tokens"]}
+                        if self.main:
+                            metrics.write(json.dumps(row) + "\n")
+                            metrics.flush()
+                            self._show(progress, row)
+                    elif progress is not None:
+                        progress.update(progress.task_ids[0], completed=step)
+                    if self.data.eval is not None and self.run.eval_every and step % self.run.eval_every == 0 \
+                            and step < self.total_steps:
+                        self._eval_row(step, metrics)
+                    if self.run.checkpoint_every and step % self.run.checkpoint_every == 0 and step < self.total_steps:
+                        self.save(step)
+                    collect(step)
+                    self._after_step(step)
+            finally:
+                if progress is not None:
+                    progress.stop()
+                if metrics is not None:
+                    metrics.close()
         if self.data.eval is not None:
             with (self.output_dir / METRICS).open("a") if self.main else contextlib.nullcontext() as out:
                 self._eval_row(c["step"], out)

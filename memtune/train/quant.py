@@ -60,11 +60,11 @@ def nf4_kernels(m: int, n: int, k: int, size: int, phase: str) -> tuple[tuple[st
     few hundred rows on the H200 (``gemm_4bit``'s fallback); below, its fused kernel replaces dequantization and
     product."""
     blocks = _nf4_blocks(n * k)
-    dequantize = (("kbit", 0.0, 0, size), ("nf4", 0.0, 5 * blocks, 4), ("mem", 0.0, 8 * blocks, 4),
+    dequantize = (("nf4", 0.0, 5 * blocks, 4), ("mem", 0.0, 8 * blocks, 4),
                   ("nf4", 0.0, n * k // 2 + n * k * size, size))
     if phase == "forward":
-        return (*dequantize, ("mm", 2.0 * m * n * k, (m * k + n * k + m * n) * size, size))
-    return dequantize
+        return (("kbit", 0.0, 0, size), *dequantize, ("mm", 2.0 * m * n * k, (m * k + n * k + m * n) * size, size))
+    return (("kbit_bwd", 0.0, 0, size), *dequantize)
 
 
 def llm_int8_kernels(m: int, n: int, k: int, dtype: torch.dtype, phase: str) -> tuple[tuple[str, float, int, int], ...]:
@@ -86,7 +86,7 @@ def llm_int8_kernels(m: int, n: int, k: int, dtype: torch.dtype, phase: str) -> 
                 ("q8", 0.0, 3 * m * k + 4 * m, 2), ("sync", 0.0, 0, 1),
                 ("mm8", 2.0 * m * n * k, m * k + n * k + 4 * m * n, 1), ("dq8", 0.0, 6 * m * n, 4),
                 *((("cast", 0.0, m * n * (2 + size), 2),) if cast else ()))
-    return (("kbit", 0.0, 0, size), ("cast", 0.0, n * k * (1 + size), size), ("mem", 0.0, 8 * n, 4),
+    return (("kbit_bwd", 0.0, 0, size), ("cast", 0.0, n * k * (1 + size), size), ("mem", 0.0, 8 * n, 4),
             ("cast", 0.0, 2 * n * k * size, size))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import inspect
 import math
 import sys
@@ -661,6 +662,29 @@ def train_step_on_batches(model: nn.Module, optimizer: torch.optim.Optimizer,
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"))
     _optimizer_step(optimizer, scaler, on_phase)
     return StepResult(loss=loss, grad_norm=norm.detach())
+
+
+@contextlib.contextmanager
+def collection_between_steps(every: int = 50):
+    """Python's cyclic garbage collector kept out of the training steps (torchtitan's ``GarbageCollection``): one
+    full collection on entry, automatic collection off inside, and ``collect(step)`` - to call after each step - runs
+    a young-generation collection every ``every`` steps. An automatic collection fires whenever enough objects were
+    allocated, in the middle of a step; a full one walks every Python object of torch and transformers and stalls
+    the host for tens of milliseconds, which a step whose pace the host sets (a small model, k-bit layers) pays
+    in full."""
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+
+    def collect(step: int) -> None:
+        if every and step % every == 0:
+            gc.collect(1)
+
+    try:
+        yield collect
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def autocast(plan: Plan, device_type: str):

@@ -2,13 +2,15 @@
 
 Follows PyTorch's own tracker tests: warm up (step 0 creates the optimizer states), ``gc.collect()``, reset the
 peak statistics, then record peak allocated/reserved/active bytes per phase over the next steps, plus allocation
-retries and OOMs (as torchtitan's ``DeviceMemoryMonitor`` does). On a CPU device the steps run (for structure and
-time) but there is no allocator to read: memory fields are None.
+retries and OOMs (as torchtitan's ``DeviceMemoryMonitor`` does). The steps run as in ``memtune launch``, Python's
+garbage collector kept out of them (``recipe.collection_between_steps``), and their time is the median step. On a
+CPU device the steps run (for structure and time) but there is no allocator to read: memory fields are None.
 """
 
 from __future__ import annotations
 
 import gc
+import statistics
 import time
 from pathlib import Path
 
@@ -36,9 +38,11 @@ def measure_plan(spec: ModelSpec, plan: Plan, *, steps: int = 2, mesh=None, devi
     Returns:
         ``measured_peak_allocated_bytes``, ``measured_peak_reserved_bytes``, ``measured_peak_active_bytes``,
         ``measured_phases`` (peak allocated per phase), ``measured_categories`` (parameters, gradients, optimizer
-        states, per phase), ``num_alloc_retries``, ``num_ooms``, ``step_time_s``, ``tokens_per_s``, ``host_enqueue_s`` (the host's time
-        to issue a step: close to ``step_time_s`` when the host, not the GPU, sets the pace), ``phase_times_s`` (GPU
-        time per phase), ``warmup_loss`` (the loss of the untouched weights), ``losses``;
+        states, per phase), ``num_alloc_retries``, ``num_ooms``, ``step_time_s`` (the median of ``step_times_s``,
+        each step's time on the GPU; ``mean_step_time_s`` is the steps' wall time over their number),
+        ``tokens_per_s`` (at the median step), ``host_enqueue_s`` (the host's time to issue a step: close to the
+        step's when the host, not the GPU, sets the pace), ``phase_times_s`` (GPU time per phase), ``warmup_loss``
+        (the loss of the untouched weights), ``losses``;
         or ``error: "oom"`` with the high-water marks when the plan ran out of memory.
     """
     device = device or torch.device("cuda", torch.cuda.current_device())
@@ -117,13 +121,16 @@ def _measure(spec: ModelSpec, plan: Plan, *, steps: int, mesh, device: torch.dev
         if cuda and snapshot_path is not None:
             torch.cuda.memory._record_memory_history(max_entries=200_000)
         _sync(device)
-        losses = []
-        start = time.perf_counter()
-        for _ in range(steps):
-            losses.append(recipe.train_step(model, optimizer, batch, plan, scaler=scaler, on_phase=mark))
-        enqueued = (time.perf_counter() - start) / steps
-        _sync(device)
-        elapsed = (time.perf_counter() - start) / steps
+        losses, issued = [], []
+        with recipe.collection_between_steps():
+            start = time.perf_counter()
+            for _ in range(steps):
+                losses.append(recipe.train_step(model, optimizer, batch, plan, scaler=scaler, on_phase=mark))
+                issued.append(time.perf_counter())
+            enqueued = (time.perf_counter() - start) / steps
+            _sync(device)
+            elapsed = (time.perf_counter() - start) / steps
+        step_times = _step_times(events) if cuda else [b - a for a, b in zip([start, *issued], issued)]
         losses = [float(x) for x in losses]
         if cuda and snapshot_path is not None:
             torch.cuda.memory._dump_snapshot(str(snapshot_path))
@@ -133,10 +140,12 @@ def _measure(spec: ModelSpec, plan: Plan, *, steps: int, mesh, device: torch.dev
             "weights": spec.weights_dir if load_weights and spec.weights_dir else "random init",
             "steps": steps,
             "measured_categories": categories,
-            "step_time_s": elapsed,
+            "step_time_s": statistics.median(step_times),
+            "step_times_s": step_times,
+            "mean_step_time_s": elapsed,
             "host_enqueue_s": enqueued,
             "phase_times_s": _phase_times(events, steps),
-            "tokens_per_s": plan.batch_size * plan.seq_len * plan.grad_accum / elapsed,
+            "tokens_per_s": plan.batch_size * plan.seq_len * plan.grad_accum / statistics.median(step_times),
             "warmup_loss": warmup_loss,
             "losses": losses,
         }
@@ -165,6 +174,20 @@ def _measure(spec: ModelSpec, plan: Plan, *, steps: int, mesh, device: torch.dev
             if snapshot_path is not None:
                 torch.cuda.memory._record_memory_history(enabled=None)
             torch.cuda.empty_cache()
+
+
+def _step_times(events: list) -> list[float]:
+    """Seconds of each step on the GPU, from its first phase's event to its ``end`` event: where the host sets the
+    pace, the GPU reaches a step's first event only once the host has issued it, and the step's span is the host's
+    time to issue it."""
+    times, first = [], None
+    for phase, event in events:
+        if first is None:
+            first = event
+        if phase == "end":
+            times.append(first.elapsed_time(event) / 1e3)
+            first = None
+    return times
 
 
 def _phase_times(events: list, steps: int) -> dict[str, float]:

@@ -43,11 +43,11 @@ def test_plan_picks_the_cheapest_plan_that_fits():
     assert {c["method"] for c in out["candidates"]} <= {"screen", "trace"}
     fitting = [c for c in out["candidates"] if c["fits"]]
     cheapest = min(c["cost"]["gpu_seconds_per_token"] for c in fitting)
-    # Without checkpointing nothing is recomputed; unquantized weights skip bitsandbytes' dequantization (whether
-    # LoRA's saved weight gradients pay for its extra ops depends on the host's pace at this size). The finalists
-    # are costed by their traced step time.
+    # Unquantized weights skip bitsandbytes' dequantization; full checkpointing recomputes every layer, while
+    # selective checkpointing's closed-form backward issues about as many ops as autograd's (this host-bound step
+    # prices the two within 1 %). The finalists are costed by their traced step time.
     chosen = out["chosen"]
-    assert (chosen["checkpointing"], chosen["quantization"]) == ("none", "none")
+    assert chosen["quantization"] == "none" and chosen["checkpointing"] in ("none", "selective")
     entry = [c for c in fitting if c["plan"] == chosen][0]
     assert entry["method"] == "trace" and entry["cost"]["method"] == "trace"
     assert entry["cost"]["gpu_seconds_per_token"] == pytest.approx(cheapest, rel=1e-3)
@@ -57,7 +57,7 @@ def test_plan_picks_the_cheapest_plan_that_fits():
 def test_plan_constraints_fix_a_knob():
     r = run("plan", "--model", str(TINY), "--gpu", "T4-16GB", "--seq-len", "128", "--peft", "none", "--json")
     out = json.loads(r.stdout)
-    assert r.exit_code == 0 and out["chosen"]["peft"] == "none" and out["chosen"]["checkpointing"] == "none"
+    assert r.exit_code == 0 and out["chosen"]["peft"] == "none" and out["chosen"]["checkpointing"] != "full"
     assert all(c["plan"]["peft"] == "none" for c in out["candidates"] if c["verdict"] != "invalid")
     valid = [c["plan"] for c in out["candidates"] if c["verdict"] != "invalid"]
     assert {p["checkpointing"] for p in valid} == {"none", "selective", "full"}
