@@ -327,8 +327,7 @@ def out_of_sample(name: str) -> dict | None:
     by_class = {cls: summary([r["error"] for r in rows if error_class(Plan.from_dict(r["plan"])) == cls])
                 for cls in ("kbit", "other")}
     return {"set": OOS[name], "predicted_at": predicted["commit"],
-            "note": "the predictions of that commit, before these plans were measured; the constants in this file "
-                    "were fitted later, on the grid only",
+            "note": "the predictions of that commit, before these plans were measured; never fitted on",
             **summary([r["error"] for r in rows]), "by_class": by_class, "rows": rows}
 
 

@@ -34,6 +34,10 @@ def test_validate_cli_falls_back_to_dry_run_without_cuda():
 def test_measure_plan_runs_real_steps_on_cpu(tiny):
     result = measure_plan(tiny, Plan(peft="lora", seq_len=32, batch_size=2), steps=2, device=torch.device("cpu"))
     assert len(result["losses"]) == 2 and result["tokens_per_s"] > 0
+    # the step time is the median step (of two: their mean), beside the wall time of all steps over their number
+    assert len(result["step_times_s"]) == 2
+    assert result["step_time_s"] == pytest.approx(sum(result["step_times_s"]) / 2)
+    assert result["mean_step_time_s"] >= result["step_time_s"] * 0.5
     cats = result["measured_categories"]["optimizer_step"]
     assert cats["gradients"] > 0 and cats["optimizer_states"] > 0
     assert "measured_peak_allocated_bytes" not in result  # no allocator to read on a CPU

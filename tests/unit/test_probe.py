@@ -1,0 +1,39 @@
+"""How the probe and the training loop time and run their steps."""
+
+import gc
+
+import pytest
+
+from memtune.train import recipe
+from memtune.validate import probe
+
+
+class _Event:
+    """A CUDA event's timing interface: ``elapsed_time`` in milliseconds."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def elapsed_time(self, later: "_Event") -> float:
+        return (later.seconds - self.seconds) * 1e3
+
+
+def test_each_step_spans_its_first_phase_to_its_end():
+    # two steps, the second with two micro-batches; the gap between them (the loop's own work) is no step's
+    marks = [("forward", 0.0), ("backward", 1.0), ("optimizer_step", 2.0), ("end", 2.5),
+             ("forward", 3.0), ("backward", 3.5), ("forward", 4.0), ("backward", 4.5), ("optimizer_step", 5.0),
+             ("end", 5.25)]
+    events = [(phase, _Event(t)) for phase, t in marks]
+    assert probe._step_times(events) == pytest.approx([2.5, 2.25])
+    assert probe._phase_times(events, steps=2)["backward"] == pytest.approx((1.0 + 0.5 + 0.5) / 2)
+
+
+def test_the_collector_runs_between_steps_only(monkeypatch):
+    collected = []
+    monkeypatch.setattr(recipe.gc, "collect", lambda generation=2: collected.append(generation))
+    assert gc.isenabled()
+    with recipe.collection_between_steps(every=2) as collect:
+        assert not gc.isenabled() and collected == [2]  # one full collection on entry, then none on its own
+        for step in range(1, 6):
+            collect(step)
+    assert gc.isenabled() and collected == [2, 1, 1]  # the young generations after steps 2 and 4
