@@ -8,8 +8,9 @@
    (``t = t0 + F / (peak x e_max)``), and the bandwidth share of element-wise kernels.
    The int8 product and the memory-bound kernels of bitsandbytes' k-bit layers from ``bench/timing.py kernels-kbit``.
 2. The host constants, the 8-bit AdamW rate, the matmul and bandwidth shares from whole steps
-   (``bench/timing.py grid``, the median step of each plan): fitted on the plans of even index, reported on those of odd index (held out), each
-   against the trace of its plan; then the other way round (``heldout_both_folds``: every plan held out once).
+   (``bench/timing.py grid``, the median step of each plan): fitted on the plans of even index, reported on those of
+   odd index (held out), each against the trace of its plan; then the other way round (``heldout_both_folds``: every
+   plan held out once).
 3. The closed-form cost model (``memtune.planner.cost.step_cost``) on the same held-out plans, for comparison.
 
 4. The out-of-sample checks: plans estimated (``--predict SET``, with the shipped calibration) before they were
@@ -182,6 +183,8 @@ def reproducibility(grid: list[dict], repeat: Path) -> dict | None:
         return None
     measured = {r["key"]: r["step_time_s"] for r in grid}
     diffs = [r["step_time_s"] / measured[r["key"]] - 1 for r in load_rows([repeat]) if r["key"] in measured]
+    if not diffs:
+        return None
     return {"source": str(repeat.relative_to(ROOT)), **summary(diffs),
             "repeat_slower": sum(d > 0.05 for d in diffs), "repeat_faster": sum(d < -0.05 for d in diffs)}
 
@@ -202,24 +205,24 @@ def errors(cases, cal: Calibration) -> list[float]:
 
 
 def fit_steps(cases, start: Calibration) -> Calibration:
-    """Coordinate descent in log space on the squared log errors of the fitting plans (and ``PRIOR_WEIGHT``'s
-    prior): ``STEP_FITTED`` on the plans
-    without k-bit weights, then ``KBIT_FITTED`` on those with (so that the k-bit plans, whose host work the model
-    knows least, do not bend the constants every plan shares)."""
+    """Coordinate descent in log space on the squared log errors of the fitting plans and ``PRIOR_WEIGHT``'s prior
+    around ``start`` (the micro-benchmarks' constants): ``STEP_FITTED`` on the plans without k-bit weights, then
+    ``KBIT_FITTED`` on those with (so that the k-bit plans, whose host work the model knows least, do not bend the
+    constants every plan shares)."""
     plain = [c for c in cases if error_class(c[1][1]) != "kbit"]
     kbit = [c for c in cases if error_class(c[1][1]) == "kbit"]
-    return _descend(kbit, _descend(plain, start, STEP_FITTED), KBIT_FITTED)
+    return _descend(kbit, _descend(plain, start, STEP_FITTED, start), KBIT_FITTED, start)
 
 
 PRIOR_WEIGHT = 0.003
-"""A weak prior: each fitted constant pays ``PRIOR_WEIGHT x log(value / default)**2`` (``Calibration``'s defaults),
-as much as a 5 % error on one plan for a factor of 2.5. Constants the measured steps cannot tell apart (a k-bit
+"""A weak prior: each fitted constant pays ``PRIOR_WEIGHT x log(value / prior)**2``, the prior being the
+micro-benchmarks' value where they measured the constant and ``Calibration``'s default elsewhere - as much as a 5 %
+error on one plan for a factor of 2.5. Constants the measured steps cannot tell apart (a k-bit
 layer's host work in forward and in backward, LLM.int8's syncs and its Python layer) then stay near physical values
 instead of one of them drifting to zero."""
 
 
-def _descend(cases, start: Calibration, names) -> Calibration:
-    prior = Calibration()
+def _descend(cases, start: Calibration, names, prior: Calibration) -> Calibration:
 
     def loss(c):
         return sum(math.log1p(e) ** 2 for e in errors(cases, c)) + PRIOR_WEIGHT * sum(
@@ -278,9 +281,9 @@ def _model_of(path: Path, name: str) -> str:
     return next(c["model"] for c in json.loads(plans.read_text())["cases"] if c["name"] == name)
 
 
-def summary(errs: list[float]) -> dict:
+def summary(errs: list[float]) -> dict | None:
     a = [abs(e) for e in errs]
-    return {"median_abs_err": statistics.median(a), "max_abs_err": max(a), "n": len(a)}
+    return {"median_abs_err": statistics.median(a), "max_abs_err": max(a), "n": len(a)} if a else None
 
 
 OOS = {"oos": "the first set, predicted with the calibration fitted on the older grid files",
@@ -324,6 +327,8 @@ def out_of_sample(name: str) -> dict | None:
              "measured_step_s": measured[p["index"]]["step_time_s"], "estimated_step_s": p["estimated"]["step_s"],
              "error": p["estimated"]["step_s"] / measured[p["index"]]["step_time_s"] - 1}
             for p in predicted["rows"] if p["index"] in measured]
+    if not rows:
+        return None
     by_class = {cls: summary([r["error"] for r in rows if error_class(Plan.from_dict(r["plan"])) == cls])
                 for cls in ("kbit", "other")}
     return {"set": OOS[name], "predicted_at": predicted["commit"],

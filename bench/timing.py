@@ -417,7 +417,13 @@ def grid(out: Path, deadline: float, checkpointing: str | None, start: int = 0, 
     started = time.time()
     done = set()
     if out.exists():
-        done = {json.loads(line)["key"] for line in out.read_text().splitlines() if line.strip()}
+        for line in out.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a killed run
+                continue
+            if not row.get("error"):
+                done.add(row["key"])
     try:
         import bitsandbytes  # noqa: F401
         has_bnb = True
@@ -621,7 +627,7 @@ def main() -> None:
     ap.add_argument("--start", type=int, default=0, help="grid: only the plans from this index on")
     ap.add_argument("--match", default="", help='grid: only the plans whose key holds this text (\'"4bit"\')')
     ap.add_argument("--set", choices=sorted(GRIDS), default="grid",
-                    help="grid: the plans to measure (oos: the out-of-sample check of the step-time model)")
+                    help="grid: the plans to measure (oos, oos-2: the out-of-sample checks of the step-time model)")
     ap.add_argument("--study", action="store_true", help="sac: every placement of selective checkpointing")
     args = ap.parse_args()
     # cuBLAS handles and workspaces exist before anything is measured

@@ -227,7 +227,11 @@ class _Tracker(TorchDispatchMode):
         flops = _matmul_flops(name, args, outs) if kind in ("mm", "gmm") else 0.0
         writes = [t for t in outs if isinstance(t, torch.Tensor)]
         if not writes:  # an in-place op that returns nothing (foreach, fused optimizers) writes its mutated inputs
-            writes = _tensors([args[i] for i in written if i < len(args)])
+            kwargs = kwargs or {}
+            if name.startswith("_fused_adam") and kwargs.get("grad_scale") is None:
+                written = tuple(i for i in written if i != 1)  # the gradients: unscaled in place under a GradScaler
+            writes = _tensors([args[i] if i < len(args) else kwargs.get(func._schema.arguments[i].name)
+                               for i in written])
         nbytes = sum(t.numel() * t.element_size() for t in inputs) + sum(t.numel() * t.element_size() for t in writes)
         tensors = len(args[0]) if foreach and args and isinstance(args[0], (list, tuple)) else 1
         return OpRecord(self.micro_batch, self.phase, self.layer, kind or "mem", flops, nbytes, itemsize, tensors,
