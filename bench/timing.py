@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -126,9 +125,15 @@ def warmed_up(spec, plan, steps: int = 2):
     return model, optimizer, batch
 
 
+WAITS = ("Synchronize", "Memcpy", "aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero",
+         "cudaStreamWaitEvent", "cudaEventSynchronize")
+"""Profiler entries where the host may wait for the GPU."""
+
+
 def _profile(spec, plan) -> dict:
     """One profiled step (after two warm-up steps): host and GPU time, op and kernel counts, the top entries (by
-    host time, by kernel time, and the aten ops by the GPU time of the kernels they launch)."""
+    host time, by kernel time, and the aten ops by the GPU time of the kernels they launch), and the calls where the
+    host may wait for the GPU (``waits``: synchronizations, copies, reads of a device scalar)."""
     from torch.profiler import ProfilerActivity, profile
 
     model, optimizer, batch = warmed_up(spec, plan)
@@ -162,6 +167,8 @@ def _profile(spec, plan) -> dict:
                     for e in sorted(kernels, key=lambda e: -device_us(e))[:10]],
         "aten": [{"op": e.key, "calls": e.count, "gpu_ms": inclusive_us(e) / 1e3,
                   "host_ms": e.self_cpu_time_total / 1e3} for e in sorted(aten, key=lambda e: -inclusive_us(e))[:40]],
+        "waits": [{"op": e.key, "calls": e.count, "host_ms": e.cpu_time_total / 1e3} for e in events
+                  if any(w in e.key for w in WAITS)],
         "kernels": [{"kernel": e.key[:120], "calls": e.count, "ms": device_us(e) / 1e3}
                     for e in sorted(kernels, key=lambda e: -device_us(e))[:25]],
     }
@@ -611,7 +618,7 @@ def profile_plans(out: Path, plans_file: Path) -> None:
             continue
         profiled = _profile(resolve_model(case["model"]), Plan.from_dict(case["chosen"]))
         rows.append({"name": case["name"], "plan": case["chosen"],
-                     **{k: profiled[k] for k in ("wall_s", "gpu_kernel_s", "aten", "kernels")}})
+                     **{k: profiled[k] for k in ("wall_s", "gpu_kernel_s", "aten", "kernels", "waits")}})
         print(case["name"], f"{profiled['wall_s']:.3f} s", flush=True)
         out.write_text(json.dumps({"versions": versions(), "cases": rows}, indent=1) + "\n")
 
