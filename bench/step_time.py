@@ -157,7 +157,7 @@ def fit_kbit_kernels(kernels_kbit: dict, gpu) -> tuple[dict, dict]:
     return out, quality
 
 
-GRID = ROOT / "bench/results/timing/grid-median.jsonl"
+GRID_FILE = ROOT / "bench/results/timing/grid-median.jsonl"
 """The grid as measured by the probe that times the median step with Python's collector kept out of the steps
 (``memtune.validate.probe``); the older ``grid*.jsonl`` files hold the mean of the steps, collector running."""
 REPEAT = ROOT / "bench/results/timing/grid-median-repeat.jsonl"
@@ -223,7 +223,6 @@ instead of one of them drifting to zero."""
 
 
 def _descend(cases, start: Calibration, names, prior: Calibration) -> Calibration:
-
     def loss(c):
         return sum(math.log1p(e) ** 2 for e in errors(cases, c)) + PRIOR_WEIGHT * sum(
             math.log(getattr(c, n) / getattr(prior, n)) ** 2 for n in names)
@@ -338,7 +337,7 @@ def out_of_sample(name: str) -> dict | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--grid", nargs="+", type=Path, default=[GRID])
+    ap.add_argument("--grid", nargs="+", type=Path, default=[GRID_FILE])
     ap.add_argument("--kernels", type=Path, default=ROOT / "bench/results/timing/kernels.json")
     ap.add_argument("--kernels-2", type=Path, default=ROOT / "bench/results/timing/kernels-2.json")
     ap.add_argument("--kernels-kbit", type=Path, default=ROOT / "bench/results/timing/kernels-kbit.json")

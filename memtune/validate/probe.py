@@ -131,6 +131,7 @@ def _measure(spec: ModelSpec, plan: Plan, *, steps: int, mesh, device: torch.dev
             _sync(device)
             elapsed = (time.perf_counter() - start) / steps
         step_times = _step_times(events) if cuda else [b - a for a, b in zip([start, *issued], issued)]
+        step_time = statistics.median(step_times)
         losses = [float(x) for x in losses]
         if cuda and snapshot_path is not None:
             torch.cuda.memory._dump_snapshot(str(snapshot_path))
@@ -140,12 +141,12 @@ def _measure(spec: ModelSpec, plan: Plan, *, steps: int, mesh, device: torch.dev
             "weights": spec.weights_dir if load_weights and spec.weights_dir else "random init",
             "steps": steps,
             "measured_categories": categories,
-            "step_time_s": statistics.median(step_times),
+            "step_time_s": step_time,
             "step_times_s": step_times,
             "mean_step_time_s": elapsed,
             "host_enqueue_s": enqueued,
             "phase_times_s": _phase_times(events, steps),
-            "tokens_per_s": plan.batch_size * plan.seq_len * plan.grad_accum / statistics.median(step_times),
+            "tokens_per_s": plan.batch_size * plan.seq_len * plan.grad_accum / step_time,
             "warmup_loss": warmup_loss,
             "losses": losses,
         }
