@@ -7,6 +7,7 @@
     python bench/timing.py kernels-kbit OUT.json        # bitsandbytes' LLM.int8 and NF4 linear layers, profiled
     python bench/timing.py profile OUT.json --plans P.json   # each case's chosen plan in a regret plans file,
                                                         # profiled: GPU time per aten op and per kernel
+    python bench/timing.py gaps OUT.json                # host-bound k-bit steps as timelines: where the GPU waits
     python bench/timing.py grid OUT.jsonl [--deadline S] [--checkpointing selective] [--start I] [--set oos]
                                           [--match '"4bit"']
                                                         # whole steps
@@ -419,6 +420,105 @@ OUT_OF_SAMPLE_2 = [
 GRIDS = {"grid": GRID, "oos": OUT_OF_SAMPLE, "oos-2": OUT_OF_SAMPLE_2}
 
 
+def idle_gaps(trace: dict, top: int = 25) -> dict:
+    """Where the GPU sat idle in a profiled step (a Chrome trace from ``torch.profiler``): the gaps between its
+    busy stretches, and for each the host's work during it - the CUDA runtime calls and the aten ops (inclusive time
+    overlapping the gaps, by name; nested ops count in each of their parents) and the op that launched the kernel
+    that ended the gap. A gap the host ends late (the launch after the gap's start) is host time the step pays."""
+    events = [e for e in trace["traceEvents"] if e.get("ph") == "X" and "dur" in e]
+    gpu = sorted((e["ts"], e["ts"] + e["dur"], e) for e in events
+                 if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    if not gpu:
+        return {}
+    busy: list[list] = []
+    for start, end, e in gpu:
+        if busy and start <= busy[-1][1]:
+            busy[-1][1] = max(busy[-1][1], end)
+        else:
+            busy.append([start, end, e])
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    host = [e for e in events if e.get("cat") in ("cpu_op", "cuda_runtime")]
+    host.sort(key=lambda e: e["ts"])
+    starts = [e["ts"] for e in host]
+    import bisect
+
+    by_name: dict[str, float] = {}
+    launchers: dict[str, list] = {}
+    idle = late = 0.0
+    for (_, end, _), (start, _, nxt) in zip(busy, busy[1:]):
+        gap = start - end
+        if gap <= 0:
+            continue
+        idle += gap
+        launch = launches.get(nxt.get("args", {}).get("correlation"))
+        if launch is not None and launch["ts"] > end:
+            late += min(gap, launch["ts"] - end)
+            ops = [e for e in host[:bisect.bisect_right(starts, launch["ts"])]
+                   if e.get("cat") == "cpu_op" and e["ts"] + e["dur"] >= launch["ts"]]
+            name = min(ops, key=lambda e: e["dur"])["name"] if ops else launch["name"]
+            entry = launchers.setdefault(name, [0, 0.0])
+            entry[0] += 1
+            entry[1] += gap
+        for e in host[:bisect.bisect_right(starts, start)]:
+            overlap = min(start, e["ts"] + e["dur"]) - max(end, e["ts"])
+            if overlap > 0:
+                by_name[e["name"]] = by_name.get(e["name"], 0.0) + overlap
+    first, last = busy[0][0], busy[-1][1]
+    return {"span_ms": (last - first) / 1e3, "busy_ms": sum(b - a for a, b, _ in busy) / 1e3,
+            "idle_ms": idle / 1e3, "idle_host_late_ms": late / 1e3, "gaps": len(busy) - 1,
+            "host_in_gaps_ms": [{"op": k, "ms": v / 1e3} for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]],
+            "gap_enders": [{"op": k, "gaps": v[0], "ms": v[1] / 1e3}
+                           for k, v in sorted(launchers.items(), key=lambda kv: -kv[1][1])[:top]]}
+
+
+GAP_PLANS = [
+    ("qwen2.5-0.5b QLoRA 4x2048", *_p(Q05, q="4bit", b=4)), ("qwen2.5-0.5b QLoRA 2x512", *_p(Q05, q="4bit", b=2, s=512)),
+    ("qwen2.5-0.5b LoRA 4x2048", *_p(Q05, "lora", b=4)),
+    ("llama-guard-3-1b QLoRA full 2x2048", *_p(L1, q="4bit", ac="full", b=2)),
+    ("qwen2.5-0.5b LLM.int8 8x1024", *_p(Q05, q="8bit", b=8, s=1024)),
+    ("llama-3.1-8b QLoRA selective 1x2048", *_p(L8, q="4bit", ac="selective")),
+]
+"""Host-bound k-bit steps whose measured time grows with the tokens more than their kernels do, and a LoRA step."""
+
+
+def gaps(out: Path) -> None:
+    """For each of ``GAP_PLANS``: one profiled step (after two warm-up steps) as a timeline, the GPU's idle gaps and
+    the host's work in them (``idle_gaps``), beside the step's time measured without the profiler (the probe's
+    median of five steps, before and after, to show how much the host's pace moves); the traces, gzipped, beside
+    OUT for a closer look."""
+    import gzip
+
+    from torch.profiler import ProfilerActivity, profile
+
+    rows = []
+    for name, model, plan in GAP_PLANS:
+        spec = resolve_model(model)
+        before = measure_plan(spec, plan, steps=5)
+        m, opt, batch = warmed_up(spec, plan)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            recipe.train_step(m, opt, batch, plan)
+            torch.cuda.synchronize()
+        path = out.with_name(out.stem + "-" + name.replace(" ", "_").replace(".", "") + ".json")
+        prof.export_chrome_trace(str(path))
+        trace = json.loads(path.read_text())
+        with gzip.open(str(path) + ".gz", "wt") as f:
+            json.dump(trace, f)
+        path.unlink()
+        del m, opt, batch
+        torch.cuda.empty_cache()
+        after = measure_plan(spec, plan, steps=5)
+        row = {"name": name, "model": model, "plan": plan.to_dict(),
+               "step_time_s": [before.get("step_time_s"), after.get("step_time_s")],
+               "step_times_s": [before.get("step_times_s"), after.get("step_times_s")],
+               "phase_times_s": before.get("phase_times_s"), **idle_gaps(trace)}
+        rows.append(row)
+        print(name, row["step_time_s"], f"span {row.get('span_ms', 0):.1f} busy {row.get('busy_ms', 0):.1f} ms",
+              flush=True)
+        out.write_text(json.dumps({"versions": versions(), "command": "python bench/timing.py gaps OUT.json",
+                                   "rows": rows}, indent=1) + "\n")
+
+
 def grid(out: Path, deadline: float, checkpointing: str | None, start: int = 0, plans: list = GRID,
          match: str = "") -> None:
     started = time.time()
@@ -625,7 +725,7 @@ def profile_plans(out: Path, plans_file: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=("sac", "kernels", "kernels-2", "kernels-kbit", "grid", "profile"))
+    ap.add_argument("what", choices=("sac", "kernels", "kernels-2", "kernels-kbit", "grid", "profile", "gaps"))
     ap.add_argument("--plans", type=Path, help="profile: a bench/regret.py plans file")
     ap.add_argument("out")
     ap.add_argument("--deadline", type=float, default=1e9, help="grid: start no plan after this many seconds")
@@ -643,7 +743,7 @@ def main() -> None:
     del a
     {"sac": lambda: sac(Path(args.out), args.study), "kernels": lambda: kernels(Path(args.out)),
      "kernels-2": lambda: kernels_2(Path(args.out)), "kernels-kbit": lambda: kernels_kbit(Path(args.out)),
-     "profile": lambda: profile_plans(Path(args.out), args.plans),
+     "profile": lambda: profile_plans(Path(args.out), args.plans), "gaps": lambda: gaps(Path(args.out)),
      "grid": lambda: grid(Path(args.out), args.deadline, args.checkpointing, args.start, GRIDS[args.set],
                           args.match)}[args.what]()
 

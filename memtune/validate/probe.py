@@ -98,13 +98,15 @@ def _measure(spec: ModelSpec, plan: Plan, *, steps: int, mesh, device: torch.dev
 
         def mark(phase: str) -> None:
             # The caching allocator counts on the host, in the order ops are enqueued: its statistics need no
-            # synchronization, and the GPU keeps running while the host goes ahead (as in a real run).
+            # synchronization, and the GPU keeps running while the host goes ahead (as in a real run). One read of
+            # them per phase boundary, and the tensors' sizes only in the first step (every step holds the same),
+            # keep the measurement's own host time out of the steps it times.
             if cuda and state["phase"] is not None:
-                phases[state["phase"]] = max(phases[state["phase"]], torch.cuda.max_memory_allocated(device))
                 stats = torch.cuda.memory_stats(device)
+                phases[state["phase"]] = max(phases[state["phase"]], stats.get("allocated_bytes.all.peak", 0))
                 state["active"] = max(state["active"], stats.get("active_bytes.all.peak", 0))
-                state["reserved"] = max(state["reserved"], torch.cuda.max_memory_reserved(device))
-            if phase in categories:
+                state["reserved"] = max(state["reserved"], stats.get("reserved_bytes.all.peak", 0))
+            if phase in categories and not categories[phase]:
                 categories[phase] = {
                     MemCategory.PARAMETERS.value: params,
                     MemCategory.GRADIENTS.value: _tensor_bytes([p.grad for p in model.parameters()], device),
