@@ -539,7 +539,8 @@ def grid(out: Path, deadline: float, checkpointing: str | None, start: int = 0, 
     meta = versions()
     for i, (model, plan) in enumerate(plans):
         key = f"{model} {json.dumps(plan.to_dict(), sort_keys=True)}"
-        if (checkpointing and plan.checkpointing != checkpointing) or i < start or match not in key:
+        matched = any(m in key for m in match.split("|"))
+        if (checkpointing and plan.checkpointing != checkpointing) or i < start or not matched:
             continue
         if key in done:
             continue
@@ -732,7 +733,8 @@ def main() -> None:
     ap.add_argument("--checkpointing", choices=("none", "selective", "full"), default=None,
                     help="grid: only the plans with this checkpointing")
     ap.add_argument("--start", type=int, default=0, help="grid: only the plans from this index on")
-    ap.add_argument("--match", default="", help='grid: only the plans whose key holds this text (\'"4bit"\')')
+    ap.add_argument("--match", default="",
+                    help='grid: only the plans whose key holds one of these texts (\'"4bit"|"8bit"\')')
     ap.add_argument("--set", choices=sorted(GRIDS), default="grid",
                     help="grid: the plans to measure (oos, oos-2: the out-of-sample checks of the step-time model)")
     ap.add_argument("--study", action="store_true", help="sac: every placement of selective checkpointing")
