@@ -157,35 +157,42 @@ def fit_kbit_kernels(kernels_kbit: dict, gpu) -> tuple[dict, dict]:
     return out, quality
 
 
-GRID_FILE = ROOT / "bench/results/timing/grid-median.jsonl"
-"""The grid as measured by the probe that times the median step with Python's collector kept out of the steps
-(``memtune.validate.probe``); the older ``grid*.jsonl`` files hold the mean of the steps, collector running."""
-REPEAT = ROOT / "bench/results/timing/grid-median-repeat.jsonl"
-"""An earlier measurement of the grid's plans 0-87 in the same lease (the first call; the grid is the second and
-third): how far a plan's measured step moves from one call to the next."""
+GRID_FILE = ROOT / "bench/results/timing/grid-probe2.jsonl"
+"""The grid as measured by the probe that times the median step with Python's collector kept out of the steps and
+reads the allocator once per phase boundary (``memtune.validate.probe``); the older ``grid*.jsonl`` files were
+measured with more of the probe's own host work inside the steps."""
+REPEATS = [ROOT / "bench/results/timing/grid-probe2-repeat.jsonl",
+           ROOT / "bench/results/timing/grid-probe2-repeat-2.jsonl"]
+"""Later measurements of some of the grid's plans in the same lease (the k-bit ones, the host-bound small k-bit
+ones twice): a plan's step is the median of its measurements, and how far they move from one measurement to the
+next is the noise floor (``reproducibility``)."""
 
 
 def load_rows(paths: list[Path]) -> list[dict]:
-    """Measured steps by plan (the last measurement of a plan wins), in the grid's order."""
-    rows = {}
+    """Measured steps by plan, in the grid's order: a plan measured more than once (in several files) gets the
+    median of its measurements as ``step_time_s`` and all of them as ``measurements``."""
+    rows: dict[str, dict] = {}
     for path in paths:
+        if not path.is_file():
+            continue
         for line in path.read_text().splitlines():
             r = json.loads(line)
             if r.get("step_time_s") and not r.get("error"):
-                rows[r["key"]] = r
+                rows.setdefault(r["key"], {**r, "measurements": []})["measurements"].append(r["step_time_s"])
+    for r in rows.values():
+        r["step_time_s"] = statistics.median(r["measurements"])
     return sorted(rows.values(), key=lambda r: r["index"])
 
 
-def reproducibility(grid: list[dict], repeat: Path) -> dict | None:
-    """|repeat / grid - 1| of the plans measured twice: the noise floor of a measured step (host-bound steps move
-    with the host's load)."""
-    if not repeat.is_file():
-        return None
-    measured = {r["key"]: r["step_time_s"] for r in grid}
-    diffs = [r["step_time_s"] / measured[r["key"]] - 1 for r in load_rows([repeat]) if r["key"] in measured]
+def reproducibility(grid: Path, repeats: list[Path]) -> dict | None:
+    """|repeat / first - 1| over the plans measured again: the noise floor of one measured step (host-bound steps
+    move with the host's pace)."""
+    measured = {r["key"]: r["step_time_s"] for r in load_rows([grid])}
+    diffs = [r["step_time_s"] / measured[r["key"]] - 1 for path in repeats if path.is_file()
+             for r in load_rows([path]) if r["key"] in measured]
     if not diffs:
         return None
-    return {"source": str(repeat.relative_to(ROOT)), **summary(diffs),
+    return {"source": [str(p.relative_to(ROOT)) for p in repeats if p.is_file()], **summary(diffs),
             "repeat_slower": sum(d > 0.05 for d in diffs), "repeat_faster": sum(d < -0.05 for d in diffs)}
 
 
@@ -286,13 +293,20 @@ def summary(errs: list[float]) -> dict | None:
 
 
 OOS = {"oos": "the first set, predicted with the calibration fitted on the older grid files",
-       "oos-2": "the second set, predicted with the calibration fitted on grid-median.jsonl"}
+       "oos-2": "the second set, predicted with the calibration fitted on grid-median.jsonl",
+       "oos-3": "the third set, predicted with the calibration fitted on grid-probe2.jsonl and its first repeat "
+                "(plans 0-104), measured twice"}
 """The out-of-sample sets of ``bench/timing.py`` (``--set``): ``timing/<set>-predicted.json`` holds what a commit
-estimated before the plans were measured into ``timing/<set>.jsonl``."""
+estimated before the plans were measured into ``timing/<set>.jsonl`` (and ``<set>-repeat.jsonl``: the step is the
+median of a plan's measurements)."""
 
 
 def _oos_paths(name: str) -> tuple[Path, Path]:
     return ROOT / f"bench/results/timing/{name}-predicted.json", ROOT / f"bench/results/timing/{name}.jsonl"
+
+
+def _oos_repeat(name: str) -> Path:
+    return ROOT / f"bench/results/timing/{name}-repeat.jsonl"
 
 
 def predict_out_of_sample(name: str) -> None:
@@ -320,10 +334,10 @@ def out_of_sample(name: str) -> dict | None:
     if not (predicted_path.exists() and measured_path.exists()):
         return None
     predicted = json.loads(predicted_path.read_text())
-    measured = {r["index"]: r for r in map(json.loads, measured_path.read_text().splitlines())
-                if r.get("step_time_s") and not r.get("error")}
+    measured = {r["index"]: r for r in load_rows([measured_path, _oos_repeat(name)])}
     rows = [{"index": p["index"], "model": p["model"], "plan": p["plan"],
-             "measured_step_s": measured[p["index"]]["step_time_s"], "estimated_step_s": p["estimated"]["step_s"],
+             "measured_step_s": measured[p["index"]]["step_time_s"],
+             "measurements": measured[p["index"]]["measurements"], "estimated_step_s": p["estimated"]["step_s"],
              "error": p["estimated"]["step_s"] / measured[p["index"]]["step_time_s"] - 1}
             for p in predicted["rows"] if p["index"] in measured]
     if not rows:
@@ -337,7 +351,8 @@ def out_of_sample(name: str) -> dict | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--grid", nargs="+", type=Path, default=[GRID_FILE])
+    ap.add_argument("--grid", nargs="+", type=Path, default=[GRID_FILE, *REPEATS],
+                    help="measured steps (a plan in several files: the median of its measurements)")
     ap.add_argument("--kernels", type=Path, default=ROOT / "bench/results/timing/kernels.json")
     ap.add_argument("--kernels-2", type=Path, default=ROOT / "bench/results/timing/kernels-2.json")
     ap.add_argument("--kernels-kbit", type=Path, default=ROOT / "bench/results/timing/kernels-kbit.json")
@@ -374,7 +389,8 @@ def main() -> None:
     for (row, (spec, plan, g, trace)), part in [(c, "fit") for c in fitting] + [(c, "heldout") for c in heldout]:
         t = step_time(spec, plan, g, trace, cal)
         detail.append({"index": row["index"], "part": part, "model": row["model"], "plan": row["plan"],
-                       "measured_step_s": row["step_time_s"], "estimated": t.to_json(),
+                       "measured_step_s": row["step_time_s"], "measurements": row["measurements"],
+                       "estimated": t.to_json(),
                        "error": t.step_s / row["step_time_s"] - 1,
                        "closed_form_step_s": step_cost(spec, plan, g).step_time_s})
     result = {
@@ -389,7 +405,7 @@ def main() -> None:
                                            if error_class(plan) == cls]) for cls in ("kbit", "other")},
         "heldout_closed_form": summary(closed),
         "out_of_sample": {name: out_of_sample(name) for name in OOS},
-        "reproducibility": reproducibility(rows, REPEAT),
+        "reproducibility": reproducibility(GRID_FILE, REPEATS),
         "architectures": sorted({r["model"] for r, _ in heldout}),
         "other_architectures": other_architectures(args.architectures, cal) if args.architectures.is_file() else None,
         "not_traced_here": untraceable,

@@ -417,7 +417,17 @@ OUT_OF_SAMPLE_2 = [
     _p(Q05, opt="adamw-fused", b=8, s=1024), _p(L3, ac="full", opt="adamw-8bit", b=4), _p(M7, "lora", s=4096),
     _p(Q7, ac="selective", opt="sgd", b=2), _p(L8, "lora", ac="full", opt="adamw-fused", b=2, s=4096),
 ]
-GRIDS = {"grid": GRID, "oos": OUT_OF_SAMPLE, "oos-2": OUT_OF_SAMPLE_2}
+OUT_OF_SAMPLE_3 = [
+    # the third set, estimated with the calibration fitted on grid-probe2.jsonl before they were measured
+    _p(L1, q="4bit", ac="full", b=8, s=512), _p(Q05, q="4bit", b=8, s=1024), _p(L1B, q="4bit", ac="selective", b=4),
+    _p(L3, q="4bit", ac="selective", opt="adamw-fused", b=2), _p(Q7, q="4bit", s=4096),
+    _p(L1, q="8bit", ac="full", b=4), _p(Q05, q="8bit", ac="selective", b=8), _p(L1B, q="8bit", b=2),
+    _p(L1, "lora", ac="selective", b=4), _p(Q05, "lora", b=4, s=4096),
+    _p(L1B, ac="full", opt="adamw-8bit", b=8, s=1024),
+    _p(L3, "lora", ac="full", b=4), _p(L3, ac="selective", opt="adamw-fused", b=2, s=4096),
+    _p(Q05, q="4bit", ac="full", opt="adamw-fused", b=2, s=1024),
+]
+GRIDS = {"grid": GRID, "oos": OUT_OF_SAMPLE, "oos-2": OUT_OF_SAMPLE_2, "oos-3": OUT_OF_SAMPLE_3}
 
 
 def idle_gaps(trace: dict, top: int = 25) -> dict:
@@ -520,7 +530,7 @@ def gaps(out: Path) -> None:
 
 
 def grid(out: Path, deadline: float, checkpointing: str | None, start: int = 0, plans: list = GRID,
-         match: str = "") -> None:
+         match: str = "", indices: set[int] | None = None) -> None:
     started = time.time()
     done = set()
     if out.exists():
@@ -540,7 +550,8 @@ def grid(out: Path, deadline: float, checkpointing: str | None, start: int = 0, 
     for i, (model, plan) in enumerate(plans):
         key = f"{model} {json.dumps(plan.to_dict(), sort_keys=True)}"
         matched = any(m in key for m in match.split("|"))
-        if (checkpointing and plan.checkpointing != checkpointing) or i < start or not matched:
+        if (checkpointing and plan.checkpointing != checkpointing) or i < start or not matched or (
+                indices is not None and i not in indices):
             continue
         if key in done:
             continue
@@ -733,6 +744,7 @@ def main() -> None:
     ap.add_argument("--checkpointing", choices=("none", "selective", "full"), default=None,
                     help="grid: only the plans with this checkpointing")
     ap.add_argument("--start", type=int, default=0, help="grid: only the plans from this index on")
+    ap.add_argument("--indices", default=None, help="grid: only these plans (comma-separated indices)")
     ap.add_argument("--match", default="",
                     help='grid: only the plans whose key holds one of these texts (\'"4bit"|"8bit"\')')
     ap.add_argument("--set", choices=sorted(GRIDS), default="grid",
@@ -747,7 +759,8 @@ def main() -> None:
      "kernels-2": lambda: kernels_2(Path(args.out)), "kernels-kbit": lambda: kernels_kbit(Path(args.out)),
      "profile": lambda: profile_plans(Path(args.out), args.plans), "gaps": lambda: gaps(Path(args.out)),
      "grid": lambda: grid(Path(args.out), args.deadline, args.checkpointing, args.start, GRIDS[args.set],
-                          args.match)}[args.what]()
+                          args.match, {int(i) for i in args.indices.split(",")} if args.indices else None),
+     }[args.what]()
 
 
 if __name__ == "__main__":
