@@ -1,21 +1,21 @@
 """Calibrate the step-time model on the H200 and report it on held-out plans (on the CPU, from measured data).
 
-    python bench/step_time.py [--grid bench/results/timing/grid-median.jsonl] [--out bench/results/step_time.json]
+    python bench/step_time.py [--grid GRID.jsonl [REPEAT.jsonl ...]] [--out bench/results/step_time.json]
                               [--write-calibration]
-    python bench/step_time.py --predict oos-2   # estimate an out-of-sample set before it is measured
+    python bench/step_time.py --predict oos-3   # estimate an out-of-sample set before it is measured
 
 1. The GPU efficiencies from the micro-benchmarks (``bench/timing.py kernels``): matmuls and fused attention
    (``t = t0 + F / (peak x e_max)``), and the bandwidth share of element-wise kernels.
    The int8 product and the memory-bound kernels of bitsandbytes' k-bit layers from ``bench/timing.py kernels-kbit``.
 2. The host constants, the 8-bit AdamW rate, the matmul and bandwidth shares from whole steps
-   (``bench/timing.py grid``, the median step of each plan): fitted on the plans of even index, reported on those of
+   (``bench/timing.py grid``, the median step of each measurement, the median of a plan's measurements): fitted on the plans of even index, reported on those of
    odd index (held out), each against the trace of its plan; then the other way round (``heldout_both_folds``: every
    plan held out once).
 3. The closed-form cost model (``memtune.planner.cost.step_cost``) on the same held-out plans, for comparison.
 
 4. The out-of-sample checks: plans estimated (``--predict SET``, with the shipped calibration) before they were
    measured (``bench/timing.py grid bench/results/timing/SET.jsonl --set SET``) and never fitted on.
-5. The noise floor: the grid's plans measured again in another call (``reproducibility``).
+5. The noise floor: the grid's plans measured again later in the session (``reproducibility``).
 
 ``--write-calibration`` stores the constants in ``profiles/calibration/H200-141GB.json`` (``step_time``), which the
 planner reads.
