@@ -8,8 +8,8 @@
    (``t = t0 + F / (peak x e_max)``), and the bandwidth share of element-wise kernels.
    The int8 product and the memory-bound kernels of bitsandbytes' k-bit layers from ``bench/timing.py kernels-kbit``.
 2. The host constants, the 8-bit AdamW rate, the matmul and bandwidth shares from whole steps
-   (``bench/timing.py grid``, the median step of each measurement, the median of a plan's measurements): fitted on the plans of even index, reported on those of
-   odd index (held out), each against the trace of its plan; then the other way round (``heldout_both_folds``: every
+   (``bench/timing.py grid``, the median step of each measurement, the median of a plan's measurements): fitted on
+   the plans of even index, reported on those of odd index (held out), each against the trace of its plan; then the other way round (``heldout_both_folds``: every
    plan held out once).
 3. The closed-form cost model (``memtune.planner.cost.step_cost``) on the same held-out plans, for comparison.
 
@@ -281,6 +281,64 @@ def other_architectures(path: Path, cal: Calibration) -> dict:
     return {"source": str(path.relative_to(ROOT)), **summary([r["error"] for r in rows]), "rows": rows}
 
 
+WINNER_CASES = [ROOT / f"bench/results/{name}.json" for name in ("regret", "regret-1b", "architectures",
+                                                                   "architectures-2")]
+"""Cases of ``bench/regret.py measure``: a planner's choice and its alternatives, each measured on the H200."""
+
+
+SELECTIVE_SINCE = "3ab3fcb"
+"""The commit from which selective checkpointing runs as the recipe runs it now (closed-form norm and MLP tail
+instead of recomputed regions): selective plans measured before it timed another implementation."""
+
+
+def _measured_before(commit: str, change: str) -> bool:
+    """Whether ``commit`` is an ancestor of ``change`` (measured before that change), by git."""
+    import subprocess
+
+    run = subprocess.run(["git", "merge-base", "--is-ancestor", commit, change], cwd=ROOT, capture_output=True)
+    return run.returncode == 0
+
+
+def winners(paths: list[Path], cal: Calibration) -> dict:
+    """Whether the fitted model names the fastest measured plan of each case (the plans of one case share their
+    global batch: the one with the most tokens per second wins). The cases were measured with the probe of their
+    commit and are in no fit; the cases under a smaller card's cap are left out (their plans ran at the H200's speed
+    with the small card's attention kernels, which the trace for the H200 does not choose), and so are selective
+    plans measured before ``SELECTIVE_SINCE`` (``left_out``)."""
+    cases, left_out = [], []
+    for path in paths:
+        if not path.is_file():
+            continue
+        for case in json.loads(path.read_text())["cases"]:
+            if case["emulated"]:
+                continue
+            spec = resolve_model(case.get("model") or _model_of(path, case["name"]))
+            gpu, plans = resolve_gpu(case["gpu"]), []
+            stale = _measured_before(case["commit"], SELECTIVE_SINCE)
+            for r in case["measured"]:
+                if not (r.get("measured_step_time_s") and r.get("measured_tokens_per_s")):
+                    continue
+                plan = Plan.from_dict(r["plan"])
+                if stale and plan.checkpointing == "selective":
+                    left_out.append({"case": case["name"], "label": r["label"], "measured_at": case["commit"][:7]})
+                    continue
+                trace = cached_trace(spec, plan, fast_depth(spec), sdpa_backend(spec, plan, gpu))
+                tokens = r["measured_tokens_per_s"] * r["measured_step_time_s"]
+                plans.append({"label": r["label"], "measured_tokens_per_s": r["measured_tokens_per_s"],
+                              "estimated_tokens_per_s": tokens / step_time(spec, plan, gpu, trace, cal).step_s})
+            if len(plans) < 2:
+                continue
+            best = max(plans, key=lambda p: p["measured_tokens_per_s"])
+            pick = max(plans, key=lambda p: p["estimated_tokens_per_s"])
+            cases.append({"source": path.name, "case": case["name"], "plans": len(plans), "fastest": best["label"],
+                          "model_picks": pick["label"], "right": pick is best,
+                          "pick_over_best": pick["measured_tokens_per_s"] / best["measured_tokens_per_s"]})
+    if not cases:
+        return {}
+    return {"cases": len(cases), "right": sum(c["right"] for c in cases),
+            "min_pick_over_best": min(c["pick_over_best"] for c in cases), "rows": cases, "left_out": left_out}
+
+
 def _model_of(path: Path, name: str) -> str:
     """The model of a measured case, from the plans file beside it."""
     plans = path.with_name(path.stem + "-plans.json")
@@ -408,6 +466,7 @@ def main() -> None:
         "reproducibility": reproducibility(GRID_FILE, REPEATS),
         "architectures": sorted({r["model"] for r, _ in heldout}),
         "other_architectures": other_architectures(args.architectures, cal) if args.architectures.is_file() else None,
+        "winners": winners(WINNER_CASES, cal),
         "not_traced_here": untraceable,
         "rows": detail,
     }
@@ -425,6 +484,10 @@ def main() -> None:
     print(f"held out {len(heldout)}: median {result['heldout']['median_abs_err']:.1%} "
           f"max {result['heldout']['max_abs_err']:.1%} (closed form: median "
           f"{result['heldout_closed_form']['median_abs_err']:.1%}, max {result['heldout_closed_form']['max_abs_err']:.1%})")
+    won = result["winners"]
+    if won:
+        print(f"winners: the model names the fastest measured plan in {won['right']} of {won['cases']} cases "
+              f"(its pick at worst {won['min_pick_over_best']:.3f} of the fastest)")
     both = result["heldout_both_folds"]
     print(f"both folds, {both['n']} held out: median {both['median_abs_err']:.1%} max {both['max_abs_err']:.1%}")
     for d in sorted(detail, key=lambda d: -abs(d["error"]))[:8]:
