@@ -37,3 +37,22 @@ def test_the_collector_runs_between_steps_only(monkeypatch):
         for step in range(1, 6):
             collect(step)
     assert gc.isenabled() and collected == [2, 1, 1]  # the young generations after steps 2 and 4
+
+
+def test_the_probe_sizes_the_tensors_in_its_first_timed_step_only(tiny, monkeypatch):
+    # the probe's own host work inside the steps it times must not grow with the steps
+    import torch
+
+    from memtune.plan import Plan
+
+    calls = []
+    sizes = probe._tensor_bytes
+    monkeypatch.setattr(probe, "_tensor_bytes", lambda tensors, device: calls.append(1) or sizes(tensors, device))
+    plan = Plan(seq_len=16, batch_size=1)
+    counts = []
+    for steps in (1, 3):
+        calls.clear()
+        result = probe.measure_plan(tiny, plan, steps=steps, device=torch.device("cpu"))
+        counts.append(len(calls))
+        assert result["measured_categories"]["optimizer_step"]["gradients"] > 0
+    assert counts[0] == counts[1]
