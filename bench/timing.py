@@ -9,7 +9,7 @@
                                                         # profiled: GPU time per aten op and per kernel
     python bench/timing.py gaps OUT.json                # host-bound k-bit steps as timelines: where the GPU waits
     python bench/timing.py grid OUT.jsonl [--deadline S] [--checkpointing selective] [--start I] [--set oos]
-                                          [--match '"4bit"']
+                                          [--match '"4bit"|"8bit"'] [--indices 11,12,24]
                                                         # whole steps
 
 Every step is measured by ``memtune.validate.probe.measure_plan`` (the code ``memtune validate`` runs): one warm-up
@@ -433,11 +433,14 @@ GRIDS = {"grid": GRID, "oos": OUT_OF_SAMPLE, "oos-2": OUT_OF_SAMPLE_2, "oos-3": 
 def idle_gaps(trace: dict, top: int = 25) -> dict:
     """Where the GPU sat idle in a profiled step (a Chrome trace from ``torch.profiler``): the gaps between its
     busy stretches, and for each the host's work during it - the CUDA runtime calls and the aten ops (inclusive time
-    overlapping the gaps, by name; nested ops count in each of their parents) and the op that launched the kernel
-    that ended the gap. A gap the host ends late (the launch after the gap's start) is host time the step pays."""
+    overlapping the gaps, by name; nested ops count in each of their parents) and the innermost op, on the
+    launching thread, that launched the kernel that ended the gap. A gap the host ends late (the launch after the
+    gap's start) is host time the step pays. One sweep over the events in time order."""
+    import heapq
+
     events = [e for e in trace["traceEvents"] if e.get("ph") == "X" and "dur" in e]
-    gpu = sorted((e["ts"], e["ts"] + e["dur"], e) for e in events
-                 if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    gpu = sorted(((e["ts"], e["ts"] + e["dur"], e) for e in events
+                  if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda t: t[:2])
     if not gpu:
         return {}
     busy: list[list] = []
@@ -447,49 +450,57 @@ def idle_gaps(trace: dict, top: int = 25) -> dict:
         else:
             busy.append([start, end, e])
     launches = {e["args"]["correlation"]: e for e in events
-                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
-    host = [e for e in events if e.get("cat") in ("cpu_op", "cuda_runtime")]
-    host.sort(key=lambda e: e["ts"])
-    starts = [e["ts"] for e in host]
-    import bisect
-
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    host = sorted((e for e in events if e.get("cat") in ("cpu_op", "cuda_runtime", "cuda_driver")),
+                  key=lambda e: e["ts"])
     by_name: dict[str, float] = {}
     launchers: dict[str, list] = {}
     idle = late = 0.0
+    live: list[tuple[float, int]] = []  # (end, index) of the host events begun by the current gap's end
+    j = 0
     for (_, end, _), (start, _, nxt) in zip(busy, busy[1:]):
         gap = start - end
         if gap <= 0:
             continue
         idle += gap
+        while j < len(host) and host[j]["ts"] <= start:
+            heapq.heappush(live, (host[j]["ts"] + host[j]["dur"], j))
+            j += 1
+        while live and live[0][0] < end:  # over before this gap, so before every later one
+            heapq.heappop(live)
+        overlapping = [host[i] for _, i in live]
         launch = launches.get(nxt.get("args", {}).get("correlation"))
         if launch is not None and launch["ts"] > end:
             late += min(gap, launch["ts"] - end)
-            ops = [e for e in host[:bisect.bisect_right(starts, launch["ts"])]
-                   if e.get("cat") == "cpu_op" and e["ts"] + e["dur"] >= launch["ts"]]
+            ops = [e for e in overlapping if e.get("cat") == "cpu_op" and e.get("tid") == launch.get("tid")
+                   and e["ts"] <= launch["ts"] <= e["ts"] + e["dur"]]
             name = min(ops, key=lambda e: e["dur"])["name"] if ops else launch["name"]
             entry = launchers.setdefault(name, [0, 0.0])
             entry[0] += 1
             entry[1] += gap
-        for e in host[:bisect.bisect_right(starts, start)]:
+        for e in overlapping:
             overlap = min(start, e["ts"] + e["dur"]) - max(end, e["ts"])
             if overlap > 0:
                 by_name[e["name"]] = by_name.get(e["name"], 0.0) + overlap
     first, last = busy[0][0], busy[-1][1]
     return {"span_ms": (last - first) / 1e3, "busy_ms": sum(b - a for a, b, _ in busy) / 1e3,
             "idle_ms": idle / 1e3, "idle_host_late_ms": late / 1e3, "gaps": len(busy) - 1,
-            "host_in_gaps_ms": [{"op": k, "ms": v / 1e3} for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]],
+            "host_in_gaps_ms": [{"op": k, "ms": v / 1e3}
+                                for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]],
             "gap_enders": [{"op": k, "gaps": v[0], "ms": v[1] / 1e3}
                            for k, v in sorted(launchers.items(), key=lambda kv: -kv[1][1])[:top]]}
 
 
 GAP_PLANS = [
-    ("qwen2.5-0.5b QLoRA 4x2048", *_p(Q05, q="4bit", b=4)), ("qwen2.5-0.5b QLoRA 2x512", *_p(Q05, q="4bit", b=2, s=512)),
+    ("qwen2.5-0.5b QLoRA 4x2048", *_p(Q05, q="4bit", b=4)),
+    ("qwen2.5-0.5b QLoRA 2x512", *_p(Q05, q="4bit", b=2, s=512)),
     ("qwen2.5-0.5b LoRA 4x2048", *_p(Q05, "lora", b=4)),
     ("llama-guard-3-1b QLoRA full 2x2048", *_p(L1, q="4bit", ac="full", b=2)),
     ("qwen2.5-0.5b LLM.int8 8x1024", *_p(Q05, q="8bit", b=8, s=1024)),
     ("llama-3.1-8b QLoRA selective 1x2048", *_p(L8, q="4bit", ac="selective")),
 ]
-"""Host-bound k-bit steps whose measured time grows with the tokens more than their kernels do, and a LoRA step."""
+"""Five host-bound k-bit steps (two of them once seen to grow with the tokens more than their kernels do) and a LoRA
+step beside them."""
 
 
 def gaps(out: Path) -> None:

@@ -99,26 +99,30 @@ def _measure(spec: ModelSpec, plan: Plan, *, steps: int, mesh, device: torch.dev
         def mark(phase: str) -> None:
             # The caching allocator counts on the host, in the order ops are enqueued: its statistics need no
             # synchronization, and the GPU keeps running while the host goes ahead (as in a real run). One read of
-            # them per phase boundary, and the tensors' sizes only in the first step (every step holds the same),
-            # keep the measurement's own host time out of the steps it times.
+            # them per phase boundary keeps the measurement's own host work out of the steps it times.
             if cuda and state["phase"] is not None:
                 stats = torch.cuda.memory_stats(device)
                 phases[state["phase"]] = max(phases[state["phase"]], stats.get("allocated_bytes.all.peak", 0))
                 state["active"] = max(state["active"], stats.get("active_bytes.all.peak", 0))
                 state["reserved"] = max(state["reserved"], stats.get("reserved_bytes.all.peak", 0))
-            if phase in categories and not categories[phase]:
-                categories[phase] = {
-                    MemCategory.PARAMETERS.value: params,
-                    MemCategory.GRADIENTS.value: _tensor_bytes([p.grad for p in model.parameters()], device),
-                    MemCategory.OPTIMIZER_STATES.value: _tensor_bytes(
-                        [v for st in optimizer.state.values() for v in st.values()], device),
-                }
             state["phase"] = None if phase == "end" else phase
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
                 event = torch.cuda.Event(enable_timing=True)
                 event.record()
                 events.append((phase, event))
+
+        def size(phase: str) -> None:
+            """What each phase starts with (the last micro-batch's), in a step that is not timed: walking every
+            parameter, gradient and optimizer state costs host time (for k-bit weights, through bitsandbytes'
+            ``__torch_function__``) that a timed step would pay."""
+            if phase in categories:
+                categories[phase] = {
+                    MemCategory.PARAMETERS.value: params,
+                    MemCategory.GRADIENTS.value: _tensor_bytes([p.grad for p in model.parameters()], device),
+                    MemCategory.OPTIMIZER_STATES.value: _tensor_bytes(
+                        [v for st in optimizer.state.values() for v in st.values()], device),
+                }
 
         if cuda and snapshot_path is not None:
             torch.cuda.memory._record_memory_history(max_entries=200_000)
@@ -138,6 +142,7 @@ def _measure(spec: ModelSpec, plan: Plan, *, steps: int, mesh, device: torch.dev
         if cuda and snapshot_path is not None:
             torch.cuda.memory._dump_snapshot(str(snapshot_path))
             torch.cuda.memory._record_memory_history(enabled=None)
+        recipe.train_step(model, optimizer, batch, plan, scaler=scaler, on_phase=size)
         result = {
             "device": str(device),
             "weights": spec.weights_dir if load_weights and spec.weights_dir else "random init",

@@ -39,8 +39,9 @@ def test_the_collector_runs_between_steps_only(monkeypatch):
     assert gc.isenabled() and collected == [2, 1, 1]  # the young generations after steps 2 and 4
 
 
-def test_the_probe_sizes_the_tensors_in_its_first_timed_step_only(tiny, monkeypatch):
-    # the probe's own host work inside the steps it times must not grow with the steps
+def test_the_probe_sizes_the_tensors_outside_the_steps_it_times(tiny, monkeypatch):
+    # the probe's own host work must not grow with the steps it times, and each phase's gradients are those it
+    # starts with once every micro-batch of a step has run (the second micro-batch finds the first's)
     import torch
 
     from memtune.plan import Plan
@@ -48,11 +49,13 @@ def test_the_probe_sizes_the_tensors_in_its_first_timed_step_only(tiny, monkeypa
     calls = []
     sizes = probe._tensor_bytes
     monkeypatch.setattr(probe, "_tensor_bytes", lambda tensors, device: calls.append(1) or sizes(tensors, device))
-    plan = Plan(seq_len=16, batch_size=1)
     counts = []
     for steps in (1, 3):
         calls.clear()
-        result = probe.measure_plan(tiny, plan, steps=steps, device=torch.device("cpu"))
+        result = probe.measure_plan(tiny, Plan(seq_len=16, batch_size=1, grad_accum=2), steps=steps,
+                                    device=torch.device("cpu"))
         counts.append(len(calls))
-        assert result["measured_categories"]["optimizer_step"]["gradients"] > 0
+        grads = {phase: c["gradients"] for phase, c in result["measured_categories"].items() if c}
+        assert set(grads) == {"forward", "backward", "optimizer_step"}
+        assert len(set(grads.values())) == 1 and grads["forward"] > 0
     assert counts[0] == counts[1]
