@@ -240,7 +240,7 @@ class _Tracker(TorchDispatchMode):
     def note(self, kind: str, flops: float, nbytes: int, itemsize: int = 2) -> None:
         """A kernel a stand-in stands for (``memtune.train.quant``): its FLOPs and bytes, for the step time."""
         if self.recording:  # a note without a kernel (bitsandbytes' Python layer, a sync) is no dispatched op
-            selective = recipe.in_selective_region() and kind not in ("kbit", "kbit_bwd", "sync")
+            selective = recipe.in_selective_region() and kind not in ("kbit", "kbit_bwd", "kbit8_tail", "sync")
             self.ops.append(OpRecord(self.micro_batch, self.phase, self.layer, kind, flops, nbytes, itemsize, 1,
                                      selective))
 

@@ -32,7 +32,8 @@ class OpRecord(NamedTuple):
     selectively recomputed region, ``recipe.recompute``, is entered: no kernel, host work) and from the k-bit
     stand-ins (``memtune.train.quant``): ``sync`` (the host waits for the GPU: bitsandbytes reads a result back),
     ``kbit`` / ``kbit_bwd`` (a call into a bitsandbytes layer's forward - the module and its autograd function - or
-    into the function's backward: host work), ``mm8`` (an int8
+    into the function's backward: host work), ``kbit8_tail`` (LLM.int8's Python path from its second sync to its
+    product: host work the GPU waits for), ``mm8`` (an int8
     matmul), ``nf4`` / ``q8`` / ``dq8`` (bitsandbytes' NF4 dequantization, int8 quantization, int32 product's
     dequantization) and ``cast`` (PyTorch's non-vectorized casts)."""
     flops: float

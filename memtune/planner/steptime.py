@@ -32,7 +32,8 @@ view, ``host_frame_s`` per checkpointed region, ``host_region_s`` per selectivel
 node and its backward's re-entry into autograd), ``host_selective_s`` more per op that passes through selective
 checkpointing's modes, ``host_tensor_s`` per tensor of a foreach op, ``host_kbit_s`` (``host_kbit8_s``) per
 call into a 4-bit (8-bit) layer's forward (bitsandbytes' module, its checks and quantization state, its autograd
-function), ``host_kbit_bwd_s`` per call into that function's backward, and ``sync_s`` per sync; fitted on whole
+function), ``host_kbit_bwd_s`` per call into that function's backward, ``host_kbit8_tail_s`` per LLM.int8 call
+from its second sync to its product, and ``sync_s`` per sync (the host's return from the wait); fitted on whole
 steps.
 
 The host issues the ops in order and the GPU runs each once it is issued and the previous one is done:
@@ -94,6 +95,7 @@ class Calibration:
     host_kbit_s: float = 4e-5
     host_kbit8_s: float = 4e-5
     host_kbit_bwd_s: float = 4e-5
+    host_kbit8_tail_s: float = 4e-5
     sync_s: float = 1e-5
 
     def to_json(self) -> dict:
@@ -143,7 +145,7 @@ _BANDWIDTH_KINDS = {"nf4": "nf4_efficiency", "q8": "q8_efficiency", "dq8": "dq8_
 """Memory-bound kernels of the k-bit stand-ins (``memtune.train.quant``) with a measured bandwidth share of their
 own, by trace kind."""
 _TIMED_KINDS = ("view", "frame", "region", "comm", "mm", "gmm", "attn", "attn_bwd", "attn_masked", "attn_masked_bwd",
-                "kbit", "kbit_bwd", "mm8", "sync", *_BANDWIDTH_KINDS)
+                "kbit", "kbit_bwd", "kbit8_tail", "mm8", "sync", *_BANDWIDTH_KINDS)
 """The trace's op kinds (``OpRecord.kind``) with a time of their own; every other op is 8-bit AdamW's update of a
 tensor (in the optimizer step of an adamw-8bit plan) or an ``other`` kernel, timed by its bytes."""
 _CODE = {k: i for i, k in enumerate((*_TIMED_KINDS, "adam8", "other"))}
@@ -216,6 +218,7 @@ def op_times(ops, spec: ModelSpec, plan: Plan, gpu: GpuSpec, cal: Calibration, *
         host[m] = cal.host_op_s
     host[c["kbit"]] = cal.host_kbit8_s if plan.quantization == "8bit" else cal.host_kbit_s
     host[c["kbit_bwd"]] = cal.host_kbit_bwd_s
+    host[c["kbit8_tail"]] = cal.host_kbit8_tail_s
     host[c["sync"]] = cal.sync_s
     for kind, efficiency in _BANDWIDTH_KINDS.items():
         m = c[kind]

@@ -72,7 +72,9 @@ def llm_int8_kernels(m: int, n: int, k: int, dtype: torch.dtype, phase: str) -> 
     ``n`` x ``k`` int8 weight, as (kind, FLOPs, bytes, itemsize) (bitsandbytes' ``int8_vectorwise_quant`` and
     ``int8_scaled_mm``, threshold 6). Forward: the input cast to fp16 (unless it is fp16), its magnitude, the
     outlier mask and its ``any`` (read by Python: the host waits), the int8 quantization (``kInt8VectorQuant``),
-    the outlier columns zeroed (an empty index, but the scalar 0 is copied from the host: it waits again), the int8
+    the outlier columns zeroed (an empty index, but the scalar 0 is copied from the host: it waits again), the
+    Python path from there to the product (``kbit8_tail``: host work the idle GPU waits for - on a profiled H200 step
+    the GPU's longest waits in an LLM.int8 call follow the second sync, `bench/results/timing/gaps.json`), the int8
     product into int32 (CUTLASS), its dequantization to fp16 (``kdequant_mm_int32_fp16``) and the cast to the
     input's dtype. Backward: the weight copied to the input's dtype and scaled per row in place (PyTorch's
     non-vectorized element-wise path, as the casts are), then an aten matmul the trace sees. Inputs with outliers
@@ -83,7 +85,7 @@ def llm_int8_kernels(m: int, n: int, k: int, dtype: torch.dtype, phase: str) -> 
     if phase == "forward":
         return (("kbit", 0.0, 0, size), *((("cast", 0.0, m * k * (size + 2), 2),) if cast else ()),
                 ("mem", 0.0, 4 * m * k, 2), ("mem", 0.0, 3 * m * k, 2), ("mem", 0.0, m * k, 1), ("sync", 0.0, 0, 1),
-                ("q8", 0.0, 3 * m * k + 4 * m, 2), ("sync", 0.0, 0, 1),
+                ("q8", 0.0, 3 * m * k + 4 * m, 2), ("sync", 0.0, 0, 1), ("kbit8_tail", 0.0, 0, 1),
                 ("mm8", 2.0 * m * n * k, m * k + n * k + 4 * m * n, 1), ("dq8", 0.0, 6 * m * n, 4),
                 *((("cast", 0.0, m * n * (2 + size), 2),) if cast else ()))
     return (("kbit_bwd", 0.0, 0, size), ("cast", 0.0, n * k * (1 + size), size), ("mem", 0.0, 8 * n, 4),
