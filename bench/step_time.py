@@ -262,6 +262,25 @@ def host_layers(cal: Calibration) -> dict[str, float]:
     return out
 
 
+def int8_call_host(kernels_kbit: dict, cal: Calibration) -> dict:
+    """The fitted host time of one LLM.int8 forward call (its Python layer, the path after its second sync, two
+    returns from a sync and a launch per kernel), fitted on whole steps, against the host time of such a call
+    timed alone (``bench/timing.py kernels-kbit``: 50 calls at 16 rows, where the GPU's work is short) - a check
+    the fit never saw. (NF4 has no such check: at 16 rows bitsandbytes runs a fused kernel, not the path a training
+    step takes.)"""
+    from memtune.train.quant import llm_int8_kernels
+
+    notes = llm_int8_kernels(16, 64, 64, torch.bfloat16, "forward")
+    launched = sum(n[0] not in ("kbit", "kbit8_tail", "sync") for n in notes)
+    model = (cal.host_kbit8_s + cal.host_kbit8_tail_s + cal.sync_s * sum(n[0] == "sync" for n in notes)
+             + cal.host_op_s * launched)
+    timed = [r["host_fwd_s"] for r in kernels_kbit["rows"] if r["kind"] == "8bit" and "host_fwd_s" in r]
+    if not timed:
+        return {}
+    return {"model_s": model, "timed_median_s": statistics.median(timed), "timed_min_s": min(timed),
+            "timed_max_s": max(timed), "n": len(timed), "error": model / statistics.median(timed) - 1}
+
+
 def other_architectures(path: Path, cal: Calibration) -> dict:
     """The fitted model against steps of architectures the grid does not hold (measured on the H200 itself by
     ``bench/regret.py measure``; the cases under a smaller card's cap are left out)."""
@@ -495,6 +514,7 @@ def main() -> None:
         "rows": detail,
     }
     result["host_per_layer_s"] = host_layers(cal)
+    result["int8_call_host"] = int8_call_host(json.loads(args.kernels_kbit.read_text()), cal)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     if args.write_calibration:
         path = ROOT / "profiles/calibration" / f"{GPU}.json"
