@@ -15,7 +15,8 @@
 Every step is measured by ``memtune.validate.probe.measure_plan`` (the code ``memtune validate`` runs): one warm-up
 step, then timed steps with no synchronization inside them; ``host_enqueue_s`` is how long the host took to issue a
 step (close to the step time when the host, not the GPU, sets the pace). The grid appends one JSON line per plan and
-skips plans OUT.jsonl already holds, so a run cut short by ``--deadline`` can be continued.
+skips plans OUT.jsonl already holds, so a run cut short by ``--deadline`` can be continued; each line carries the
+host's pace just before and after the plan (``host_pace_s``: seconds to issue one tiny kernel).
 """
 
 from __future__ import annotations
@@ -543,6 +544,22 @@ def gaps(out: Path) -> None:
                                    "rows": rows}, indent=1) + "\n")
 
 
+def host_pace(launches: int = 2000) -> float:
+    """Seconds the host takes to issue one tiny kernel (an in-place add on 1,024 elements, the GPU idle, the median
+    of five rounds): the host's pace just before and after a plan is measured, beside its step time, to tell a
+    host-bound step that moved with the host from one that did not."""
+    x = torch.zeros(1024, device="cuda")
+    rounds = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(launches // 5):
+            x.add_(1.0)
+        rounds.append((time.perf_counter() - start) / (launches // 5))
+    torch.cuda.synchronize()
+    return sorted(rounds)[2]
+
+
 def grid(out: Path, deadline: float, checkpointing: str | None, start: int = 0, plans: list = GRID,
          match: str = "", indices: set[int] | None = None) -> None:
     started = time.time()
@@ -576,8 +593,11 @@ def grid(out: Path, deadline: float, checkpointing: str | None, start: int = 0, 
             continue
         spec = resolve_model(model)
         t0 = time.time()
+        pace = host_pace()
         m = measure_plan(spec, plan, steps=3 if spec.num_params > 5e9 else 5)
+        pace_after = host_pace()
         row = {"key": key, "index": i, "model": model, "plan": plan.to_dict(), "gpu": meta["gpu_name"],
+               "host_pace_s": [pace, pace_after],
                **{k: m.get(k) for k in ("step_time_s", "step_times_s", "mean_step_time_s", "host_enqueue_s",
                                         "phase_times_s", "tokens_per_s", "measured_peak_allocated_bytes",
                                         "num_alloc_retries", "error")},
