@@ -22,6 +22,11 @@ STACK_NAMES = {"memtune": "memtune", "hf": "the Hugging Face Trainer", "llama-co
 
 DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
 
+PLAN_LIMITS = {"num_gpus": 72, "nodes": 4096, "batch_size": 1 << 16, "seq_len": 1 << 22, "lora_rank": 1 << 16,
+               "grad_accum": 4096}
+"""The largest value of each count a plan may hold: GPUs per node (an NVL72 rack is the largest NVLink domain),
+nodes, and sizes past any run (beyond them the trace and the step-time model would take minutes or overflow)."""
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Plan:
@@ -87,6 +92,8 @@ class Plan:
                 errors.append(f"{name.replace('_', '-')} must be a whole number, not {value!r}")
             elif value < 1:
                 errors.append(f"{name.replace('_', '-')} must be at least 1")
+            elif value > PLAN_LIMITS[name]:
+                errors.append(f"{name.replace('_', '-')} must be at most {PLAN_LIMITS[name]:,}, not {value:,}")
         for name in ("offload", "expandable_segments", "kbit_upcast"):
             if not isinstance(getattr(self, name), bool):
                 errors.append(f"{name.replace('_', '-')} must be true or false, not {getattr(self, name)!r}")
@@ -210,6 +217,8 @@ class Plan:
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
         """Build from a mapping (a TOML table or JSON object); unknown keys are an error."""
+        if not isinstance(d, dict) or not all(isinstance(k, str) for k in d):
+            raise InvalidPlanError([f"a plan is a table of fields (precision = \"bf16\", ...), not {d!r}"[:200]])
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:

@@ -89,8 +89,14 @@ def load_lengths(path: str | Path, *, text_field: str = "text", length_field: st
         try:
             tok = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
         except (OSError, ValueError) as e:
-            raise ConfigError(f"cannot load the tokenizer {tokenizer}: {e}") from None
-        counts = [len(ids) for ids in tok(list(data[text_field]), add_special_tokens=False)["input_ids"]]
+            first = " ".join(str(e).split())[:300]
+            raise ConfigError(f"cannot load the tokenizer {tokenizer} (a local tokenizer folder): {first}") from None
+        texts = list(data[text_field])
+        wrong = next((t for t in texts if not isinstance(t, str)), None)
+        if wrong is not None:
+            raise ConfigError(f"column {text_field!r} of {path} must hold text to tokenize; found {wrong!r} "
+                              f"(--text-field names the text column, --length-field a column of token counts)")
+        counts = [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
     if not counts:
         raise ConfigError(f"dataset {path} is empty")
     if extra_tokens < 0:

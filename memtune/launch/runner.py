@@ -201,7 +201,12 @@ def _start_record(prep: _Prepared, out: Path, command: list[str] | None, torch,
             "command": shlex.join(command or []), "identity": _identity(prep)}
     if not path.exists():
         return base
-    old = json.loads(path.read_text())
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"{path} is not a readable run record ({e}); pass another --output-dir") from None
+    if not isinstance(old, dict):
+        raise ConfigError(f"{path} is not a run record; pass another --output-dir")
     if old.get("status") == "finished":
         raise ConfigError(f"{out} holds a finished run; pass another --output-dir")
     from memtune.planner.measured import same_model
@@ -303,8 +308,9 @@ def _last_step(out: Path) -> int:
     path = out / "metrics.jsonl"
     if not path.exists():
         return 0
-    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
-    return max(steps, default=0)
+    from memtune.train.loop import metric_rows
+
+    return max((row["step"] for _, row in metric_rows(path)), default=0)
 
 
 def _run_job(job: Job, torchrun: Torchrun, console: Console) -> Outcome:

@@ -119,13 +119,18 @@ def tune(*, model: str, gpu: str, run: RunConfig, output_dir: Path, num_gpus: in
     from memtune.validate.run import validate_plan
 
     console = console or Console(highlight=False)
-    if candidates < 1:
-        raise ConfigError(f"--candidates must be at least 1, not {candidates}")
+    for option, value in (("--candidates", candidates), ("--batch-size", batch_size),
+                          ("--validate-steps", validate_steps), ("--num-gpus", num_gpus), ("--nodes", nodes),
+                          ("--global-batch", 1 if global_batch is None else global_batch)):
+        if value < 1:
+            raise ConfigError(f"{option} must be at least 1, not {value}")
     spec, gpu_spec = resolve_model(model), resolve_gpu(gpu)
     if fixed:
         Plan(**fixed)  # a bad value is bad input, not a candidate that fails
     tokenizer = run.tokenizer or str(find_config(model).parent)
     context = spec.max_position_embeddings or 1 << 20
+    if seq_len is not None and not 1 <= seq_len <= context:
+        raise ConfigError(f"--seq-len must be between 1 and {spec.name}'s context of {context} tokens, not {seq_len}")
     lengths = data_lengths(run, tokenizer, vocab_size=spec.vocab_size, max_len=1 << 30)
     data = lengths.to_json()
     if seq_len is None:

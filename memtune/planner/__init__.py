@@ -170,14 +170,22 @@ def micro_batches(global_batch: int | None, batch_size: int, world_size: int) ->
     ``world_size`` GPUs (powers of two), or just ``(batch_size, 1)`` without a global batch."""
     if global_batch is None:
         return [(batch_size, 1)]
+    if global_batch < 1:
+        raise InvalidPlanError([f"the global batch must be at least 1 sequence, not {global_batch}"])
     per_gpu, rest = divmod(global_batch, world_size)
     if per_gpu == 0 or rest:
         raise InvalidPlanError([f"a global batch of {global_batch} sequences does not divide over {world_size} GPUs"])
+    from memtune.plan import PLAN_LIMITS
+
     pairs, b = [], 1
-    while b <= per_gpu:
-        if per_gpu % b == 0:
+    while b <= min(per_gpu, PLAN_LIMITS["batch_size"]):
+        if per_gpu % b == 0 and per_gpu // b <= PLAN_LIMITS["grad_accum"]:
             pairs.append((b, per_gpu // b))
         b *= 2
+    if not pairs:
+        raise InvalidPlanError([f"a global batch of {global_batch:,} sequences over {world_size} GPUs needs more than "
+                                f"{PLAN_LIMITS['grad_accum']:,} micro-batches of at most "
+                                f"{PLAN_LIMITS['batch_size']:,} per step: use a smaller global batch"])
     return pairs
 
 

@@ -65,6 +65,8 @@ class SearchRequest:
             if "lora_targets" in fixed:
                 Plan(peft="lora", lora_targets=fixed["lora_targets"], seq_len=1).check_model(spec)
         if global_tokens is not None:
+            if global_tokens < 1:
+                raise ConfigError(f"--global-tokens must be at least 1, not {global_tokens}")
             if options.get("global_batch") is not None:
                 raise ConfigError("give --global-batch (sequences) or --global-tokens, not both")
             options["global_batch"] = max(1, round(global_tokens / options.get("seq_len", 2048)))

@@ -134,6 +134,9 @@ def _read_json(path: Path) -> dict:
         raise ConfigError(f"cannot read {path}: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} holds no JSON object: expected a plan result, a validation record or run.json")
+    for key in ("estimate", "plan"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise ConfigError(f"{path}: {key!r} must be a JSON object, not {data[key]!r}"[:300])
     return data
 
 
@@ -142,7 +145,7 @@ def read_metrics(path: Path) -> list[dict]:
     rows = []
     if not path.is_file():
         return rows
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():  # a line that is not JSON is skipped
         line = line.strip()
         if not line:
             continue

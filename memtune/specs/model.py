@@ -178,6 +178,7 @@ def resolve_model(model: str) -> ModelSpec:
     if not isinstance(cfg, dict) or "model_type" not in cfg:
         raise ConfigError(f"{path} has no 'model_type'; pass a Hugging Face config.json")
     _check_sizes(cfg, path)
+    _check_given(cfg, path)
     spec = spec_from_config(model, json.dumps(cfg, sort_keys=True))
     folder = path.parent
     if any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin")):
@@ -211,6 +212,26 @@ def _check_sizes(cfg: dict, path) -> None:
         if heads and hidden and not part.get("head_dim") and hidden % heads:
             raise ConfigError(f"{path}: hidden_size ({hidden}) must be a multiple of num_attention_heads ({heads}), "
                               "or give head_dim")
+
+
+GIVEN_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+"""Sizes a config must give (under its own name or the one its config class maps it to): transformers fills a
+missing one with its class's default, which would size another model."""
+
+
+def _check_given(cfg: dict, path) -> None:
+    """Raises ConfigError when the config (its ``text_config`` where it has one) leaves out one of ``GIVEN_KEYS``."""
+    from transformers import CONFIG_MAPPING
+
+    part = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+    model_type = part.get("model_type", cfg["model_type"])
+    try:
+        aliases = dict(getattr(CONFIG_MAPPING[model_type], "attribute_map", {}) or {})
+    except KeyError:
+        return  # an unknown model type is refused where the model is built, with its own message
+    missing = [k for k in GIVEN_KEYS if k not in part and aliases.get(k) not in part]
+    if missing:
+        raise ConfigError(f"{path} does not give {', '.join(missing)}; pass the model's full config.json")
 
 
 SPEC_FORMAT = 7

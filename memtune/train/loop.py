@@ -41,6 +41,20 @@ step STEP starts, ``error`` raises a RuntimeError after step STEP; only rank 0 o
 affected."""
 
 
+def metric_rows(path: Path) -> list[tuple[str, dict]]:
+    """The rows of a run's metrics file with their lines; a line that is not a JSON object with a whole ``step`` (a
+    torn last line from a killed run, or a damaged file) is left out."""
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool):
+            rows.append((line, row))
+    return rows
+
+
 @dataclass(frozen=True, kw_only=True)
 class Job:
     """What one attempt runs: the model, the plan, the run settings and where to write."""
@@ -182,8 +196,7 @@ class Trainer:
         path = self.output_dir / METRICS
         if not path.exists():
             return
-        rows = [line for line in path.read_text().splitlines() if line.strip()]
-        kept = [line for line in rows if json.loads(line)["step"] <= step]
+        kept = [line for line, row in metric_rows(path) if row["step"] <= step]
         path.write_text("".join(line + "\n" for line in kept))
 
     # ---------------------------------------------------------------- train

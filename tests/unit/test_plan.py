@@ -63,3 +63,25 @@ def test_eight_bit_adamw_does_not_run_on_sharded_parameters():
     assert plans and not any(p.optimizer == "adamw-8bit" for p in plans)
     one = candidate_plans(resolve_gpu("A100-80GB"), num_gpus=1, nodes=1, batch_size=1, seq_len=1024)
     assert any(p.optimizer == "adamw-8bit" for p in one)
+
+
+@pytest.mark.parametrize("table", [5, None, [1, 2], {1: "bf16"}])
+def test_a_plan_that_is_not_a_table_is_bad_input(table):
+    with pytest.raises(InvalidPlanError, match="table of fields"):
+        Plan.from_dict(table)
+
+
+@pytest.mark.parametrize("field, value", [("num_gpus", 100_000), ("batch_size", 10**20), ("grad_accum", 10**6),
+                                          ("seq_len", 1 << 30), ("lora_rank", 10**9)])
+def test_counts_past_any_run_are_bad_input(field, value):
+    with pytest.raises(InvalidPlanError, match="at most"):
+        Plan(**{field: value})
+
+
+def test_a_global_batch_past_the_limits_or_below_one_is_bad_input():
+    from memtune.planner import micro_batches
+
+    for global_batch in (10**14, 0, -4):
+        with pytest.raises(InvalidPlanError):
+            micro_batches(global_batch, 1, 1)
+    assert (8, 1) in micro_batches(8, 1, 1) and (1, 8) in micro_batches(8, 1, 1)

@@ -59,3 +59,11 @@ def test_the_probe_sizes_the_tensors_outside_the_steps_it_times(tiny, monkeypatc
         assert set(grads) == {"forward", "backward", "optimizer_step"}
         assert len(set(grads.values())) == 1 and grads["forward"] > 0
     assert counts[0] == counts[1]
+
+
+def test_a_damaged_metrics_file_keeps_its_readable_rows(tmp_path):
+    from memtune.train.loop import metric_rows
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1, "loss": 2.0}\n\xff\xfe garbage\n{"step": "x"}\n[1]\n{"step": 2, "loss": 1.5}\n{"st')
+    assert [row["step"] for _, row in metric_rows(path)] == [1, 2]

@@ -195,3 +195,19 @@ def test_the_spec_reads_the_layer_it_has_not_llama_names(tmp_path):
     llama = resolve_model("llama-guard-3-1b")
     assert llama.mlp_gated and llama.mlp_output_linear == "down_proj" and llama.norms_per_layer == 2
     assert llama.norm_upcast and default_lora_targets(llama) == ("q_proj", "v_proj")
+
+
+def test_a_config_that_leaves_out_a_size_is_bad_input(tmp_path):
+    # transformers would fill it with its class's default and size another model
+    config = {"model_type": "llama", "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 256,
+              "intermediate_size": 128}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="hidden_size"):
+        resolve_model(str(tmp_path / "config.json"))
+
+
+def test_a_size_given_under_its_config_class_name_counts():
+    from memtune.specs.model import _check_given
+
+    # GPT-2 names them n_embd, n_layer and n_head (its config class maps the standard names to those)
+    _check_given({"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 256}, "gpt2.json")
