@@ -260,6 +260,10 @@ def validate(
     from memtune.validate.run import validate_plan
 
     knobs, from_file = _knob_values(locals()), None
+    if not 1 <= steps <= 10_000:
+        raise ConfigError(f"--steps must be between 1 and 10,000, not {steps}")
+    if not 0 < tolerance < 1:  # also refuses nan
+        raise ConfigError(f"--tolerance must be a fraction between 0 and 1 (0.03 is 3 %), not {tolerance}")
     if plan_file:
         from memtune.planfile import read_plan_file
 

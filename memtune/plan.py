@@ -97,6 +97,9 @@ class Plan:
         for name in ("offload", "expandable_segments", "kbit_upcast"):
             if not isinstance(getattr(self, name), bool):
                 errors.append(f"{name.replace('_', '-')} must be true or false, not {getattr(self, name)!r}")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, int | float) \
+                or not 0 < self.lora_alpha < float("inf"):
+            errors.append(f"lora-alpha must be a positive number, not {self.lora_alpha!r}")
         if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, int | float) \
                 or not 0.0 <= self.lora_dropout < 1.0:
             errors.append(f"lora-dropout must be a number in [0, 1), not {self.lora_dropout!r}")

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import math
+
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,14 +104,14 @@ class RunConfig:
                 errors.append(f"run {name} must be 0 or more")
         if self.max_steps is not None and self.max_steps < 1:
             errors.append("run max_steps must be at least 1")
-        if self.lr <= 0:
-            errors.append("run lr must be positive")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            errors.append(f"run lr must be a positive number, not {self.lr!r}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             errors.append("run min_lr_ratio must be in [0, 1]")
-        if self.weight_decay < 0:
-            errors.append("run weight_decay must be 0 or more")
-        if self.max_grad_norm < 0:
-            errors.append("run max_grad_norm must be 0 or more")
+        for name in ("weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                errors.append(f"run {name} must be a number of 0 or more, not {value!r}")
         if errors:
             raise ConfigError("; ".join(errors))
 

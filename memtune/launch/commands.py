@@ -115,6 +115,8 @@ def tune(
 
     rf = read_run_file(run_file)
     model = model or rf.model
+    if max_steps is not None and max_steps < 1:
+        raise ConfigError(f"--max-steps must be at least 1, not {max_steps}")
     if not model:
         raise ConfigError("pass --model (or put model = ... in the run file)")
     gpu = gpu or rf.gpu

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 from memtune.errors import ConfigError
@@ -53,8 +55,11 @@ class SearchRequest:
                 raise ConfigError(f"--export {export} estimates what {export} runs (--stack {stack}), not "
                                   f"--stack {fixed['stack']}: drop one of them")
             fixed["stack"] = stack
-        if options.get("network_gbs", 25.0) <= 0:
-            raise ConfigError("--network-gbs must be positive")
+        network = options.get("network_gbs", 25.0)
+        if not (math.isfinite(network) and network > 0):
+            raise ConfigError(f"--network-gbs must be a positive number of GB/s, not {network!r}")
+        if prompt_tokens < 0:
+            raise ConfigError(f"--prompt-tokens must be 0 or more, not {prompt_tokens}")
         if options.get("batching") not in (None, "padding", "packing"):
             raise ConfigError(f"--batching must be padding or packing, not {options['batching']!r}")
         if lora_targets is not None:

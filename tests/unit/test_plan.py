@@ -85,3 +85,9 @@ def test_a_global_batch_past_the_limits_or_below_one_is_bad_input():
         with pytest.raises(InvalidPlanError):
             micro_batches(global_batch, 1, 1)
     assert (8, 1) in micro_batches(8, 1, 1) and (1, 8) in micro_batches(8, 1, 1)
+
+
+def test_lora_alpha_must_be_a_positive_number():
+    for alpha in (-3, 0, float("nan"), "32"):
+        with pytest.raises(InvalidPlanError, match="lora-alpha"):
+            Plan(peft="lora", lora_alpha=alpha)
