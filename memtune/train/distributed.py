@@ -19,6 +19,15 @@ class Torchrun:
     rdzv_endpoint: str | None = None
     """host:port of node 0."""
 
+    def __post_init__(self) -> None:
+        from memtune.errors import ConfigError
+
+        if self.nnodes < 1:
+            raise ConfigError(f"--nnodes must be at least 1, not {self.nnodes}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"--node-rank must be between 0 and {self.nnodes - 1} (--nnodes {self.nnodes}), "
+                              f"not {self.node_rank}")
+
 
 def torchrun_command(module: str, args: list[str], nproc: int, where: Torchrun = Torchrun()) -> list[str]:
     """``python -m torch.distributed.run`` starting ``nproc`` processes of ``python -m MODULE ARGS`` on this node:
