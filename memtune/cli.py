@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -15,6 +16,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from memtune.errors import ConfigError, MemtuneError, UnknownGpuError
+
+# peft asks transformers' models a deprecated question on every LoRA model it wraps; nothing a user can act on
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
 
 class _OneLineUsageErrors(typer.core.TyperGroup):
     """A usage error (unknown option, a value of the wrong type) is one line on stderr and exit code 2, as every

@@ -27,11 +27,17 @@ def read_dataset(path: str | Path):
     import datasets
 
     datasets.disable_progress_bars()
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a malformed file is reported below, in one line
     try:
         data = datasets.load_dataset(fmt, data_files=str(path), split="train")
     except Exception as e:  # noqa: BLE001 - datasets raises many kinds for a malformed file
-        first = (str(e).splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"cannot read dataset {path}: {first}") from None
+        cause = e.__cause__ or e.__context__
+        detail = f"{e} ({cause})" if cause is not None and str(cause) not in str(e) else str(e)
+        first = (" ".join(detail.split()) or type(e).__name__)[:300]
+        raise ConfigError(f"cannot read dataset {path} as {fmt}: {first}") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
     if len(data) == 0:
         raise ConfigError(f"dataset {path} is empty")
     return data
