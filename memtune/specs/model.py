@@ -220,10 +220,13 @@ missing one with its class's default, which would size another model."""
 
 
 def _check_given(cfg: dict, path) -> None:
-    """Raises ConfigError when the config (its ``text_config`` where it has one) leaves out one of ``GIVEN_KEYS``."""
+    """Raises ConfigError when the config (its ``text_config`` where it has one) leaves out one of ``GIVEN_KEYS``
+    (transformers is imported only to look up the other names of a key that is not there under its own)."""
+    part = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+    if all(k in part for k in GIVEN_KEYS):
+        return
     from transformers import CONFIG_MAPPING
 
-    part = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
     model_type = part.get("model_type", cfg["model_type"])
     try:
         aliases = dict(getattr(CONFIG_MAPPING[model_type], "attribute_map", {}) or {})
