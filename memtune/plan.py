@@ -202,6 +202,10 @@ class Plan:
             if unknown:
                 errors.append(f"lora-targets {', '.join(unknown)} not in {model.name}; "
                               f"its linear layers are {', '.join(model.linear_names)}")
+            sides = [min(i, o) for name, i, o in model.linear_shapes if name in self.lora_targets]
+            if sides and self.lora_rank > min(sides):
+                errors.append(f"lora-rank {self.lora_rank} is more than the smallest side ({min(sides)}) of the "
+                              f"targeted layers, where it adds weights and no capacity: use {min(sides)} or less")
         if errors:
             raise InvalidPlanError(errors)
 

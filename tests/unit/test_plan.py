@@ -91,3 +91,10 @@ def test_lora_alpha_must_be_a_positive_number():
     for alpha in (-3, 0, float("nan"), "32"):
         with pytest.raises(InvalidPlanError, match="lora-alpha"):
             Plan(peft="lora", lora_alpha=alpha)
+
+
+def test_a_lora_rank_past_the_targeted_layers_is_bad_input(tiny):
+    side = min(min(i, o) for name, i, o in tiny.linear_shapes if name in ("q_proj", "v_proj"))
+    Plan(peft="lora", lora_rank=side, seq_len=16).check_model(tiny)
+    with pytest.raises(InvalidPlanError, match="smallest side"):
+        Plan(peft="lora", lora_rank=side + 1, seq_len=16).check_model(tiny)
