@@ -43,12 +43,16 @@ class PlanFile:
 
 
 def read_table_file(path: Path, kind: str) -> dict:
-    """The top-level table of a TOML file (or a JSON object); ConfigError for a missing or malformed file."""
+    """The top-level table of a TOML file (or a JSON object); ConfigError for a missing or malformed file, or a
+    JSON file that holds something else."""
     try:
         text = path.read_text()
-        return json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot read {kind} file {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{kind} file {path} holds no JSON object")
+    return data
 
 
 def read_plan_file(path: str | Path) -> PlanFile:

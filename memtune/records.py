@@ -13,8 +13,10 @@ machine that can compute them.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 
 SCHEMA_VERSION = 2
 """1: records before ``schema`` was written; 2: ``ranks`` as ``StepMeasurement``, a validation's
@@ -140,3 +142,19 @@ class StepMeasurement:
             known["losses"] = tuple(known["losses"])
         extra = {k: v for k, v in d.items() if k not in cls.__dataclass_fields__}
         return cls(**known, extra=extra or None)
+
+
+def metric_rows(path: Path) -> list[tuple[str, dict]]:
+    """The rows of a run's metrics file (``metrics.jsonl``) with their lines; a line that is not a JSON object with a
+    whole ``step`` (a torn last line from a killed run, or a damaged file) is left out, and no file has no rows."""
+    rows = []
+    if not path.is_file():
+        return rows
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool):
+            rows.append((line, row))
+    return rows

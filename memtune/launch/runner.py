@@ -33,7 +33,7 @@ from rich.markup import escape
 
 from memtune.errors import ConfigError, MemtuneError
 from memtune.plan import Plan, summarize
-from memtune.planfile import PlanFile
+from memtune.planfile import PlanFile, read_table_file
 from memtune.records import SCHEMA_VERSION
 from memtune.runconfig import RunConfig
 from memtune.train import distributed
@@ -202,11 +202,9 @@ def _start_record(prep: _Prepared, out: Path, command: list[str] | None, torch,
     if not path.exists():
         return base
     try:
-        old = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ConfigError(f"{path} is not a readable run record ({e}); pass another --output-dir") from None
-    if not isinstance(old, dict):
-        raise ConfigError(f"{path} is not a run record; pass another --output-dir")
+        old = read_table_file(path, "run record")
+    except ConfigError as e:
+        raise ConfigError(f"{e}; pass another --output-dir") from None
     if old.get("status") == "finished":
         raise ConfigError(f"{out} holds a finished run; pass another --output-dir")
     from memtune.planner.measured import same_model
@@ -305,12 +303,9 @@ def _latest_step(out: Path) -> int | None:
 
 
 def _last_step(out: Path) -> int:
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    from memtune.train.loop import metric_rows
+    from memtune.records import metric_rows
 
-    return max((row["step"] for _, row in metric_rows(path)), default=0)
+    return max((row["step"] for _, row in metric_rows(out / "metrics.jsonl")), default=0)
 
 
 def _run_job(job: Job, torchrun: Torchrun, console: Console) -> Outcome:

@@ -26,7 +26,7 @@ import pandas as pd
 
 from memtune.errors import ConfigError, MemtuneError
 from memtune.estimate.categories import ALLOCATED_CATEGORIES, MemCategory, Phase
-from memtune.records import EstimatedTimeline, Export, bucket_max
+from memtune.records import EstimatedTimeline, Export, bucket_max, metric_rows
 
 RUN_FILES = ("run.json", "plan.json", "validation.json")
 CHART_TOP = 12
@@ -141,21 +141,8 @@ def _read_json(path: Path) -> dict:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The rows of ``metrics.jsonl`` (a torn last line, from a run that was killed, is skipped)."""
-    rows = []
-    if not path.is_file():
-        return rows
-    for line in path.read_text(errors="replace").splitlines():  # a line that is not JSON is skipped
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
+    """The rows of ``metrics.jsonl`` (``memtune.records.metric_rows``: a torn or damaged line is skipped)."""
+    return [row for _, row in metric_rows(path)]
 
 
 def load_sources(source: Path | str) -> Sources:

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from memtune.train import checkpoint as ckpt
+from memtune.records import metric_rows
 from memtune.runconfig import RunConfig
 from memtune.plan import Plan
 
@@ -39,20 +40,6 @@ FAULT_ENV = "MEMTUNE_FAULT"
 and ``kill`` send that signal to the process after step STEP, ``sigterm-eval`` sends SIGTERM as the evaluation after
 step STEP starts, ``error`` raises a RuntimeError after step STEP; only rank 0 of the first plan (attempt 0) is
 affected."""
-
-
-def metric_rows(path: Path) -> list[tuple[str, dict]]:
-    """The rows of a run's metrics file with their lines; a line that is not a JSON object with a whole ``step`` (a
-    torn last line from a killed run, or a damaged file) is left out."""
-    rows = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool):
-            rows.append((line, row))
-    return rows
 
 
 @dataclass(frozen=True, kw_only=True)

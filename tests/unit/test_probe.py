@@ -62,7 +62,7 @@ def test_the_probe_sizes_the_tensors_outside_the_steps_it_times(tiny, monkeypatc
 
 
 def test_a_damaged_metrics_file_keeps_its_readable_rows(tmp_path):
-    from memtune.train.loop import metric_rows
+    from memtune.records import metric_rows
 
     path = tmp_path / "metrics.jsonl"
     path.write_bytes(b'{"step": 1, "loss": 2.0}\n\xff\xfe garbage\n{"step": "x"}\n[1]\n{"step": 2, "loss": 1.5}\n{"st')
