@@ -501,13 +501,14 @@ GAP_PLANS = [
     ("llama-3.1-8b QLoRA selective 1x2048", *_p(L8, q="4bit", ac="selective")),
     ("llama-3.2-3b LLM.int8 selective 4x2048", *_p(L3, q="8bit", ac="selective", b=4)),
     ("llama-3.1-8b LLM.int8 full 4x2048", *_p(L8, q="8bit", ac="full", b=4)),
+    ("qwen2.5-7b LLM.int8 2x2048", *_p(Q7, q="8bit", b=2)),
 ]
 """Five host-bound k-bit steps (two of them once seen to grow with the tokens more than their kernels do), a LoRA
-step beside them, and two GPU-bound LLM.int8 steps with recomputation that the step-time model misses (the last
-two were added after `timing/gaps.json` was measured)."""
+step beside them, and three GPU-bound LLM.int8 steps that the step-time model misses (the last three were added
+after `timing/gaps.json` was measured)."""
 
 
-def gaps(out: Path) -> None:
+def gaps(out: Path, match: str = "") -> None:
     """For each of ``GAP_PLANS``: one profiled step (after two warm-up steps) as a timeline, the GPU's idle gaps and
     the host's work in them (``idle_gaps``), beside the step's time measured without the profiler (the probe's
     median of five steps, before and after, to show how much the host's pace moves); the traces, gzipped, beside
@@ -518,6 +519,8 @@ def gaps(out: Path) -> None:
 
     rows = []
     for name, model, plan in GAP_PLANS:
+        if not any(m in name for m in match.split("|")):
+            continue
         spec = resolve_model(model)
         before = measure_plan(spec, plan, steps=5)
         m, opt, batch = warmed_up(spec, plan)
@@ -689,7 +692,7 @@ KBIT_SHAPES = {
 }
 
 
-def kernels_kbit(out: Path) -> None:
+def kernels_kbit(out: Path, match: str = "") -> None:
     """bitsandbytes' k-bit linear layers as a (Q)LoRA fine-tune runs them (frozen weight, bf16 input whose gradient
     is needed): forward and forward + backward by CUDA events (back to back, host gaps included), the kernels one
     forward and backward launch with their GPU time (profiled), and the host time of a call at 16 rows (where the
@@ -716,6 +719,8 @@ def kernels_kbit(out: Path) -> None:
         return layer
 
     for model, shapes in KBIT_SHAPES.items():
+        if not any(m in model for m in match.split("|")):
+            continue
         for n, k in shapes:
             for kind in ("bf16", "8bit", "4bit"):
                 layer = layer_of(kind, n, k)
@@ -754,8 +759,8 @@ def kernels_kbit(out: Path) -> None:
                 del layer
                 torch.cuda.empty_cache()
         print(f"{model}: {len(rows)} rows in {time.time() - started:.0f} s", flush=True)
-    out.write_text(json.dumps({"versions": versions(), "command": "python bench/timing.py kernels-kbit OUT.json",
-                               "rows": rows}, indent=1) + "\n")
+        out.write_text(json.dumps({"versions": versions(), "command": "python bench/timing.py kernels-kbit OUT.json",
+                                   "rows": rows}, indent=1) + "\n")
 
 
 def profile_plans(out: Path, plans_file: Path) -> None:
@@ -783,7 +788,8 @@ def main() -> None:
     ap.add_argument("--start", type=int, default=0, help="grid: only the plans from this index on")
     ap.add_argument("--indices", default=None, help="grid: only these plans (comma-separated indices)")
     ap.add_argument("--match", default="",
-                    help='grid: only the plans whose key holds one of these texts (\'"4bit"|"8bit"\')')
+                    help='grid: only the plans whose key holds one of these texts (\'"4bit"|"8bit"\'); gaps and '
+                         'kernels-kbit: only the plans or models whose name holds one')
     ap.add_argument("--set", choices=sorted(GRIDS), default="grid",
                     help="grid: the plans to measure (oos, oos-2: the out-of-sample checks of the step-time model)")
     ap.add_argument("--study", action="store_true", help="sac: every placement of selective checkpointing")
@@ -793,8 +799,8 @@ def main() -> None:
     (a @ a).sum().backward()
     del a
     {"sac": lambda: sac(Path(args.out), args.study), "kernels": lambda: kernels(Path(args.out)),
-     "kernels-2": lambda: kernels_2(Path(args.out)), "kernels-kbit": lambda: kernels_kbit(Path(args.out)),
-     "profile": lambda: profile_plans(Path(args.out), args.plans), "gaps": lambda: gaps(Path(args.out)),
+     "kernels-2": lambda: kernels_2(Path(args.out)), "kernels-kbit": lambda: kernels_kbit(Path(args.out), args.match),
+     "profile": lambda: profile_plans(Path(args.out), args.plans), "gaps": lambda: gaps(Path(args.out), args.match),
      "grid": lambda: grid(Path(args.out), args.deadline, args.checkpointing, args.start, GRIDS[args.set],
                           args.match, {int(i) for i in args.indices.split(",")} if args.indices else None),
      }[args.what]()
