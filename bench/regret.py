@@ -2,7 +2,8 @@
 
     python bench/regret.py plan bench/results/regret-plans.json       # on the CPU: this commit's planner, per case
     python bench/regret.py plan --cases architectures bench/results/architectures-plans.json   # non-Llama models
-    python bench/regret.py measure bench/results/regret-plans.json OUT.json [--deadline S]   # on the GPU
+    python bench/regret.py measure bench/results/regret-plans.json OUT.json [--deadline S] [--only A|B]   # on the GPU
+    python bench/regret.py merge OUT.json PART.json...      # cases measured in several device runs, in plan order
 
 ``plan`` records, for each case, the plan the planner chooses and the plans to measure beside it (in the chosen
 plan's precision): the ``MAX_WITHIN`` plans that fit (by their estimate) nearest to it within ``WITHIN`` of its
@@ -124,7 +125,7 @@ def plan_cases(out: Path, cases_name: str = "llama", only: str | None = None) ->
                               indent=1) + "\n")
 
 
-def measure(plans_file: Path, out: Path, deadline: float) -> None:
+def measure(plans_file: Path, out: Path, deadline: float, only: str | None = None) -> None:
     import torch
 
     from memtune.estimate import overhead, sdpa_backend
@@ -137,7 +138,10 @@ def measure(plans_file: Path, out: Path, deadline: float) -> None:
     results = []
     a = torch.randn(256, 256, device="cuda", requires_grad=True)
     (a @ a).sum().backward()
+    command = "python bench/regret.py measure PLANS.json OUT.json" + (f" --only '{only}'" if only else "")
     for case in planned["cases"]:
+        if only and not any(part in case["name"] for part in only.split("|")):
+            continue
         spec, gpu = resolve_model(case["model"]), resolve_gpu(case["gpu"])
         measured = []
         for row in case["plans"]:
@@ -174,8 +178,16 @@ def measure(plans_file: Path, out: Path, deadline: float) -> None:
                         "best_label": best and best["label"], "chosen_over_best": ratio, "measured": measured,
                         "device": torch.cuda.get_device_name(), "torch": torch.__version__})
         print(f"{case['name']}: chosen/best {ratio}", flush=True)
-        out.write_text(json.dumps({"command": "python bench/regret.py measure PLANS.json OUT.json",
-                                   "cases": results}, indent=1) + "\n")
+        out.write_text(json.dumps({"command": command, "cases": results}, indent=1) + "\n")
+
+
+def merge(out: Path, parts: list[Path], plans_file: Path) -> None:
+    """The cases of several ``measure`` runs of one plans file, in that file's order, with each run's command."""
+    planned = [c["name"] for c in json.loads(plans_file.read_text())["cases"]]
+    loaded = [json.loads(p.read_text()) for p in parts]
+    cases = {c["name"]: c for part in loaded for c in part["cases"]}
+    out.write_text(json.dumps({"command": "; ".join(part["command"] for part in loaded),
+                               "cases": [cases[n] for n in planned if n in cases]}, indent=1) + "\n")
 
 
 def main() -> None:
@@ -189,11 +201,18 @@ def main() -> None:
     m.add_argument("plans", type=Path)
     m.add_argument("out", type=Path)
     m.add_argument("--deadline", type=float, default=1e9)
+    m.add_argument("--only", help="the cases whose name holds one of these texts ('8b LoRA|L4')")
+    g = sub.add_parser("merge")
+    g.add_argument("out", type=Path)
+    g.add_argument("parts", type=Path, nargs="+")
+    g.add_argument("--plans", type=Path, default=Path("bench/results/regret-plans.json"))
     args = ap.parse_args()
     if args.what == "plan":
         plan_cases(args.out, args.cases, args.only)
+    elif args.what == "measure":
+        measure(args.plans, args.out, args.deadline, args.only)
     else:
-        measure(args.plans, args.out, args.deadline)
+        merge(args.out, args.parts, args.plans)
 
 
 if __name__ == "__main__":
