@@ -492,6 +492,32 @@ def idle_gaps(trace: dict, top: int = 25) -> dict:
                            for k, v in sorted(launchers.items(), key=lambda kv: -kv[1][1])[:top]]}
 
 
+def int8_outliers(trace: dict) -> dict:
+    """LLM.int8's outlier path in a profiled step: the ``int8_mixed_scaled_mm`` calls, those that multiplied
+    outlier columns apart (an ``aten::addmm`` inside: the input held values of at least the threshold), and the
+    GPU time of the kernels that addmm launched, by kernel name."""
+    events = [e for e in trace["traceEvents"] if e.get("ph") == "X" and "dur" in e]
+    ops = [e for e in events if e.get("cat") == "cpu_op"]
+    mixed = [e for e in ops if e["name"] == "bitsandbytes::int8_mixed_scaled_mm"]
+    addmm = [e for e in ops if e["name"] == "aten::addmm" and any(
+        m["tid"] == e["tid"] and m["ts"] <= e["ts"] <= m["ts"] + m["dur"] for m in mixed)]
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    kernels: dict[str, list] = {}
+    for k in events:
+        if k.get("cat") != "kernel":
+            continue
+        launch = launches.get(k.get("args", {}).get("correlation"))
+        if launch and any(a["tid"] == launch["tid"] and a["ts"] <= launch["ts"] <= a["ts"] + a["dur"] for a in addmm):
+            entry = kernels.setdefault(k["name"][:100], [0, 0.0])
+            entry[0] += 1
+            entry[1] += k["dur"] / 1e3
+    return {"int8_calls": len(mixed), "outlier_calls": len(addmm),
+            "outlier_addmm_ms": sum(v[1] for v in kernels.values()),
+            "outlier_addmm_kernels": [{"kernel": n, "calls": v[0], "ms": v[1]}
+                                      for n, v in sorted(kernels.items(), key=lambda kv: -kv[1][1])]}
+
+
 GAP_PLANS = [
     ("qwen2.5-0.5b QLoRA 4x2048", *_p(Q05, q="4bit", b=4)),
     ("qwen2.5-0.5b QLoRA 2x512", *_p(Q05, q="4bit", b=2, s=512)),
@@ -540,6 +566,8 @@ def gaps(out: Path, match: str = "") -> None:
                "step_time_s": [before.get("step_time_s"), after.get("step_time_s")],
                "step_times_s": [before.get("step_times_s"), after.get("step_times_s")],
                "phase_times_s": before.get("phase_times_s"), **idle_gaps(trace)}
+        if plan.quantization == "8bit":
+            row["int8_outliers"] = int8_outliers(trace)
         rows.append(row)
         print(name, row["step_time_s"], f"span {row.get('span_ms', 0):.1f} busy {row.get('busy_ms', 0):.1f} ms",
               flush=True)
