@@ -41,7 +41,7 @@ from memtune.estimate.compose import cached_trace, fast_depth, sdpa_backend  # n
 from memtune.plan import Plan  # noqa: E402
 from memtune.planner.cost import step_cost  # noqa: E402
 from memtune.planner.steptime import (  # noqa: E402
-    _BANDWIDTH_KINDS, Calibration, error_class, host_layer_key, host_per_layer, step_time)
+    _BANDWIDTH_KINDS, Calibration, _op_table, error_class, host_layer_key, host_per_layer, step_time)
 from memtune.specs.gpu import resolve_gpu  # noqa: E402
 from memtune.specs.model import resolve_model  # noqa: E402
 
@@ -157,15 +157,42 @@ def fit_kbit_kernels(kernels_kbit: dict, gpu) -> tuple[dict, dict]:
     return out, quality
 
 
+def fit_unaligned_matmuls(gaps: dict, mm_t0: float, gpu) -> tuple[dict, dict]:
+    """The efficiency of LLM.int8's unaligned outlier products (``mm_unaligned``) from profiled whole steps
+    (``bench/timing.py gaps``: the GPU time of the kernels its ``addmm`` launched), against the trace's FLOPs of
+    those products, pooled over the steps where the trace has them; each step's error at that efficiency."""
+    points = []
+    for row in gaps["rows"]:
+        measured = (row.get("int8_outliers") or {}).get("outlier_addmm_ms")
+        if not measured:
+            continue
+        spec, plan, gpu_, trace = traced(row)
+        ops = [op for op in trace.ops if op.kind == "mm_unaligned" and op.micro_batch <= 0]
+        if not ops:  # every column an outlier column: an aligned product (``mm``)
+            continue
+        table = _op_table(ops, spec, plan, gpu_, trace.num_layers, trace.period)
+        points.append((row["name"], float((table.flops / table.peak * table.repeat).sum()),
+                       float(table.repeat.sum()) * mm_t0, measured / 1e3))
+    if not points:
+        return {}, {}
+    e = sum(w for _, w, _, _ in points) / sum(t - t0 for _, _, t0, t in points)
+    rows = [{"plan": name, "measured_s": t, "model_s": t0 + w / e, "error": (t0 + w / e) / t - 1}
+            for name, w, t0, t in points]
+    return {"mm_unaligned_e_max": e}, {"source": "bench/results/timing/gaps-2.json", "rows": rows}
+
+
 GRID_FILE = ROOT / "bench/results/timing/grid-probe2.jsonl"
 """The grid as measured by the probe that times the median step with Python's collector kept out of the steps and
 reads the allocator once per phase boundary (``memtune.validate.probe``); the older ``grid*.jsonl`` files were
 measured with more of the probe's own host work inside the steps."""
 REPEATS = [ROOT / "bench/results/timing/grid-probe2-repeat.jsonl",
-           ROOT / "bench/results/timing/grid-probe2-repeat-2.jsonl"]
-"""Later measurements of some of the grid's plans in the same lease (the k-bit ones, the host-bound small k-bit
-ones twice): a plan's step is the median of its measurements, and how far they move from one measurement to the
-next is the noise floor (``reproducibility``)."""
+           ROOT / "bench/results/timing/grid-probe2-repeat-2.jsonl",
+           ROOT / "bench/results/timing/grid-probe2-tail.jsonl",
+           ROOT / "bench/results/timing/grid-probe2-repeat-3.jsonl"]
+"""Later measurements of some of the grid's plans (the k-bit ones, the host-bound small k-bit ones twice, in the
+grid's lease; eight of the k-bit plans the model missed most a third time, in a later lease, with the plans
+118-120 the first lease did not reach, ``grid-probe2-tail.jsonl``): a plan's step is the median of its
+measurements, and how far they move from one measurement to the next is the noise floor (``reproducibility``)."""
 
 
 def load_rows(paths: list[Path]) -> list[dict]:
@@ -456,7 +483,12 @@ def main() -> None:
                     help="measured steps (a plan in several files: the median of its measurements)")
     ap.add_argument("--kernels", type=Path, default=ROOT / "bench/results/timing/kernels.json")
     ap.add_argument("--kernels-2", type=Path, default=ROOT / "bench/results/timing/kernels-2.json")
-    ap.add_argument("--kernels-kbit", type=Path, default=ROOT / "bench/results/timing/kernels-kbit.json")
+    ap.add_argument("--kernels-kbit", type=Path, nargs="+",
+                    default=[ROOT / "bench/results/timing/kernels-kbit.json",
+                             ROOT / "bench/results/timing/kernels-kbit-2.json"],
+                    help="profiled k-bit layers (their rows together)")
+    ap.add_argument("--gaps", type=Path, default=ROOT / "bench/results/timing/gaps-2.json",
+                    help="profiled LLM.int8 steps: the kernels of its outlier products")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/step_time.json")
     ap.add_argument("--write-calibration", action="store_true")
     ap.add_argument("--architectures", type=Path, default=ROOT / "bench/results/architectures.json",
@@ -469,8 +501,12 @@ def main() -> None:
     gpu = resolve_gpu(GPU)
     kernel_fit = fit_kernels(json.loads(args.kernels.read_text()), gpu,
                              json.loads(args.kernels_2.read_text()) if args.kernels_2.is_file() else None)
-    kbit_fit, kbit_quality = fit_kbit_kernels(json.loads(args.kernels_kbit.read_text()), gpu)
+    kbit_layers = {"rows": [r for path in args.kernels_kbit for r in json.loads(path.read_text())["rows"]]}
+    kbit_fit, kbit_quality = fit_kbit_kernels(kbit_layers, gpu)
     kernel_fit.update(kbit_fit)
+    unaligned_fit, unaligned_quality = fit_unaligned_matmuls(json.loads(args.gaps.read_text()),
+                                                             kernel_fit["mm_t0"], gpu)
+    kernel_fit.update(unaligned_fit)
     rows = load_rows(args.grid)
     cases, untraceable = [], []
     for r in rows:
@@ -499,6 +535,7 @@ def main() -> None:
         "measured_with": "python bench/timing.py kernels / kernels-2 / kernels-kbit / grid on one H200 "
                          "(bench/results/timing/)",
         "constants": cal.to_json(), "kernel_fit": kernel_fit, "kbit_kernel_fit": kbit_quality,
+        "unaligned_matmul_fit": unaligned_quality,
         "fit": summary(fit_errs), "heldout": summary(held_errs),
         "heldout_both_folds": summary(crossfold),
         "constants_other_fold": other.to_json(),
@@ -514,7 +551,7 @@ def main() -> None:
         "rows": detail,
     }
     result["host_per_layer_s"] = host_layers(cal)
-    result["int8_call_host"] = int8_call_host(json.loads(args.kernels_kbit.read_text()), cal)
+    result["int8_call_host"] = int8_call_host(kbit_layers, cal)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     if args.write_calibration:
         path = ROOT / "profiles/calibration" / f"{GPU}.json"

@@ -37,7 +37,7 @@ from memtune.specs.model import ModelSpec
 DEFAULT_MARGIN = 0.02
 """Share of the GPU's memory kept free for the ``fits`` verdict."""
 
-TRACE_FORMAT = 20
+TRACE_FORMAT = 24
 MAX_FULL_DEPTH = 64
 """Deeper models (Llama-3-70B's 80 layers, 405B's 126) are estimated by the fast path unless ``full_depth`` asks for
 every layer: their full trace takes a minute or more on a laptop core (405B: 77 s), the fast one seconds, within

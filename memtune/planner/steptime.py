@@ -13,6 +13,7 @@ measured on an H200 by ``bench/timing.py kernels`` and fitted by ``bench/step_ti
   masked kernel (cuDNN's on the H200, else the memory-efficient one) over every block, with its own
   ``masked_attn_*`` constants;
 * grouped matmuls (a mixture-of-experts' tokens times their experts' weights): their own ``gmm_e_max``, ``gmm_t0``;
+* a matmul whose rows are not 16-byte aligned (LLM.int8's product over its outlier columns): ``mm_unaligned_e_max``;
 * every other kernel: ``bytes / (bandwidth x mem_efficiency) + kernel_s`` (``kernel_s x sqrt(n)`` for a foreach op
   over n tensors, which launches several kernels);
 * a k-bit layer (bitsandbytes) is the kernels it launches (``memtune.train.quant``): NF4's dequantization and a
@@ -68,6 +69,7 @@ class Calibration:
 
     mm_e_max: float = 0.75
     mm_t0: float = 1.5e-5
+    mm_unaligned_e_max: float = 0.15
     attn_e_max: float = 0.6
     attn_t0: float = 2e-5
     attn_bwd_factor: float = 2.5
@@ -144,7 +146,7 @@ _BANDWIDTH_KINDS = {"nf4": "nf4_efficiency", "q8": "q8_efficiency", "dq8": "dq8_
                     "cast": "cast_efficiency"}
 """Memory-bound kernels of the k-bit stand-ins (``memtune.train.quant``) with a measured bandwidth share of their
 own, by trace kind."""
-_TIMED_KINDS = ("view", "frame", "region", "comm", "mm", "gmm", "attn", "attn_bwd", "attn_masked", "attn_masked_bwd",
+_TIMED_KINDS = ("view", "frame", "region", "comm", "mm", "mm_unaligned", "gmm", "attn", "attn_bwd", "attn_masked", "attn_masked_bwd",
                 "kbit", "kbit_bwd", "kbit8_tail", "mm8", "sync", *_BANDWIDTH_KINDS)
 """The trace's op kinds (``OpRecord.kind``) with a time of their own; every other op is 8-bit AdamW's update of a
 tensor (in the optimizer step of an adamw-8bit plan) or an ``other`` kernel, timed by its bytes."""
@@ -205,7 +207,8 @@ def op_times(ops, spec: ModelSpec, plan: Plan, gpu: GpuSpec, cal: Calibration, *
     host[c["frame"]] = cal.host_frame_s
     host[c["region"]] = cal.host_region_s
     host[c["comm"]] = cal.host_op_s
-    for kind, t0, e_max in (("mm", cal.mm_t0, cal.mm_e_max), ("gmm", cal.gmm_t0, cal.gmm_e_max)):
+    for kind, t0, e_max in (("mm", cal.mm_t0, cal.mm_e_max), ("mm_unaligned", cal.mm_t0, cal.mm_unaligned_e_max),
+                            ("gmm", cal.gmm_t0, cal.gmm_e_max)):
         m = c[kind]
         gpu_s[m] = np.maximum(t0 + t.flops[m] / (t.peak[m] * e_max), t.bytes[m] / bandwidth)
         host[m] = cal.host_op_s

@@ -22,10 +22,13 @@ import contextlib
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
 NF4_BLOCK = 64
+OUTLIER_THRESHOLD = 6.0
+"""LLM.int8's outlier threshold (``Linear8bitLt(threshold=6.0)``, as memtune builds it)."""
 NF4_DOUBLE_QUANT_BLOCK = 256
 ADAM8BIT_BLOCK = 256
 ADAM8BIT_MIN_SIZE = 4096
@@ -67,7 +70,8 @@ def nf4_kernels(m: int, n: int, k: int, size: int, phase: str) -> tuple[tuple[st
     return (("kbit_bwd", 0.0, 0, size), *dequantize)
 
 
-def llm_int8_kernels(m: int, n: int, k: int, dtype: torch.dtype, phase: str) -> tuple[tuple[str, float, int, int], ...]:
+def llm_int8_kernels(m: int, n: int, k: int, dtype: torch.dtype, phase: str,
+                     outlier_columns: int = 0) -> tuple[tuple[str, float, int, int], ...]:
     """The kernels of an LLM.int8 layer's forward (``phase``) or backward over ``m`` rows of ``dtype`` input,
     ``n`` x ``k`` int8 weight, as (kind, FLOPs, bytes, itemsize) (bitsandbytes' ``int8_vectorwise_quant`` and
     ``int8_scaled_mm``, threshold 6). Forward: the input cast to fp16 (unless it is fp16), its magnitude, the
@@ -77,9 +81,13 @@ def llm_int8_kernels(m: int, n: int, k: int, dtype: torch.dtype, phase: str) -> 
     the GPU's longest waits in an LLM.int8 call follow the second sync, `bench/results/timing/gaps.json`), the int8
     product into int32 (CUTLASS), its dequantization to fp16 (``kdequant_mm_int32_fp16``) and the cast to the
     input's dtype. Backward: the weight copied to the input's dtype and scaled per row in place (PyTorch's
-    non-vectorized element-wise path, as the casts are), then an aten matmul the trace sees. Inputs with outliers
-    (|x| >= 6: rare at random init, common in large pretrained models) take more: their columns are gathered and
-    multiplied apart, and the host waits a third time."""
+    non-vectorized element-wise path, as the casts are), then an aten matmul the trace sees.
+
+    ``outlier_columns``: the input's columns that hold a value of at least the threshold (``outlier_columns``).
+    They are gathered from the input (kept for backward) and from the int8 weight, whose columns are dequantized
+    (fp32) and cast to the input's dtype, and ``output.addmm(sub_input, sub_weight)`` adds their product: a bf16
+    matmul over that many columns, whose rows are not 16-byte aligned unless the count is a multiple of 8 (cuBLAS
+    then runs slower kernels: ``mm_unaligned``)."""
     size = dtype.itemsize
     cast = dtype != torch.float16
     if phase == "forward":
@@ -87,9 +95,56 @@ def llm_int8_kernels(m: int, n: int, k: int, dtype: torch.dtype, phase: str) -> 
                 ("mem", 0.0, 4 * m * k, 2), ("mem", 0.0, 3 * m * k, 2), ("mem", 0.0, m * k, 1), ("sync", 0.0, 0, 1),
                 ("q8", 0.0, 3 * m * k + 4 * m, 2), ("sync", 0.0, 0, 1), ("kbit8_tail", 0.0, 0, 1),
                 ("mm8", 2.0 * m * n * k, m * k + n * k + 4 * m * n, 1), ("dq8", 0.0, 6 * m * n, 4),
-                *((("cast", 0.0, m * n * (2 + size), 2),) if cast else ()))
+                *((("cast", 0.0, m * n * (2 + size), 2),) if cast else ()),
+                *outlier_kernels(m, n, outlier_columns, size))
     return (("kbit_bwd", 0.0, 0, size), ("cast", 0.0, n * k * (1 + size), size), ("mem", 0.0, 8 * n, 4),
             ("cast", 0.0, 2 * n * k * size, size))
+
+
+def outlier_kernels(m: int, n: int, c: int, size: int) -> tuple[tuple[str, float, int, int], ...]:
+    """LLM.int8's outlier product over ``c`` columns (``int8_mixed_scaled_mm``): the input's columns gathered, the
+    weight's gathered, dequantized and cast, and the ``addmm`` into the m x n output."""
+    if not c:
+        return ()
+    product = "mm" if c % 8 == 0 else "mm_unaligned"  # rows of c elements: cuBLAS's aligned kernels need 16 bytes
+    return (("mem", 0.0, 2 * m * c * size, size), ("mem", 0.0, 2 * n * c, 1), ("mem", 0.0, 5 * n * c, 4),
+            ("cast", 0.0, n * c * (4 + size), size),
+            (product, 2.0 * m * n * c, (m * c + n * c + 2 * m * n) * size, size))
+
+
+def outlier_probability(std: float, activation: str, gated: bool, threshold: float = OUTLIER_THRESHOLD) -> float:
+    """The chance that one element of an MLP's down-projection input reaches LLM.int8's threshold in magnitude at
+    random init: the up and gate projections of a unit-RMS (normalized) input are N(0, std^2) with ``std`` =
+    initializer_range x sqrt(hidden size); the input is ``act(g) * u`` (``gated``) or ``act(g)``, so
+    P = E_g[2 Q(threshold / (|act(g)| std))] (Q: the normal tail) or P(|act(g)| >= threshold)."""
+    if std <= 0:
+        return 0.0
+    z = np.linspace(-12.0, 12.0, 4801)
+    weight = np.exp(-z * z / 2) / math.sqrt(2 * math.pi) * (z[1] - z[0])
+    a = np.abs(_activation(activation)(z * std))
+    if not gated:
+        return float(weight[a >= threshold].sum())
+    with np.errstate(divide="ignore"):
+        ratio = np.where(a > 0, threshold / (a * std + 1e-300), np.inf)
+    tail = np.array([math.erfc(r / math.sqrt(2)) if np.isfinite(r) else 0.0 for r in ratio])
+    return float((weight * tail).sum())
+
+
+def _activation(name: str):
+    name = (name or "silu").lower()
+    if "gelu" in name:
+        return lambda x: x * 0.5 * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+    if name == "relu":
+        return lambda x: np.maximum(x, 0.0)
+    return lambda x: x / (1 + np.exp(-x))  # silu / swish
+
+
+def outlier_columns(m: int, k: int, p: float) -> int:
+    """Expected columns of an ``m`` x ``k`` input with at least one element past the threshold, each element past
+    it with chance ``p``: k (1 - (1 - p)^m)."""
+    if p <= 0 or m <= 0:
+        return 0
+    return round(k * -math.expm1(m * math.log1p(-min(p, 1 - 1e-12))))
 
 
 class _KbitMatmul(torch.autograd.Function):
@@ -97,7 +152,7 @@ class _KbitMatmul(torch.autograd.Function):
     launch (``nf4_kernels``, ``llm_int8_kernels``) are told to the trace (``kernel_notes``)."""
 
     @staticmethod
-    def forward(ctx, x, packed, out_features, in_features, bits, compute_dtype):
+    def forward(ctx, x, packed, out_features, in_features, bits, compute_dtype, outlier_p=0.0):
         ctx.shape, ctx.bits, ctx.compute_dtype, ctx.input_dtype = (out_features, in_features), bits, compute_dtype, x.dtype
         rows = x.shape[:-1]
         m = x.numel() // in_features
@@ -117,19 +172,36 @@ class _KbitMatmul(torch.autograd.Function):
             return out.to(ctx.input_dtype)
         # LLM.int8: the input's fp16 copy; the int8 input and its row scales, the input's magnitude and outlier
         # mask; the int32 product, its fp16 dequantization and the output in the input's dtype (no copies where
-        # the input is fp16). The input is saved.
-        ctx.save_for_backward(x)
-        _notes(llm_int8_kernels(m, out_features, in_features, x.dtype, "forward"))
+        # the input is fp16). The input is kept on the autograd context (``ctx.tensors`` in bitsandbytes), not
+        # through save_for_backward: activation checkpointing neither frees it nor recomputes the layer for it.
+        # Outlier columns (``outlier_columns``): the input's are gathered and kept with it, the weight's gathered,
+        # dequantized to fp32 and cast; after the int8 product, ``addmm`` writes a new output.
+        c = outlier_columns(m, in_features, outlier_p)
+        keep = any(ctx.needs_input_grad[:2])
+        ctx.kept_input = x if keep else None
+        _notes(llm_int8_kernels(m, out_features, in_features, x.dtype, "forward", c))
         half = torch.empty(x.shape, dtype=torch.float16, device=x.device) if x.dtype != torch.float16 else x
         scales = torch.empty(rows, dtype=torch.float32, device=x.device)
         quantized = torch.empty(x.shape, dtype=torch.int8, device=x.device)
         magnitude = torch.empty_like(half)
         outliers = torch.empty(x.shape, dtype=torch.bool, device=x.device)
         del magnitude, outliers, half
+        sub_weight = None
+        if c:
+            sub_input = torch.empty((m, c), dtype=x.dtype, device=x.device)
+            ctx.kept_outliers = sub_input if keep else None
+            gathered = torch.empty((out_features, c), dtype=torch.int8, device=x.device)
+            dequantized_columns = torch.empty((out_features, c), dtype=torch.float32, device=x.device)
+            del gathered
+            sub_weight = torch.empty((out_features, c), dtype=x.dtype, device=x.device)
+            del dequantized_columns, sub_input
         product = torch.empty((*rows, out_features), dtype=torch.int32, device=x.device)
         dequantized = torch.empty((*rows, out_features), dtype=torch.float16, device=x.device)
         out = dequantized if x.dtype == torch.float16 else torch.empty_like(dequantized, dtype=x.dtype)
         del product, dequantized, quantized, scales
+        if c:
+            out = torch.empty_like(out)  # addmm's result; the int8 product's output is freed
+        del sub_weight
         return out
 
     @staticmethod
@@ -146,7 +218,7 @@ class _KbitMatmul(torch.autograd.Function):
             weight = torch.empty(ctx.shape, dtype=dtype, device=grad.device)
             statistics = torch.empty(out_features, dtype=torch.float32, device=grad.device)
         del statistics
-        return (grad.to(dtype) @ weight).to(ctx.input_dtype), None, None, None, None, None
+        return (grad.to(dtype) @ weight).to(ctx.input_dtype), None, None, None, None, None, None
 
 
 def _notes(kernels) -> None:
@@ -159,9 +231,10 @@ def _notes(kernels) -> None:
 class EmulatedKbitLinear(nn.Linear):
     """A frozen k-bit linear layer with bitsandbytes' memory footprint (see the module docstring)."""
 
-    def __init__(self, linear: nn.Linear, bits: int, compute_dtype: torch.dtype):
+    def __init__(self, linear: nn.Linear, bits: int, compute_dtype: torch.dtype, outlier_p: float = 0.0):
         nn.Module.__init__(self)
         self.in_features, self.out_features, self.bits = linear.in_features, linear.out_features, bits
+        self.outlier_p = outlier_p  # chance that an input element is an LLM.int8 outlier (outlier_probability)
         self.compute_dtype = compute_dtype
         numel = self.in_features * self.out_features
         device = linear.weight.device
@@ -177,7 +250,8 @@ class EmulatedKbitLinear(nn.Linear):
         self.bias = linear.bias
 
     def forward(self, x):
-        out = _KbitMatmul.apply(x, self.weight, self.out_features, self.in_features, self.bits, self.compute_dtype)
+        out = _KbitMatmul.apply(x, self.weight, self.out_features, self.in_features, self.bits, self.compute_dtype,
+                                self.outlier_p)
         return out if self.bias is None else out + self.bias
 
 
@@ -186,13 +260,33 @@ def quantize_decoder_linears(model: nn.Module, plan, *, emulate: bool) -> None:
     from memtune.specs.model import decoder_layers
 
     bits = 4 if plan.quantization == "4bit" else 8
+    config = getattr(model, "config", None)
     for layer in decoder_layers(model):
         for parent in list(layer.modules()):
             for child_name, child in list(parent.named_children()):
                 if type(child) is nn.Linear:
-                    new = (EmulatedKbitLinear(child, bits, getattr(torch, plan.low_precision)) if emulate
+                    p = down_projection_outliers(config, parent, child) if bits == 8 and emulate else 0.0
+                    new = (EmulatedKbitLinear(child, bits, getattr(torch, plan.low_precision), p) if emulate
                            else _bnb_linear(child, bits, plan))
                     setattr(parent, child_name, new)
+
+
+def down_projection_outliers(config, parent: nn.Module, linear: nn.Linear) -> float:
+    """``outlier_probability`` for the MLP's down projection (its input is the intermediate activation: gated
+    where the MLP's other projections give twice the intermediate size), 0 for every other linear layer: their
+    inputs are normalized or averaged, and past 6 standard deviations almost never (on profiled H200 steps of
+    three models at random init, the down projections took the outlier path in every call, the others all but
+    never: ``bench/results/timing/gaps-2.json``). A pretrained model's outliers are a few columns: memtune counts
+    those of the randomly initialized model it measures, more than a pretrained one has."""
+    intermediate = getattr(config, "intermediate_size", None)
+    hidden = getattr(config, "hidden_size", None)
+    if not intermediate or not hidden or linear.in_features != intermediate or linear.out_features != hidden:
+        return 0.0
+    up = sum(m.out_features for m in parent.children()
+             if isinstance(m, nn.Linear) and m is not linear and m.in_features == hidden)
+    activation = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None) or "silu"
+    std = (getattr(config, "initializer_range", None) or 0.02) * math.sqrt(hidden)
+    return outlier_probability(std, str(activation), gated=up >= 2 * intermediate)
 
 
 def needs_bitsandbytes(plan) -> bool:
@@ -225,7 +319,7 @@ def _bnb_linear(linear: nn.Linear, bits: int, plan) -> nn.Module:
                                          compress_statistics=True).to(device)
     else:
         layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                    has_fp16_weights=False, threshold=6.0, device="meta")
+                                    has_fp16_weights=False, threshold=OUTLIER_THRESHOLD, device="meta")
         # Int8Params quantizes when moved from the CPU to the GPU.
         layer.weight = bnb.nn.Int8Params(data.cpu(), requires_grad=False, has_fp16_weights=False).to(device)
     if linear.bias is not None:
