@@ -423,7 +423,9 @@ def summary(errs: list[float]) -> dict | None:
 OOS = {"oos": "the first set, predicted with the calibration fitted on the older grid files",
        "oos-2": "the second set, predicted with the calibration fitted on grid-median.jsonl",
        "oos-3": "the third set, predicted with the calibration fitted on grid-probe2.jsonl and its first repeat "
-                "(plans 0-104), measured twice"}
+                "(plans 0-104), measured twice",
+       "oos-4": "the fourth set (mostly LLM.int8), predicted once LLM.int8's kept input and outlier columns were "
+                "modelled, with the calibration fitted on grid-probe2.jsonl and its repeats"}
 """The out-of-sample sets of ``bench/timing.py`` (``--set``): ``timing/<set>-predicted.json`` holds what a commit
 estimated before the plans were measured into ``timing/<set>.jsonl`` (and ``<set>-repeat.jsonl``: the step is the
 median of a plan's measurements)."""

@@ -428,7 +428,15 @@ OUT_OF_SAMPLE_3 = [
     _p(L3, "lora", ac="full", b=4), _p(L3, ac="selective", opt="adamw-fused", b=2, s=4096),
     _p(Q05, q="4bit", ac="full", opt="adamw-fused", b=2, s=1024),
 ]
-GRIDS = {"grid": GRID, "oos": OUT_OF_SAMPLE, "oos-2": OUT_OF_SAMPLE_2, "oos-3": OUT_OF_SAMPLE_3}
+OUT_OF_SAMPLE_4 = [
+    # the fourth set, estimated once LLM.int8's kept input and outlier columns were modelled, before measuring
+    _p(L8, q="8bit", ac="full", b=2), _p(M7, q="8bit", ac="selective", b=4, s=1024),
+    _p(L3, q="8bit", ac="full", b=4), _p(L1B, q="8bit", ac="selective", b=4), _p(L1, q="8bit", b=8, s=1024),
+    _p(Q05, q="8bit", ac="full", b=8), _p(L8, q="8bit", b=4, s=1024), _p(Q7, q="8bit", ac="full", b=1, s=4096),
+    _p(L3, q="4bit", ac="full", b=4, s=4096), _p(M7, q="4bit", ac="selective", b=2, s=4096),
+]
+GRIDS = {"grid": GRID, "oos": OUT_OF_SAMPLE, "oos-2": OUT_OF_SAMPLE_2, "oos-3": OUT_OF_SAMPLE_3,
+         "oos-4": OUT_OF_SAMPLE_4}
 
 
 def idle_gaps(trace: dict, top: int = 25) -> dict:
