@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import commit  # noqa: E402
 
 TIMING = Path(__file__).resolve().parent / "results/timing"
-SETS = {"grid": ["grid-probe2.jsonl"], "oos": ["oos.jsonl"], "oos-2": ["oos-2.jsonl"], "oos-3": ["oos-3.jsonl"]}
+SETS = {"grid": ["grid-probe2.jsonl"], "oos": ["oos.jsonl"], "oos-2": ["oos-2.jsonl"], "oos-3": ["oos-3.jsonl"],
+        "oos-4": ["oos-4.jsonl"]}
 
 
 def main() -> None:
