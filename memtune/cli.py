@@ -316,7 +316,8 @@ def plan(
     num_gpus: NumGpus = 1,
     nodes: Nodes = 1,
     network_gbs: Annotated[float, typer.Option(help="Bandwidth between nodes per GPU, GB/s (200 Gb/s: 25).")] = 25.0,
-    batch_size: BatchSize = 1,
+    batch_size: Annotated[int | None, typer.Option(help="Micro-batch per GPU, in sequences (default 1; with "
+                                                        "--global-batch: fixes the split, else searched).")] = None,
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence; with --dataset, the packing chunk length "
                                               "(padding pads to the longest sample of each batch).")] = 2048,
     batching: Annotated[str | None, typer.Option(help="Fix padding | packing (default: padding, or with "

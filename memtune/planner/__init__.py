@@ -165,11 +165,14 @@ def llama_cookbook_default(gpu: GpuSpec, *, num_gpus: int = 1, batch_size: int =
     return Plan(precision="bf16", batch_size=batch_size, seq_len=seq_len, batching=batching, stack="llama-cookbook")
 
 
-def micro_batches(global_batch: int | None, batch_size: int, world_size: int) -> list[tuple[int, int]]:
+def micro_batches(global_batch: int | None, batch_size: int, world_size: int, *, fixed_batch: int | None = None,
+                  fixed_accum: int | None = None) -> list[tuple[int, int]]:
     """(micro-batch, gradient accumulation) pairs that make ``global_batch`` sequences per optimizer step over
-    ``world_size`` GPUs (powers of two), or just ``(batch_size, 1)`` without a global batch."""
+    ``world_size`` GPUs (micro-batches of powers of two and the whole per-GPU batch), or just ``(batch_size, 1)``
+    without a global batch. A ``fixed_batch`` or ``fixed_accum`` (the user's) leaves the one split it allows;
+    raises InvalidPlanError where it does not divide the per-GPU batch."""
     if global_batch is None:
-        return [(batch_size, 1)]
+        return [(batch_size, fixed_accum or 1)]
     if global_batch < 1:
         raise InvalidPlanError([f"the global batch must be at least 1 sequence, not {global_batch}"])
     per_gpu, rest = divmod(global_batch, world_size)
@@ -177,11 +180,24 @@ def micro_batches(global_batch: int | None, batch_size: int, world_size: int) ->
         raise InvalidPlanError([f"a global batch of {global_batch} sequences does not divide over {world_size} GPUs"])
     from memtune.plan import PLAN_LIMITS
 
-    pairs, b = [], 1
-    while b <= min(per_gpu, PLAN_LIMITS["batch_size"]):
-        if per_gpu % b == 0 and per_gpu // b <= PLAN_LIMITS["grad_accum"]:
-            pairs.append((b, per_gpu // b))
+    for what, fixed in (("micro-batches of {}", fixed_batch), ("{} gradient-accumulation steps", fixed_accum)):
+        if fixed is not None and per_gpu % fixed:
+            raise InvalidPlanError([f"a global batch of {global_batch} sequences ({per_gpu} per GPU) does not split "
+                                    f"into {what.format(fixed)}: give a divisor of {per_gpu}, or leave it out to "
+                                    f"search every split"])
+    if fixed_batch is not None and fixed_accum is not None and fixed_batch * fixed_accum != per_gpu:
+        raise InvalidPlanError([f"micro-batch {fixed_batch} x gradient accumulation {fixed_accum} is not the global "
+                                f"batch's {per_gpu} sequences per GPU: drop one of them"])
+    if fixed_batch is not None:
+        return [(fixed_batch, per_gpu // fixed_batch)]
+    if fixed_accum is not None:
+        return [(per_gpu // fixed_accum, fixed_accum)]
+    sizes, b = {per_gpu}, 1
+    while b < per_gpu:
+        sizes.add(b)
         b *= 2
+    pairs = [(b, per_gpu // b) for b in sorted(sizes) if per_gpu % b == 0 and b <= PLAN_LIMITS["batch_size"]
+             and per_gpu // b <= PLAN_LIMITS["grad_accum"]]
     if not pairs:
         raise InvalidPlanError([f"a global batch of {global_batch:,} sequences over {world_size} GPUs needs more than "
                                 f"{PLAN_LIMITS['grad_accum']:,} micro-batches of at most "
@@ -246,7 +262,8 @@ def plan_candidates(spec: ModelSpec, gpu: GpuSpec, *, num_gpus: int = 1, nodes: 
     except InvalidPlanError as e:
         reference = Candidate(label="llama-cookbook default", plan=ref_plan, breakdown=None, reason=str(e))
     candidates, seen = [], set()
-    splits = micro_batches(global_batch, batch_size, num_gpus * nodes)
+    splits = micro_batches(global_batch, batch_size, num_gpus * nodes, fixed_batch=(fixed or {}).get("batch_size"),
+                           fixed_accum=(fixed or {}).get("grad_accum"))
     kinds = [k for b in batchings for k in candidate_plans(gpu, num_gpus=num_gpus, nodes=nodes,
                                                              batch_size=batch_size, seq_len=seq_for[b], batching=b)]
     shapes: dict[tuple[str, int], tuple[float, float | None]] = {}  # (batching, micro-batch) -> (efficiency, mean)

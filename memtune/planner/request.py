@@ -75,6 +75,12 @@ class SearchRequest:
             if options.get("global_batch") is not None:
                 raise ConfigError("give --global-batch (sequences) or --global-tokens, not both")
             options["global_batch"] = max(1, round(global_tokens / options.get("seq_len", 2048)))
+        if options.get("batch_size") is None:
+            options["batch_size"] = 1
+        elif options["batch_size"] < 1:
+            raise ConfigError(f"--batch-size must be at least 1 sequence, not {options['batch_size']}")
+        elif options.get("global_batch") is not None:  # a micro-batch given with a global batch fixes the split
+            fixed["batch_size"] = options["batch_size"]
         lengths = None
         if dataset:
             from memtune.data import load_lengths

@@ -87,6 +87,20 @@ def test_a_global_batch_past_the_limits_or_below_one_is_bad_input():
     assert (8, 1) in micro_batches(8, 1, 1) and (1, 8) in micro_batches(8, 1, 1)
 
 
+def test_a_fixed_micro_batch_or_accumulation_leaves_the_one_split_of_the_global_batch():
+    from memtune.planner import micro_batches
+
+    # the whole per-GPU batch is a micro-batch too, where it is not a power of two
+    assert micro_batches(12, 1, 2) == [(1, 6), (2, 3), (6, 1)]
+    assert micro_batches(16, 1, 2, fixed_batch=2) == [(2, 4)]
+    assert micro_batches(16, 1, 2, fixed_accum=4) == [(2, 4)]
+    assert micro_batches(16, 1, 2, fixed_batch=2, fixed_accum=4) == [(2, 4)]
+    for fixed in ({"fixed_batch": 3}, {"fixed_accum": 3}, {"fixed_batch": 2, "fixed_accum": 2}):
+        with pytest.raises(InvalidPlanError):
+            micro_batches(16, 1, 2, **fixed)
+    assert micro_batches(None, 4, 1, fixed_accum=3) == [(4, 3)]
+
+
 def test_lora_alpha_must_be_a_positive_number():
     for alpha in (-3, 0, float("nan"), "32"):
         with pytest.raises(InvalidPlanError, match="lora-alpha"):
