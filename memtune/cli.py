@@ -74,11 +74,11 @@ Sharding = Annotated[str, typer.Option(help="auto | none | fsdp | fsdp-grad-op |
 Checkpointing = Annotated[str, typer.Option(help="none | selective (recompute element-wise ops, keep matmul outputs) | full "
                                                  "(recompute every decoder layer).")]
 PeftOpt = Annotated[str, typer.Option("--peft", help="none | lora")]
-LoraRank = Annotated[int, typer.Option(help="LoRA rank r.")]
+LoraRank = Annotated[int | None, typer.Option(help="LoRA rank r (default 8).")]
 LoraTargets = Annotated[str | None, typer.Option(help="Comma-separated linear layers LoRA adapts, or all-linear "
                                                        "(default: the model's attention projections, as peft picks "
                                                        "them: q_proj,v_proj for Llama).")]
-LoraDropout = Annotated[float, typer.Option(help="LoRA dropout.")]
+LoraDropout = Annotated[float | None, typer.Option(help="LoRA dropout (default 0.05).")]
 Quantization = Annotated[str, typer.Option(help="none | 8bit | 4bit (frozen base weights; needs --peft lora).")]
 OptimizerOpt = Annotated[str, typer.Option("--optimizer", help="adamw | adamw-fused | adamw-8bit | sgd")]
 BatchSize = Annotated[int, typer.Option(help="Micro-batch per GPU, in sequences.")]
@@ -145,8 +145,17 @@ def _plan_from_options(gpu, spec, *, num_gpus, nodes, precision, sharding, check
         sharding = stack_sharding(stack, checkpointing, "none" if alone else ("hsdp" if nodes > 1 else "fsdp"))
     from memtune.specs.model import default_lora_targets, resolve_lora_targets
 
+    given = [f"--{name}" for name, value in (("lora-rank", lora_rank), ("lora-targets", lora_targets),
+                                              ("lora-dropout", lora_dropout)) if value is not None]
+    if given and peft != "lora":
+        raise ConfigError(f"{', '.join(given)} only {'applies' if len(given) == 1 else 'apply'} to LoRA: add "
+                          f"--peft lora, or leave {'it' if len(given) == 1 else 'them'} out")
     targets = tuple(t.strip() for t in (lora_targets or "").split(",") if t.strip())
+    if lora_targets is not None and not targets:
+        raise ConfigError("--lora-targets names no layer: give comma-separated layer names, or all-linear")
     targets = resolve_lora_targets(targets, spec) if targets else default_lora_targets(spec)
+    lora_rank = 8 if lora_rank is None else lora_rank
+    lora_dropout = 0.05 if lora_dropout is None else lora_dropout
     return Plan(precision=precision, sharding=sharding, num_gpus=num_gpus, nodes=nodes, checkpointing=checkpointing,
                 peft=peft, lora_rank=lora_rank, lora_targets=targets, lora_dropout=lora_dropout,
                 quantization=quantization, optimizer=optimizer, batch_size=batch_size, seq_len=seq_len,
@@ -181,9 +190,9 @@ def estimate(
     sharding: Sharding = "auto",
     checkpointing: Checkpointing = "none",
     peft: PeftOpt = "none",
-    lora_rank: LoraRank = 8,
+    lora_rank: LoraRank = None,
     lora_targets: LoraTargets = None,
-    lora_dropout: LoraDropout = 0.05,
+    lora_dropout: LoraDropout = None,
     quantization: Quantization = "none",
     optimizer: OptimizerOpt = "adamw",
     batch_size: BatchSize = 1,
@@ -240,9 +249,9 @@ def validate(
     sharding: Sharding = "auto",
     checkpointing: Checkpointing = "none",
     peft: PeftOpt = "none",
-    lora_rank: LoraRank = 8,
+    lora_rank: LoraRank = None,
     lora_targets: LoraTargets = None,
-    lora_dropout: LoraDropout = 0.05,
+    lora_dropout: LoraDropout = None,
     quantization: Quantization = "none",
     optimizer: OptimizerOpt = "adamw",
     batch_size: BatchSize = 1,

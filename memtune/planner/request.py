@@ -64,7 +64,13 @@ class SearchRequest:
             raise ConfigError(f"--batching must be padding or packing, not {options['batching']!r}")
         if lora_targets is not None:
             targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
+            if not targets:
+                raise ConfigError("--lora-targets names no layer: give comma-separated layer names, or all-linear")
             fixed["lora_targets"] = resolve_lora_targets(targets, spec)
+        lora_given = [f"--{k.replace('_', '-')}" for k in ("lora_rank", "lora_targets") if k in fixed]
+        if lora_given and fixed.get("peft") == "none":
+            raise ConfigError(f"{' and '.join(lora_given)} set the LoRA candidates, and --peft none leaves none: "
+                              f"drop one of them")
         if fixed:
             with_fixed(Plan(), fixed)  # an unknown value or impossible combination is bad input
             if "lora_targets" in fixed:

@@ -78,6 +78,8 @@ def test_plan_constraints_fix_a_knob():
     (["--stack", "llama-cookbook", "--checkpointing", "selective"], "whole layers only"),
     (["--stack", "llama-cookbook", "--precision", "amp-bf16"], "loads the weights in bf16"),
     (["--stack", "llama-cookbook", "--model", "qwen2.5-0.5b"], "llama models only"),
+    (["--lora-rank", "16"], "add --peft lora"),
+    (["--peft", "lora", "--lora-targets", ","], "names no layer"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message):
     base = {"--model": str(TINY), "--gpu": "H200", "--seq-len": "128"}
@@ -222,6 +224,16 @@ def test_global_batch_searches_every_micro_batch_split():
     bad = run("plan", "--model", str(TINY), "--gpu", "L4-24GB", "--seq-len", "128", "--global-batch", "3",
               "--num-gpus", "2")
     assert bad.exit_code == 2 and "does not divide" in bad.stderr
+    fixed = [("--batch-size", "3"), ("--grad-accum", "3"), ("--batch-size", "2", "--grad-accum", "4")]
+    for extra in fixed:  # a fixed split that does not make the global batch is bad input, not another batch
+        bad = run("plan", "--model", str(TINY), "--gpu", "L4-24GB", "--seq-len", "128", "--global-batch", "8",
+                  "--num-gpus", "2", *extra)
+        assert bad.exit_code == 2 and len(bad.stderr.strip().splitlines()) == 1, (extra, bad.output)
+    r = run("plan", "--model", str(TINY), "--gpu", "L4-24GB", "--seq-len", "128", "--global-batch", "8",
+            "--num-gpus", "2", "--batch-size", "2", "--peft", "none", "--json")
+    splits = {(c["plan"]["batch_size"], c["plan"]["grad_accum"]) for c in json.loads(r.stdout)["candidates"]
+              if c["verdict"] != "invalid"}
+    assert splits == {(2, 2)}
 
 
 def test_global_tokens_become_sequences():
