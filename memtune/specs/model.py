@@ -219,10 +219,20 @@ GIVEN_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_
 missing one with its class's default, which would size another model."""
 
 
+SIZE_LIMITS = {"hidden_size": 1 << 20, "intermediate_size": 1 << 22, "num_hidden_layers": 1 << 16,
+               "num_attention_heads": 1 << 14, "num_key_value_heads": 1 << 14, "vocab_size": 1 << 24}
+"""Sizes past any model (the largest today are 16-64x below): a config past them is a typo, not a model to build."""
+
+
 def _check_given(cfg: dict, path) -> None:
     """Raises ConfigError when the config (its ``text_config`` where it has one) leaves out one of ``GIVEN_KEYS``
-    (transformers is imported only to look up the other names of a key that is not there under its own)."""
+    (transformers is imported only to look up the other names of a key that is not there under its own), or
+    gives a size below 1 or past ``SIZE_LIMITS``."""
     part = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+    for key, limit in SIZE_LIMITS.items():
+        value = part.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and not 1 <= value <= limit:
+            raise ConfigError(f"{path} gives {key} = {value:,}, outside 1..{limit:,}: check the config's sizes")
     if all(k in part for k in GIVEN_KEYS):
         return
     from transformers import CONFIG_MAPPING

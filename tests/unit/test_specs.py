@@ -119,7 +119,9 @@ def test_malformed_config_sizes_are_bad_input(tmp_path):
     base = json.loads((Path(__file__).resolve().parents[2] / "profiles/models/llama-3.2-1b/config.json").read_text())
     for key, value, said in (("hidden_size", -2048, "hidden_size"), ("hidden_size", "2048", "hidden_size"),
                              ("hidden_size", 2048.5, "hidden_size"), ("num_attention_heads", 7, "multiple"),
-                             ("num_hidden_layers", True, "num_hidden_layers")):
+                             ("num_hidden_layers", True, "num_hidden_layers"),
+                             ("hidden_size", 10**12, "outside 1..1,048,576"), ("vocab_size", 0, "vocab_size"),
+                             ("intermediate_size", 2**40, "intermediate_size")):
         path = tmp_path / f"{key}-{value}.json"
         path.write_text(json.dumps({**base, key: value}))
         with pytest.raises(ConfigError, match=said):
