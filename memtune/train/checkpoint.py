@@ -39,6 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from memtune.errors import MemtuneError
 from memtune.plan import Plan
 
 CHECKPOINTS = "checkpoints"
@@ -58,14 +59,20 @@ def checkpoint_path(output_dir: Path, step: int) -> Path:
 
 
 def latest_checkpoint(output_dir: Path) -> SavedCheckpoint | None:
-    """The newest complete checkpoint (with its ``meta.json``), or None."""
+    """The newest complete checkpoint (with a readable ``meta.json``), or None. A ``meta.json`` that cannot be
+    read (cut short or damaged) marks its checkpoint unfinished: it is skipped with a warning, and an older one is
+    resumed from."""
     found = []
     for path in (Path(output_dir) / CHECKPOINTS).glob("step_*"):
         meta = path / META
         if meta.is_file() and path.name.removeprefix("step_").isdigit():
-            data = json.loads(meta.read_text())
-            found.append(SavedCheckpoint(step=data["step"], path=path, plan=Plan.from_dict(data["plan"]),
-                                         world_size=data["world_size"]))
+            try:
+                data = json.loads(meta.read_text())
+                found.append(SavedCheckpoint(step=int(data["step"]), path=path, plan=Plan.from_dict(data["plan"]),
+                                             world_size=int(data["world_size"])))
+            except (ValueError, KeyError, TypeError, MemtuneError) as e:
+                warnings.warn(f"skipping checkpoint {path}: its {META} cannot be read ({type(e).__name__}: {e})",
+                              stacklevel=2)
     return max(found, key=lambda c: c.step) if found else None
 
 

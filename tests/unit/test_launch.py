@@ -324,3 +324,19 @@ def test_a_row_without_a_prompt_is_bad_input_not_the_text_none():
     with pytest.raises(ConfigError, match="row 2 of the dataset has no 'q'"):
         train_data.tokenize(Data(rows), run, Tokenizer(), seq_len=64)
     assert len(train_data.tokenize(Data(rows[:1]), run, Tokenizer(), seq_len=64).input_ids) == 1
+
+
+def test_a_checkpoint_whose_meta_cannot_be_read_is_skipped_for_the_one_before(tmp_path):
+    import json
+
+    from memtune.train import checkpoint as ckpt
+
+    plan = Plan(seq_len=16)
+    for step, meta in ((2, json.dumps({"step": 2, "plan": plan.to_dict(), "world_size": 1})),
+                       (4, '{"step": 4, "plan": {'), (6, json.dumps({"step": 6, "world_size": 1}))):
+        folder = ckpt.checkpoint_path(tmp_path, step)
+        folder.mkdir(parents=True)
+        (folder / ckpt.META).write_text(meta)
+    with pytest.warns(UserWarning, match="cannot be read"):
+        saved = ckpt.latest_checkpoint(tmp_path)
+    assert saved.step == 2 and saved.plan == plan
