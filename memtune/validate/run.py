@@ -133,6 +133,8 @@ def validate_plan(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, steps: int = 5, 
 
     from memtune.estimate.timeline import estimated_timeline
 
+    if out_dir is not None:  # before any work: a record that cannot be written is known now, not after the steps
+        out_dir = _writable_folder(Path(out_dir))
     est = estimate(spec, plan, gpu)
     if dry_run is None:
         dry_run = not torch.cuda.is_available()
@@ -140,6 +142,8 @@ def validate_plan(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, steps: int = 5, 
         record = _dry_run(spec, plan, gpu, est, tolerance)
         if emulate:
             record.notes.append(f"no CUDA GPU here: the {gpu.name} cap needs one, so this is a dry run")
+        if out_dir is not None:
+            (out_dir / "validation.json").write_text(json.dumps(record.to_json(), indent=2))
         return record
     if plan.nodes > 1:
         raise ConfigError("validate runs on one node; validate a multi-node plan with --nodes 1 and the same "
@@ -170,6 +174,18 @@ def validate_plan(spec: ModelSpec, plan: Plan, gpu: GpuSpec, *, steps: int = 5, 
                               snapshot=str(snapshot_path) if snapshot_path and snapshot_path.exists() else None)
     (out_dir / "validation.json").write_text(json.dumps(record.to_json(), indent=2))
     return record
+
+
+def _writable_folder(path: Path) -> Path:
+    """``path``, created if needed; ConfigError (one line) where it cannot be, or cannot be written to."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".memtune-write-check-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--out {path} cannot be written ({e.strerror or e}): choose a folder you can write to") \
+            from None
+    return path
 
 
 def _dry_run(spec, plan, gpu, est, tolerance) -> ValidationRecord:

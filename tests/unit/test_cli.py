@@ -448,3 +448,14 @@ def test_an_export_that_counts_on_expandable_segments_says_so(tmp_path):
     assert r.exit_code == 0, r.output
     assert '"batch_size_training"' in r.stdout
     assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in r.stderr
+
+
+def test_validate_out_is_checked_before_any_work_and_a_dry_run_writes_its_record_there(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    base = ("validate", "--model", str(TINY), "--gpu", "H200", "--seq-len", "128", "--dry-run")
+    bad = run(*base, "--out", str(blocker / "sub"))
+    assert bad.exit_code == 2 and "cannot be written" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    good = run(*base, "--out", str(tmp_path / "v"))
+    assert good.exit_code == 0, good.output
+    assert json.loads((tmp_path / "v" / "validation.json").read_text())["plan"]["seq_len"] == 128
