@@ -380,6 +380,10 @@ def plan(
 
     gpu_spec = resolve_gpu(gpu)
     spec = resolve_model(model)
+    if out:
+        from memtune.planfile import check_writable
+
+        check_writable(out)
     request = SearchRequest.from_options(
         spec, num_gpus=num_gpus, nodes=nodes, batch_size=batch_size, seq_len=seq_len, batching=batching,
         global_batch=global_batch, global_tokens=global_tokens, network_gbs=network_gbs, export=export,

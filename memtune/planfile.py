@@ -95,7 +95,24 @@ def write_plan_file(path: str | Path, plan_file: PlanFile) -> None:
         lines += ["", "[[fallback]]"] + [f"{k} = {toml_value(v)}" for k, v in fallback.to_dict().items()]
     if plan_file.run is not None:
         lines += ["", "[run]"] + [f"{k} = {toml_value(v)}" for k, v in plan_file.run.to_dict().items() if v is not None]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("\n".join(lines) + "\n")
+
+
+def check_writable(path: str | Path, option: str = "--out") -> None:
+    """Raises ConfigError (one line) where a file cannot be written at ``path`` (its folder is created if
+    needed): checked before the work whose result it will hold."""
+    import os
+
+    from memtune.errors import ConfigError
+
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{option} {path} cannot be written ({e.strerror or e}): choose another path") from None
+    if target.is_dir() or not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise ConfigError(f"{option} {path} cannot be written (a folder, or no permission): choose another path")
 
 
 def toml_value(value) -> str:

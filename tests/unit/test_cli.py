@@ -340,7 +340,12 @@ def test_unwritable_outputs_are_bad_input(tmp_path):
                   "--out", str(a_file / "plan.toml")]):
         r = run(*args)
         assert r.exit_code == 2, (args, r.output)
-        assert "Traceback" not in r.output and "cannot use" in r.output, r.output
+        assert "Traceback" not in r.output and ("cannot use" in r.output or "cannot be written" in r.output), \
+            r.output
+    # a folder that does not exist yet is made, as --report and validate's --out make theirs
+    r = run("plan", "--model", str(TINY), "--gpu", "L4-24GB", "--seq-len", "128", "--out",
+            str(tmp_path / "new" / "plan.toml"))
+    assert r.exit_code in (0, 1) and (tmp_path / "new" / "plan.toml").is_file(), r.output
 
 
 def test_an_empty_dataset_is_bad_input(tmp_path):
