@@ -184,9 +184,31 @@ def layer_activation_bytes(spec: ModelSpec, plan: Plan, tokens: int, backend: st
     if full or attention_output(spec) in lora and not dropout:
         per_token += p * q  # o_proj's input (the contiguous copy of the attention output)
     per_token += _mlp_bytes(spec, plan, p) + expert_activation_bytes(spec, plan, p)
+    per_token += p * _int8_outlier_columns(spec, plan, tokens) if tokens else 0.0
     if plan.is_amp:
         per_token += 2 * 4 * h + 4 * (q + kv)  # fp32 residual stream: norm outputs and rotated q, k stay fp32
     return per_token * tokens
+
+
+def _int8_outlier_columns(spec: ModelSpec, plan: Plan, tokens: int) -> float:
+    """LLM.int8's down projection keeps its input's outlier columns for backward (``memtune.train.quant``): the
+    expected count at random init over ``tokens`` rows, per token kept as a column each."""
+    if plan.quantization != "8bit" or not spec.dense_mlp:
+        return 0.0
+    from memtune.train.quant import down_input_outlier_probability, outlier_columns
+
+    probability = down_input_outlier_probability(spec.config, gated=spec.mlp_gated)
+    return outlier_columns(tokens, spec.intermediate_size, probability)
+
+
+def _int8_kept_inputs(spec: ModelSpec, plan: Plan, p: int) -> float:
+    """Bytes per token and layer that LLM.int8 layers keep under full checkpointing: bitsandbytes keeps each
+    layer's input on the autograd context, which checkpointing does not free - the attention's and the MLP's
+    normalized inputs, the attention output and the down projection's input."""
+    if plan.quantization != "8bit":
+        return 0.0
+    q = spec.num_attention_heads * spec.head_dim
+    return p * (2 * spec.hidden_size + q + (spec.intermediate_size if spec.dense_mlp else 0))
 
 
 def _mlp_bytes(spec: ModelSpec, plan: Plan, p: int) -> float:
@@ -222,8 +244,10 @@ def _checkpoint_bytes(spec: ModelSpec, plan: Plan, tokens: int, layer: float, ba
     """What checkpointing keeps of the whole stack at the start of the backward."""
     p = 4 if plan.fp32_residual or plan.is_amp else 2
     L = spec.num_layers
-    if plan.checkpointing == "full":
-        return L * p * spec.hidden_size * tokens  # each layer's input
+    if plan.checkpointing == "full":  # each layer's input (and what LLM.int8 keeps of it)
+        act = 4 if plan.fp32_residual else 2
+        return L * (p * spec.hidden_size + _int8_kept_inputs(spec, plan, act)
+                    + act * _int8_outlier_columns(spec, plan, tokens)) * tokens
     # selective (``recipe.checkpoint_layer``): each norm keeps its input instead of its fp32 upcast; the MLP keeps
     # its input and the gate and up projections' outputs instead of the activation's input, output and product (and
     # the down projection's LoRA tensors, recomputed with it); attention keeps what it keeps without checkpointing.
@@ -240,6 +264,7 @@ def _checkpoint_bytes(spec: ModelSpec, plan: Plan, tokens: int, layer: float, ba
         # the activation and the last projection keep
         per_token += (2 if spec.mlp_gated else 1) * act * i - _mlp_bytes(spec, plan, act)
     per_token += 0 if norm_outputs_counted else act * h
+    per_token -= act * _int8_outlier_columns(spec, plan, tokens)  # the down projection runs in the recomputed region
     if spec.experts:  # op-level selective checkpointing there: the gate and up outputs kept (and, where the experts
         # train, the down projection's), the rest recomputed
         per_token -= expert_activation_bytes(spec, plan, act)

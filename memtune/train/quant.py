@@ -284,9 +284,17 @@ def down_projection_outliers(config, parent: nn.Module, linear: nn.Linear) -> fl
         return 0.0
     up = sum(m.out_features for m in parent.children()
              if isinstance(m, nn.Linear) and m is not linear and m.in_features == hidden)
-    activation = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None) or "silu"
-    std = (getattr(config, "initializer_range", None) or 0.02) * math.sqrt(hidden)
-    return outlier_probability(std, str(activation), gated=up >= 2 * intermediate)
+    return down_input_outlier_probability(config.to_dict() if hasattr(config, "to_dict") else vars(config),
+                                          gated=up >= 2 * intermediate)
+
+
+def down_input_outlier_probability(config: dict, *, gated: bool) -> float:
+    """``outlier_probability`` of the down projection's input for a model ``config`` (its hidden size, activation
+    and initializer range; 0.02 where it gives none)."""
+    hidden = config.get("hidden_size") or 0
+    activation = config.get("hidden_activation") or config.get("hidden_act") or "silu"
+    std = (config.get("initializer_range") or 0.02) * math.sqrt(hidden)
+    return outlier_probability(std, str(activation), gated=gated)
 
 
 def needs_bitsandbytes(plan) -> bool:

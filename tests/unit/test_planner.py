@@ -85,3 +85,19 @@ def test_an_export_and_another_stack_are_bad_input():
 
     with pytest.raises(ConfigError, match="drop one of them"):
         SearchRequest.from_options(resolve_model("llama-guard-3-1b"), export="llama-cookbook", stack="hf")
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "full", "selective"])
+def test_the_screen_follows_what_llm_int8_keeps(tiny, checkpointing):
+    """LLM.int8 keeps its inputs (and the down projection's outlier columns) through checkpointing; the screen's
+    activations follow the trace's there as for other plans (the tiny model at random init: every column an
+    outlier column at thousands of rows)."""
+    from memtune.estimate.categories import MemCategory
+    from memtune.estimate.screen import screen
+
+    gpu = resolve_gpu("H200-141GB")
+    plan = Plan(peft="lora", quantization="8bit", checkpointing=checkpointing, batch_size=16, seq_len=256)
+    traced = estimate(tiny, plan, gpu).phases
+    screened = screen(tiny, plan, gpu).phases
+    kept = {ph: traced[ph][MemCategory.ACTIVATIONS] for ph in traced}
+    assert screened["backward"][MemCategory.ACTIVATIONS] == pytest.approx(max(kept.values()), rel=0.25)
