@@ -37,7 +37,10 @@ PLANS = ({}, {"precision": "fp32"}, {"precision": "amp-bf16"}, {"peft": "lora"},
          {"peft": "lora", "quantization": "4bit", "checkpointing": "selective"},
          {"peft": "lora", "quantization": "4bit", "checkpointing": "full"},
          {"precision": "amp-bf16", "checkpointing": "full"},
-         {"sharding": "fsdp", "offload": True, "checkpointing": "selective"})
+         {"sharding": "fsdp", "offload": True, "checkpointing": "selective"},
+         # LLM.int8 checkpointed: what bitsandbytes keeps through checkpointing
+         {"peft": "lora", "quantization": "8bit", "checkpointing": "full"},
+         {"peft": "lora", "quantization": "8bit", "checkpointing": "selective"})
 SHAPES = ((1, 1024), (2, 4096))
 ARCHITECTURE_PLANS = ({}, {"peft": "lora"}, {"peft": "lora", "quantization": "4bit"}, {"checkpointing": "full"},
                       {"checkpointing": "selective"}, {"peft": "lora", "checkpointing": "selective"})
