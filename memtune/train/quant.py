@@ -19,6 +19,7 @@ memory-equivalent stand-ins that allocate what bitsandbytes allocates (bitsandby
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable
 
@@ -112,6 +113,7 @@ def outlier_kernels(m: int, n: int, c: int, size: int) -> tuple[tuple[str, float
             (product, 2.0 * m * n * c, (m * c + n * c + 2 * m * n) * size, size))
 
 
+@functools.lru_cache(maxsize=256)
 def outlier_probability(std: float, activation: str, gated: bool, threshold: float = OUTLIER_THRESHOLD) -> float:
     """The chance that one element of an MLP's down-projection input reaches LLM.int8's threshold in magnitude at
     random init: the up and gate projections of a unit-RMS (normalized) input are N(0, std^2) with ``std`` =
